@@ -1,0 +1,78 @@
+"""Tiny random models built from configs (no download) and the shared reference data."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from util.arch import arch_for
+from util.models import LoadedModel, dequantised_folder, load_model, prepare_tokenizer
+from util.paths import PROJECT_ROOT, model_cache_dir
+
+# Pin the model cache before any test isolates KEDIT_CACHE: the dequantised embedded model
+# (~20 s to build) is shared by all tests and sessions.
+os.environ.setdefault("KEDIT_MODEL_CACHE", str(model_cache_dir()))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The embedded model's real tokenizer (cached with its dequantised copy)."""
+    tok = AutoTokenizer.from_pretrained(dequantised_folder("smollm2-135m"))
+    prepare_tokenizer(tok)
+    return tok
+
+
+def tiny_gpt2_model(vocab_size: int, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=4, n_embd=48, n_head=4, n_positions=256, vocab_size=vocab_size,
+                        bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config).eval().requires_grad_(False)
+
+
+def tiny_llama_model(vocab_size: int, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = LlamaConfig(num_hidden_layers=4, hidden_size=48, intermediate_size=96, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=256, vocab_size=vocab_size,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return LlamaForCausalLM(config).eval().requires_grad_(False)
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def tiny(request, tokenizer) -> LoadedModel:
+    build = tiny_gpt2_model if request.param == "gpt2" else tiny_llama_model
+    model = build(len(tokenizer))
+    return LoadedModel(model, tokenizer, arch_for(model), f"tiny-{request.param}")
+
+
+@pytest.fixture
+def tiny_gpt2(tokenizer) -> LoadedModel:
+    model = tiny_gpt2_model(len(tokenizer))
+    return LoadedModel(model, tokenizer, arch_for(model), "tiny-gpt2")
+
+
+@pytest.fixture
+def tiny_llama(tokenizer) -> LoadedModel:
+    model = tiny_llama_model(len(tokenizer))
+    return LoadedModel(model, tokenizer, arch_for(model), "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def embedded() -> LoadedModel:
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = Path(os.environ.get("KEDIT_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))
+    if not path.is_dir():
+        pytest.skip(f"reference data not found at {path} (set KEDIT_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Tests write caches (statistics, templates, corpora) to a temporary folder."""
+    monkeypatch.setenv("KEDIT_CACHE", str(tmp_path_factory.mktemp("cache")))

@@ -1,0 +1,70 @@
+from dataclasses import FrozenInstanceError, dataclass, field
+from typing import Literal
+
+import pytest
+
+from util.errors import HparamsError
+from util.hparams import load_hparams, parse_override
+
+
+@dataclass(frozen=True)
+class Example:
+    layers: list[int]
+    v_lr: float
+    fact_token: Literal["subject_last", "last"]
+    mom2_adjustment: bool
+    context_template_length_params: list[list[int]] = field(default_factory=lambda: [[5, 10]])
+
+
+GOOD = "layers: [4]\nv_lr: 0.5\nfact_token: subject_last\nmom2_adjustment: true\n"
+
+
+def write(tmp_path, text):
+    path = tmp_path / "h.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_loads_into_frozen_dataclass_with_coercion(tmp_path):
+    hp = load_hparams(Example, write(tmp_path, GOOD.replace("0.5", "1")))
+    assert hp.layers == [4] and hp.v_lr == 1.0 and isinstance(hp.v_lr, float)
+    with pytest.raises(FrozenInstanceError):
+        hp.v_lr = 2.0
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        (GOOD + "rewrite_module_tmp: x\n", "unknown key 'rewrite_module_tmp'"),
+        (GOOD.replace("v_lr: 0.5\n", ""), "missing key 'v_lr'"),
+        (GOOD.replace("0.5", "fast"), "key 'v_lr' must be float"),
+        (GOOD.replace("[4]", "[4.5]"), "key 'layers' must be list[int]"),
+        (GOOD.replace("true", "'yes'"), "key 'mom2_adjustment' must be bool"),
+        (GOOD.replace("subject_last", "first"), "key 'fact_token' must be"),
+        ("layers: [4\n", "not valid YAML"),
+        ("- 1\n", "expected a mapping"),
+    ],
+)
+def test_bad_files_fail_with_one_line_naming_file_and_key(tmp_path, text, fragment):
+    path = write(tmp_path, text)
+    with pytest.raises(HparamsError) as err:
+        load_hparams(Example, path)
+    message = str(err.value)
+    assert fragment in message and str(path) in message and "\n" not in message
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(HparamsError, match="does not exist"):
+        load_hparams(Example, tmp_path / "nope.yaml")
+
+
+def test_set_overrides_are_typed_and_checked(tmp_path):
+    path = write(tmp_path, GOOD)
+    hp = load_hparams(Example, path, ["v_lr=0.1", "layers=[3, 4]", "mom2_adjustment=false"])
+    assert hp.v_lr == 0.1 and hp.layers == [3, 4] and hp.mom2_adjustment is False
+    with pytest.raises(HparamsError, match="unknown key 'v_lrr'"):
+        load_hparams(Example, path, ["v_lrr=0.1"])
+    with pytest.raises(HparamsError, match="key 'layers' must be"):
+        load_hparams(Example, path, ["layers=four"])
+    with pytest.raises(HparamsError, match="expected key=value"):
+        parse_override("v_lr")

@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from util.arch import ARCHITECTURES, arch_for, edited_weight, to_stored
+from util.errors import ModelLoadError
+from util.models import load_model
+
+
+def test_architecture_table_resolves_by_model_type(tiny_gpt2, tiny_llama):
+    assert tiny_gpt2.arch.transposed and not tiny_llama.arch.transposed
+    for lm in (tiny_gpt2, tiny_llama):
+        weight = edited_weight(lm.model, lm.arch, 0)
+        assert weight.shape == (lm.model.config.hidden_size, lm.model.get_submodule(lm.arch.down_proj(0)).weight.numel() // lm.model.config.hidden_size)
+        delta = torch.zeros_like(weight)
+        assert to_stored(lm.arch, delta).shape == lm.model.get_parameter(lm.arch.weight_name(0)).shape
+    assert {"gpt2", "gptj", "llama", "mistral", "qwen2"} <= set(ARCHITECTURES)
+
+
+def test_unknown_model_type_is_one_line(tiny_llama):
+    tiny_llama.model.config.model_type = "mamba"
+    with pytest.raises(ModelLoadError, match="model_type 'mamba' is not in the architecture table"):
+        arch_for(tiny_llama.model)
+
+
+@pytest.mark.parametrize("name, fragment", [
+    ("./no/such/folder", "does not exist"),
+    ("smollm2-135m", "unknown dtype"),
+])
+def test_bad_model_arguments(name, fragment):
+    with pytest.raises(ModelLoadError, match=fragment):
+        load_model(name, dtype="float8" if name == "smollm2-135m" else "float32")
+
+
+def test_unknown_hub_name_offline_is_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as err:
+        load_model("no-such-org/no-such-model")
+    assert "unknown model 'no-such-org/no-such-model'" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_embedded_model_completes_paris(embedded):
+    ids = embedded.tok("The capital of France is", return_tensors="pt").input_ids
+    out = embedded.model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=embedded.tok.pad_token_id)
+    assert embedded.tok.decode(out[0, ids.shape[1]:]).startswith(" Paris")
+    assert embedded.model.dtype == torch.float32 and embedded.arch.down_proj(3) == "model.layers.3.mlp.down_proj"

@@ -1,0 +1,1 @@
+"""Shared infrastructure: model loading, tracing, hparams, statistics, the update solver."""

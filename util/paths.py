@@ -1,0 +1,29 @@
+"""Where caches and data live. Every location can be redirected by an environment variable."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def cache_dir() -> Path:
+    """Root of all caches (dequantised models, statistics, context templates, sampled corpora)."""
+    root = os.environ.get("KEDIT_CACHE")
+    path = Path(root) if root else Path.home() / ".cache" / "kedit"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a model id or path."""
+    keep = [c if c.isalnum() or c in "-_." else "_" for c in text.strip("/")]
+    return "".join(keep)[-120:] or "unnamed"
+
+
+def model_cache_dir() -> Path:
+    """Dequantised copies of embedded models (large, reused across runs and test sessions)."""
+    root = os.environ.get("KEDIT_MODEL_CACHE")
+    path = Path(root) if root else cache_dir() / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

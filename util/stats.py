@@ -1,0 +1,150 @@
+"""Key second-moment statistics C0 = E[k k^T] of the edited projection's inputs, per layer.
+
+One forward pass over packed token windows serves every requested layer and stops after the
+deepest one. Per batch the keys' Gram matrix is formed in the forward dtype's matmul and added to
+a float64 running sum. Results are cached on disk, keyed by everything they depend on (model,
+layer module, corpus, token count, forward dtype), and held in memory by the `StatsCache` object
+the caller owns.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from util.corpus import Corpus, token_windows
+from util.models import DTYPES, LoadedModel, input_device
+from util.nethook import TraceDict
+from util.paths import cache_dir, slug
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StatsKey:
+    model: str
+    module: str
+    corpus: str
+    n_tokens: int
+    dtype: str
+
+    def file_name(self) -> str:
+        return f"{slug(self.module)}__{self.corpus}__t{self.n_tokens}__{self.dtype}.safetensors"
+
+
+@dataclass
+class SecondMoment:
+    mom2: torch.Tensor  # float64, m x m, E[k k^T]
+    count: int  # keys averaged
+    key: StatsKey
+
+
+def accumulate_second_moments(
+    lm: LoadedModel,
+    layers: list[int],
+    windows,
+    n_windows: int,
+    batch_size: int,
+    dtype: str = "float32",
+    progress: bool = True,
+) -> tuple[dict[int, torch.Tensor], int, float]:
+    """Sum of k k^T (float64) per layer over all positions of the windows; returns
+    (sums, number of keys, tokens per second)."""
+    modules = {layer: lm.arch.down_proj(layer) for layer in layers}
+    sums: dict[int, torch.Tensor] = {}
+    device = input_device(lm.model)
+    forward_dtype = DTYPES[dtype]
+    use_autocast = forward_dtype != next(lm.model.parameters()).dtype  # e.g. bfloat16 on a float32 model
+    count = 0
+    start = time.perf_counter()
+    bar = tqdm(total=n_windows, desc="key statistics", unit="window", disable=not progress)
+    batch: list[torch.Tensor] = []
+
+    def flush() -> None:
+        nonlocal count
+        ids = torch.stack(batch).to(device)
+        with torch.inference_mode(), TraceDict(lm.model, modules.values(), retain_input=True, retain_output=False, stop=True) as traces:
+            with torch.autocast(device.type, dtype=forward_dtype, enabled=use_autocast):
+                lm.model(input_ids=ids, use_cache=False)
+        for layer, name in modules.items():
+            keys = traces[name].input.reshape(-1, traces[name].input.shape[-1]).float()
+            gram = (keys.T @ keys).double().cpu()
+            sums[layer] = gram if layer not in sums else sums[layer].add_(gram)
+        count += ids.numel()
+        bar.update(len(batch))
+        bar.set_postfix(tok_s=f"{count / (time.perf_counter() - start):.0f}")
+        batch.clear()
+
+    for window in windows:
+        batch.append(window)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    bar.close()
+    return sums, count, count / max(time.perf_counter() - start, 1e-9)
+
+
+class StatsCache:
+    """Second moments per (model, layer module, corpus, tokens, dtype), on disk and in memory."""
+
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root) if root is not None else cache_dir() / "stats"
+        self._memory: dict[StatsKey, SecondMoment] = {}
+        self.last_tokens_per_second: float | None = None
+
+    def path(self, key: StatsKey) -> Path:
+        return self.root / slug(key.model) / key.file_name()
+
+    def second_moments(
+        self,
+        lm: LoadedModel,
+        layers: list[int],
+        corpus: Corpus,
+        n_samples: int,
+        sample_tokens: int,
+        dtype: str = "float32",
+        batch_tokens: int = 8192,
+        progress: bool = True,
+    ) -> dict[int, SecondMoment]:
+        """C0 for each layer, from cache where present; the missing layers share one pass."""
+        n_tokens = n_samples * sample_tokens
+        keys = {layer: StatsKey(lm.name, lm.arch.down_proj(layer), corpus.ident, n_tokens, dtype) for layer in layers}
+        result = {layer: self._load(key) for layer, key in keys.items()}
+        missing = [layer for layer, value in result.items() if value is None]
+        if missing:
+            log.info("computing key statistics for layers %s over %d tokens of %s", missing, n_tokens, corpus.ident)
+            windows = token_windows(corpus, lm.tok, sample_tokens, n_samples)
+            batch_size = max(1, batch_tokens // sample_tokens)
+            sums, count, rate = accumulate_second_moments(lm, missing, windows, n_samples, batch_size, dtype, progress)
+            self.last_tokens_per_second = rate
+            log.info("key statistics: %d tokens at %.0f tokens/s", count, rate)
+            for layer in missing:
+                moment = SecondMoment(sums[layer] / count, count, keys[layer])
+                self._store(moment)
+                result[layer] = moment
+        return result
+
+    def _load(self, key: StatsKey) -> SecondMoment | None:
+        if key in self._memory:
+            return self._memory[key]
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        tensors = load_file(str(path))
+        moment = SecondMoment(tensors["mom2"], int(tensors["count"].item()), key)
+        self._memory[key] = moment
+        return moment
+
+    def _store(self, moment: SecondMoment) -> None:
+        path = self.path(moment.key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".partial")
+        save_file({"mom2": moment.mom2.contiguous(), "count": torch.tensor(moment.count)}, str(tmp))
+        tmp.replace(path)
+        self._memory[moment.key] = moment

@@ -1,0 +1,1 @@
+"""Datasets: CounterFact (original and flattened schema), zsRE, custom edits, downstream probes."""

@@ -59,7 +59,9 @@ def accumulate_second_moments(
     sums: dict[int, torch.Tensor] = {}
     device = input_device(lm.model)
     forward_dtype = DTYPES[dtype]
-    use_autocast = forward_dtype != next(lm.model.parameters()).dtype  # e.g. bfloat16 on a float32 model
+    # A half-precision forward of a float32 model runs under autocast (e.g. bfloat16 matmuls on CPUs
+    # with avx512_bf16/AMX); keys are still accumulated in float64.
+    use_autocast = forward_dtype in (torch.bfloat16, torch.float16) and forward_dtype != next(lm.model.parameters()).dtype
     count = 0
     start = time.perf_counter()
     bar = tqdm(total=n_windows, desc="key statistics", unit="window", disable=not progress)

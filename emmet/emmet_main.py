@@ -1,0 +1,25 @@
+"""EMMET: the memorised values become equality constraints,
+
+    minimise tr(Delta C Delta^T)  subject to  (W + Delta) K = V,   C = lambda C0,
+    Delta = R (K^T C^-1 K + mu I)^-1 K^T C^-1   (mu = emmet_lambda, for conditioning at batch > 1)
+
+with MEMIT's values and residual spreading. One edit at one layer is exactly r-ROME.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rome.editor import EditContext, EditResult, edit_layers
+from rome.hparams import EditHyperParams
+from util.models import LoadedModel
+from util.requests import EditRequest
+
+
+@dataclass(frozen=True)
+class EMMETHyperParams(EditHyperParams):
+    emmet_lambda: float = 0.1  # mu; used only when more than one request is edited at once
+
+
+def apply_emmet(lm: LoadedModel, requests: list[EditRequest], hparams: EMMETHyperParams, ctx: EditContext) -> EditResult:
+    mu = hparams.emmet_lambda if len(requests) > 1 else 0.0
+    return edit_layers(lm, requests, hparams, ctx, constraint="equality", mu=mu, site="layer")

@@ -1,0 +1,142 @@
+"""The editing core every algorithm runs: values at the last edited layer, then, layer by layer,
+keys from the current model, the remaining residual spread over the layers left, and one solve.
+
+    MEMIT   least squares, several layers        EMMET  equality (+ mu I), one or more layers
+    r-ROME  equality, one layer, k* everywhere   ROME   equality, one layer, bare key in residual
+
+Algorithms differ only in the hparams and the constraint they pass here. Whatever must persist
+across edits (templates, statistics, factorised covariances, run state) lives in `EditContext`,
+which the caller owns.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rome.compute_u import compute_keys
+from rome.compute_v import compute_values
+from rome.hparams import EditHyperParams
+from rome.templates import context_templates
+from util.arch import edited_weight, to_stored
+from util.corpus import Corpus, resolve_corpus
+from util.deltas import Deltas, apply_deltas, snapshot
+from util.models import LoadedModel
+from util.requests import EditRequest
+from util.solve import Covariance, solve_update
+from util.stats import StatsCache
+
+
+@dataclass
+class EditContext:
+    """State owned by the caller and reused across edits of one run."""
+
+    seed: int = 0
+    corpus_path: str | None = None  # statistics corpus; None = $KEDIT_CORPUS, Wikipedia, or sampled
+    stats: StatsCache = field(default_factory=StatsCache)
+    fast: bool = True  # fast value optimisation (see rome/compute_v.py)
+    state: dict[str, Any] = field(default_factory=dict)  # per-run editor state, checkpointed
+    _templates: dict = field(default_factory=dict, repr=False)
+    _covariances: dict = field(default_factory=dict, repr=False)
+    _corpus: Corpus | None = field(default=None, repr=False)
+
+    def templates(self, lm: LoadedModel, hparams: EditHyperParams) -> list[str]:
+        key = (lm.name, self.seed, str(hparams.context_template_length_params))
+        if key not in self._templates:
+            self._templates[key] = context_templates(lm, hparams.context_template_length_params, self.seed)
+        return self._templates[key]
+
+    def corpus(self, lm: LoadedModel, hparams: EditHyperParams) -> Corpus:
+        if self._corpus is None:
+            n_tokens = hparams.mom2_n_samples * hparams.mom2_sample_tokens
+            self._corpus = resolve_corpus(self.corpus_path, lm.model, lm.tok, lm.name, n_tokens, self.seed)
+        return self._corpus
+
+    def second_moments(self, lm: LoadedModel, hparams: EditHyperParams) -> dict[int, torch.Tensor]:
+        """C0 of every edited layer, computed in one pass where missing."""
+        moments = self.stats.second_moments(
+            lm, hparams.layers, self.corpus(lm, hparams), hparams.mom2_n_samples,
+            hparams.mom2_sample_tokens, hparams.mom2_dtype,
+        )
+        return {layer: moment.mom2 for layer, moment in moments.items()}
+
+    def covariance(self, lm: LoadedModel, layer: int, hparams: EditHyperParams) -> Covariance:
+        """C = mom2_update_weight * C0 (or I without mom2 adjustment), factorised once per run."""
+        dim = edited_weight(lm.model, lm.arch, layer).shape[1]
+        if not hparams.mom2_adjustment:
+            return Covariance(dim, layer=lm.arch.down_proj(layer))
+        key = (lm.name, layer, hparams.mom2_update_weight, hparams.mom2_n_samples, hparams.mom2_sample_tokens, hparams.mom2_dtype)
+        if key not in self._covariances:
+            mom2 = self.second_moments(lm, hparams)[layer]
+            self._covariances[key] = Covariance(dim, mom2, hparams.mom2_update_weight, layer=lm.arch.down_proj(layer))
+        return self._covariances[key]
+
+
+@dataclass
+class EditResult:
+    deltas: Deltas  # parameter name -> change, in the parameter's orientation
+    originals: dict[str, torch.Tensor]  # the parameters before this edit (exact undo)
+    requests: list[dict]  # per request: value optimisation record
+    layers: list[dict]  # per layer: update norms, residual, solve time
+    value_deltas: torch.Tensor  # (n, d) the optimised residual change per request
+
+
+def edit_layers(
+    lm: LoadedModel,
+    requests: list[EditRequest],
+    hparams: EditHyperParams,
+    ctx: EditContext,
+    constraint: str,
+    mu: float = 0.0,
+    site: str = "layer",
+    bare_key_residual: bool = False,
+) -> EditResult:
+    """Compute and apply the update for `requests` at hparams.layers; returns the deltas.
+
+    site: where the target value lives: "layer" (the last edited layer's output, MEMIT) or
+    "mlp" (the down projection's output, ROME). bare_key_residual: the original ROME's keys."""
+    hparams.check_model(lm.model.config.num_hidden_layers)
+    templates = ctx.templates(lm, hparams)
+    layers = hparams.layers
+    site_module = lm.arch.down_proj(layers[-1]) if site == "mlp" else lm.arch.layer(layers[-1])
+    values = compute_values(lm, requests, layers[-1], templates, hparams, site=site, fast=ctx.fast)
+    targets = values.target
+    names = [lm.arch.weight_name(layer) for layer in layers]
+    originals = snapshot(lm.model, names)
+    deltas: Deltas = {}
+    layer_records = []
+    for i, layer in enumerate(layers):
+        keys = compute_keys(lm, requests, [layer], templates, hparams.fact_token, site=site_module)
+        k_star = keys.k_star[layer].double().T  # m x n
+        residual = (targets.double() - keys.site_output.double()).T / (len(layers) - i)  # d x n
+        k_constraint = keys.k_bare[layer].double().T if bare_key_residual else k_star
+        cov = ctx.covariance(lm, layer, hparams)
+        delta, info = solve_update(
+            residual, k_constraint, cov, constraint, mu=mu,
+            K_dir=k_star if bare_key_residual else None, layer=lm.arch.down_proj(layer),
+        )
+        weight = edited_weight(lm.model, lm.arch, layer).double()
+        layer_records.append(_layer_record(layer, delta, weight, k_constraint, residual, info.seconds))
+        stored = to_stored(lm.arch, delta).to(lm.model.get_parameter(names[i]).dtype)
+        apply_deltas(lm.model, {names[i]: stored})
+        deltas[names[i]] = stored
+    request_records = [
+        {"case_id": r.case_id, "v_steps": values.steps[j], "v_loss": values.final_loss[j],
+         "v_target_prob": values.target_prob[j], "delta_ratio": values.delta_ratio[j]}
+        for j, r in enumerate(requests)
+    ]
+    return EditResult(deltas, originals, request_records, layer_records, values.delta)
+
+
+def _layer_record(layer: int, delta: torch.Tensor, weight: torch.Tensor, keys: torch.Tensor, residual: torch.Tensor, seconds: float) -> dict:
+    """||Delta||_F, ||Delta|| / ||W||, and the least-squares residual ||(W+Delta)K - V|| / ||V||
+    with V = W K + R, the values this layer was asked to produce."""
+    wanted = weight @ keys + residual
+    return {
+        "layer": layer,
+        "delta_norm": delta.norm().item(),
+        "delta_rel": (delta.norm() / weight.norm()).item(),
+        "lsq_residual": ((weight + delta) @ keys - wanted).norm().item() / wanted.norm().item(),
+        "solve_seconds": seconds,
+    }

@@ -1,0 +1,32 @@
+"""ROME and r-ROME: one fact at a time, a rank-one update of one layer's down projection.
+
+    W' = W + (v* - W k)(C^-1 k*)^T / ((C^-1 k*)^T k)
+
+r-ROME uses k = k* (template-averaged), so W' k* = v* exactly; the original ROME uses the bare
+prompt's key k in the residual and the denominator, the asymmetry behind its "disabling edits".
+Several requests are edited one after another, each on the already-edited model, as in the paper.
+"""
+from __future__ import annotations
+
+import torch
+
+from rome.editor import EditContext, EditResult, edit_layers
+from rome.hparams import ROMEHyperParams
+from util.deltas import merge
+from util.models import LoadedModel
+from util.requests import EditRequest
+
+
+def apply_rome(lm: LoadedModel, requests: list[EditRequest], hparams: ROMEHyperParams, ctx: EditContext) -> EditResult:
+    total = None
+    for request in requests:
+        result = edit_layers(
+            lm, [request], hparams, ctx, constraint="equality", site="mlp",
+            bare_key_residual=hparams.original_implementation,
+        )
+        if total is None:
+            total = result
+        else:
+            total = EditResult(merge(total.deltas, result.deltas), total.originals, total.requests + result.requests,
+                               total.layers + result.layers, torch.cat([total.value_deltas, result.value_deltas]))
+    return total

@@ -1,0 +1,39 @@
+"""Shared test helpers: hparams for tiny models and small corpora."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rome.hparams import EditHyperParams, ROMEHyperParams
+from util.hparams import build_hparams
+
+TINY_COMMON = dict(
+    fact_token="subject_last", v_num_grad_steps=8, v_lr=0.5, v_loss_layer=3, v_weight_decay=0.5,
+    clamp_norm_factor=4.0, kl_factor=0.0625, context_template_length_params=[[5, 3]],
+    mom2_adjustment=True, mom2_n_samples=8, mom2_sample_tokens=64, mom2_update_weight=1.0,
+)
+
+
+def tiny_hparams(cls=ROMEHyperParams, **overrides) -> EditHyperParams:
+    values = {**TINY_COMMON, "layers": [1], **overrides}
+    return build_hparams(cls, values, "tiny test hparams")
+
+
+def write_corpus(folder: Path) -> Path:
+    """A small JSONL corpus with varied words, so that key statistics are well conditioned."""
+    words = ("river valley mountain city king queen music football language France Paris Rome "
+             "science history painter company engine village poem winter summer bridge").split()
+    lines = []
+    for i in range(120):
+        text = " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(60)) + f". Number {i}."
+        lines.append(json.dumps({"text": text}))
+    path = folder / "corpus.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+REQUESTS = [
+    {"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": "football", "case_id": 1},
+    {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": "English", "case_id": 2},
+    {"prompt": "{} is located in the city of", "subject": "Eiffel Tower", "target_new": "Rome", "case_id": 3},
+]

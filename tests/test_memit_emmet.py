@@ -1,0 +1,118 @@
+import numpy as np
+import pytest
+import torch
+
+from emmet.emmet_main import EMMETHyperParams, apply_emmet
+from memit.memit_main import MEMITHyperParams, apply_memit
+from rome.compute_u import compute_keys
+from rome.editor import EditContext
+from rome.rome_main import apply_rome
+from tests.helpers import REQUESTS, tiny_hparams, write_corpus
+from util.arch import edited_weight
+from util.deltas import restore
+from util.errors import SolverError
+from util.requests import make_request
+from util.solve import Covariance, solve_least_squares, solve_update
+
+
+def context(tmp_path):
+    return EditContext(seed=0, corpus_path=str(write_corpus(tmp_path)))
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture
+def tiny64(tiny):
+    tiny.model.double()
+    return tiny
+
+
+def test_memit_delta_solves_normal_equations_and_matches_lstsq(tiny64, tmp_path):
+    lm = tiny64
+    hp = tiny_hparams(MEMITHyperParams, mom2_update_weight=50.0)
+    ctx = context(tmp_path)
+    requests = [make_request(r) for r in REQUESTS]
+    templates = ctx.templates(lm, hp)
+    K = compute_keys(lm, requests, [1], templates, hp.fact_token).k_star[1].T  # m x n
+    W = edited_weight(lm.model, lm.arch, 1).clone()
+    result = apply_memit(lm, requests, hp, ctx)
+    delta = edited_weight(lm.model, lm.arch, 1) - W
+    R = result.value_deltas.double().T  # one layer: the residual is the optimised delta
+    C0 = ctx.second_moments(lm, hp)[1]
+    lam = hp.mom2_update_weight
+    lhs = delta @ (lam * C0 + K @ K.T)
+    assert rel(lhs, R @ K.T) < 1e-6
+    # The stacked least-squares problem  Delta [K, sqrt(lam) L] ~ [R, 0]  with C0 = L L^T.
+    L = np.linalg.cholesky(C0.numpy())
+    A = np.concatenate([K.numpy(), np.sqrt(lam) * L], axis=1)
+    B = np.concatenate([R.numpy(), np.zeros((R.shape[0], L.shape[1]))], axis=1)
+    expected = np.linalg.lstsq(A.T, B.T, rcond=None)[0].T
+    np.testing.assert_allclose(delta.numpy(), expected, rtol=1e-6, atol=1e-9 * np.abs(expected).max())
+    assert result.layers[0]["lsq_residual"] >= 0 and len(result.layers) == 1
+
+
+def test_memit_spreads_over_layers(tiny, tmp_path):
+    hp = tiny_hparams(MEMITHyperParams, layers=[1, 2], mom2_update_weight=10.0)
+    result = apply_memit(tiny, [make_request(r) for r in REQUESTS], hp, context(tmp_path))
+    assert set(result.deltas) == {tiny.arch.weight_name(1), tiny.arch.weight_name(2)}
+    assert all(record["delta_norm"] > 0 for record in result.layers)
+
+
+def kkt_min_norm(R, K, C):
+    """min tr(D C D^T) s.t. D K = R, via the KKT system [[2C, K], [K^T, 0]] solved for each row."""
+    m, n = K.shape
+    kkt = np.block([[2 * C, K], [K.T, np.zeros((n, n))]])
+    rhs = np.concatenate([np.zeros((m, R.shape[0])), R.T], axis=0)
+    return np.linalg.solve(kkt, rhs)[:m].T
+
+
+def test_emmet_equality_is_exact_and_minimum_norm(tiny64, tmp_path):
+    lm = tiny64
+    ctx = context(tmp_path)
+    hp = tiny_hparams(EMMETHyperParams, mom2_update_weight=10.0, emmet_lambda=0.0)
+    requests = [make_request(r) for r in REQUESTS]
+    templates = ctx.templates(lm, hp)
+    K = compute_keys(lm, requests, [1], templates, hp.fact_token).k_star[1].T
+    W = edited_weight(lm.model, lm.arch, 1).clone()
+    result = apply_emmet(lm, requests, hp, ctx)
+    delta = edited_weight(lm.model, lm.arch, 1) - W
+    R = result.value_deltas.double().T
+    assert rel(delta @ K, R) < 1e-5  # (W + Delta) K = V with V = W K + R
+    C = hp.mom2_update_weight * ctx.second_moments(lm, hp)[1]
+    np.testing.assert_allclose(delta.numpy(), kkt_min_norm(R.numpy(), K.numpy(), C.numpy()), rtol=1e-6, atol=1e-10)
+
+
+def test_emmet_single_edit_equals_r_rome(tiny, tmp_path):
+    # No clamp or weight decay is active, so both optimise the same value delta; the updates
+    # must then coincide (EMMET's mu is not used for a single edit).
+    common = dict(v_weight_decay=0.0, clamp_norm_factor=1e6, mom2_update_weight=7.0)
+    request = make_request(REQUESTS[2])
+    ctx = context(tmp_path)
+    rome = apply_rome(tiny, [request], tiny_hparams(**common), ctx)
+    restore(tiny.model, rome.originals)
+    emmet = apply_emmet(tiny, [request], tiny_hparams(EMMETHyperParams, emmet_lambda=0.5, **common), ctx)
+    name = tiny.arch.weight_name(1)
+    torch.testing.assert_close(emmet.deltas[name], rome.deltas[name], rtol=1e-5, atol=1e-5 * rome.deltas[name].abs().max().item())
+
+
+def test_emmet_matches_rome_formula_at_solver_level():
+    torch.manual_seed(1)
+    m, d = 6, 4
+    A = torch.randn(m, m, dtype=torch.float64)
+    C = Covariance(m, A @ A.T + torch.eye(m, dtype=torch.float64), weight=3.0)
+    k, r = torch.randn(m, 1, dtype=torch.float64), torch.randn(d, 1, dtype=torch.float64)
+    emmet, _ = solve_update(r, k, C, "equality", mu=0.0)
+    u = C.solve(k)
+    torch.testing.assert_close(emmet, r @ u.T / (u.T @ k), rtol=1e-10, atol=1e-12)
+
+
+def test_singular_systems_name_the_layer_and_condition():
+    m = 4
+    K = torch.ones(m, 2, dtype=torch.float64)  # two identical keys: K^T C^-1 K is singular
+    R = torch.randn(3, 2, dtype=torch.float64)
+    with pytest.raises(SolverError, match=r"layer model.layers.3.mlp.down_proj: .*condition number"):
+        solve_update(R, K, Covariance(m), "equality", mu=0.0, layer="model.layers.3.mlp.down_proj")
+    with pytest.raises(SolverError, match="condition number"):
+        solve_least_squares(R, K, Covariance(m, torch.zeros(m, m, dtype=torch.float64)), layer="L")

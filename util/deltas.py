@@ -1,0 +1,53 @@
+"""Weight deltas as explicit objects: {parameter name: tensor in the parameter's orientation}.
+
+Editors return them; the driver applies, undoes, measures and checkpoints them.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+Deltas = dict[str, torch.Tensor]
+
+
+@torch.no_grad()
+def apply_deltas(model: torch.nn.Module, deltas: Deltas, sign: float = 1.0) -> None:
+    for name, delta in deltas.items():
+        param = model.get_parameter(name)
+        param.add_(delta.to(param.device, param.dtype), alpha=sign)
+
+
+def undo_deltas(model: torch.nn.Module, deltas: Deltas) -> None:
+    """Subtract deltas (exact up to one rounding; use `restore` with saved originals for bitwise)."""
+    apply_deltas(model, deltas, sign=-1.0)
+
+
+def snapshot(model: torch.nn.Module, names) -> dict[str, torch.Tensor]:
+    return {name: model.get_parameter(name).detach().clone() for name in names}
+
+
+@torch.no_grad()
+def restore(model: torch.nn.Module, originals: dict[str, torch.Tensor]) -> None:
+    for name, value in originals.items():
+        model.get_parameter(name).copy_(value)
+
+
+@contextlib.contextmanager
+def applied(model: torch.nn.Module, deltas: Deltas) -> Iterator[None]:
+    """Apply deltas for the duration of the block; the original weights come back bitwise."""
+    originals = snapshot(model, deltas)
+    apply_deltas(model, deltas)
+    try:
+        yield
+    finally:
+        restore(model, originals)
+
+
+def merge(total: Deltas, new: Deltas) -> Deltas:
+    """Sum of two delta sets (cumulative change of a run)."""
+    out = dict(total)
+    for name, delta in new.items():
+        out[name] = out[name] + delta if name in out else delta.clone()
+    return out

@@ -25,6 +25,8 @@ import torch
 
 from rome.compute_u import templated_prompts
 from rome.hparams import EditHyperParams
+from transformers import DynamicCache
+
 from util.models import LoadedModel, input_device
 from util.nethook import StopForward, Trace, add_to_output, hidden_of
 from util.errors import RequestError
@@ -34,7 +36,7 @@ from util.tokens import encode_with_target, right_pad, subject_position
 
 @dataclass
 class ValueResult:
-    delta: torch.Tensor  # (n, d) float32, the optimised residual change
+    delta: torch.Tensor  # (n, d) float32 (float64 for a float64 model), the optimised residual change
     reference: torch.Tensor  # (n, d) float64, the edited output at the bare prompt before editing
     steps: list[int]  # optimiser updates taken per request
     final_loss: list[float]
@@ -123,59 +125,72 @@ class _Active:
         self.t_share = batch.target_share[keep]
 
 
-def _select_rows(value, rows: torch.Tensor, batch_size: int):
-    """Keep `rows` of every batch-shaped tensor inside captured layer arguments.
-
-    Batch-shaped = at least 2-D with leading size `batch_size`; 1-D tensors (cache positions) and
-    broadcast tensors (leading size 1) are shared by all rows and kept whole."""
-    if isinstance(value, torch.Tensor):
-        if value.dim() >= 2 and value.shape[0] == batch_size and batch_size > 1:
-            return value.index_select(0, rows.to(value.device))
-        return value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_select_rows(v, rows, batch_size) for v in value)
-    if isinstance(value, dict):
-        return {k: _select_rows(v, rows, batch_size) for k, v in value.items()}
-    return value
-
-
 class _UpperStack:
-    """The layers above the edited one, replayed with the arguments the model passed them in one
-    unedited forward (their inputs below the edited layer never change)."""
+    """The layers above the edited one, replayed on the positions the delta can reach.
 
-    def __init__(self, lm: LoadedModel, layer: int, loss_layer: int, batch: _Batch):
+    Rows are re-laid out so that every fact token sits in the same column P (left padding,
+    explicit position ids). Causal attention means columns before P never see the delta: one
+    unedited forward caches their keys/values at every layer, and each optimisation step runs
+    only the layers above the edited one, only on columns P.. (the suffix), attending to that
+    cached prefix. The layers' other arguments (masks, rotary embeddings) are captured from one
+    unedited suffix forward and replayed."""
+
+    def __init__(self, lm: LoadedModel, layer: int, loss_layer: int, batch: _Batch, rows: torch.Tensor):
         self.lm = lm
         self.modules = [lm.model.get_submodule(lm.arch.layer(j)) for j in range(layer + 1, loss_layer + 1)]
-        self.calls: list[tuple[tuple, dict]] = []
-        handles = [m.register_forward_pre_hook(self._capture, with_kwargs=True) for m in self.modules]
+        ids, mask, fact = batch.ids[rows], batch.mask[rows], batch.fact_position[rows]
+        lengths = mask.sum(1)
+        self.prefix = int(fact.max())
+        self.shift = self.prefix - fact  # per row: columns added on the left
+        width = self.prefix + int((lengths - fact).max())
+        aligned = torch.zeros((len(rows), width), dtype=torch.long)  # pads are masked out
+        aligned_mask = torch.zeros_like(aligned)
+        positions = torch.zeros_like(aligned)
+        for r in range(len(rows)):
+            start, n = int(self.shift[r]), int(lengths[r])
+            aligned[r, start:start + n] = ids[r, :n]
+            aligned_mask[r, start:start + n] = 1
+            positions[r, start:start + n] = torch.arange(n)
         device = input_device(lm.model)
-        try:
-            with torch.no_grad(), Trace(lm.model, lm.arch.layer(layer), stop=not self.modules) as base:
-                lm.model(input_ids=batch.ids.to(device), attention_mask=batch.mask.to(device), use_cache=False)
-        except StopForward:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
-        self.hidden = base.output  # (B, T, d): the edited layer's output before any delta
-        self.batch_size = len(batch.ids)
-        self.active_calls = self.calls
-        self.active_hidden = self.hidden
+        aligned, aligned_mask, positions = aligned.to(device), aligned_mask.to(device), positions.to(device)
+        self.cache = DynamicCache()
+        with torch.no_grad(), Trace(lm.model, lm.arch.layer(layer)) as base, Trace(lm.model, lm.arch.layer(loss_layer), stop=True):
+            lm.model(input_ids=aligned, attention_mask=aligned_mask, position_ids=positions,
+                     past_key_values=self.cache, use_cache=True)
+        self.prefix_kv = [(cached.keys[..., : self.prefix, :], cached.values[..., : self.prefix, :]) for cached in self.cache.layers]
+        self.hidden = base.output[:, self.prefix:]  # (B, S, d): the edited layer's suffix output
+        self.calls: list[tuple[tuple, dict]] = []
+        if self.modules:
+            handles = [m.register_forward_pre_hook(self._capture, with_kwargs=True) for m in self.modules]
+            self._reset_cache()
+            try:
+                with torch.no_grad():
+                    lm.model(input_ids=aligned[:, self.prefix:], attention_mask=aligned_mask,
+                             position_ids=positions[:, self.prefix:], past_key_values=self.cache, use_cache=True)
+            except StopForward:
+                pass
+            finally:
+                for handle in handles:
+                    handle.remove()
 
     def _capture(self, module, args, kwargs):
         self.calls.append((args, kwargs))
         if len(self.calls) == len(self.modules):
-            raise StopForward("captured the inputs of every upper layer")
+            raise StopForward("captured the arguments of every upper layer")
 
-    def restrict(self, rows: torch.Tensor) -> None:
-        """Replay only `rows` from now on (requests that finished leave the batch)."""
-        self.active_hidden = self.hidden.index_select(0, rows.to(self.hidden.device))
-        self.active_calls = [_select_rows(call, rows, self.batch_size) for call in self.calls]
+    def _reset_cache(self) -> None:
+        for cached, (keys, values) in zip(self.cache.layers, self.prefix_kv):
+            cached.keys, cached.values = keys, values
+
+    def column(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Suffix column of original (right-padded) `positions` in local `rows`."""
+        return positions + self.shift[rows] - self.prefix
 
     def __call__(self, added: torch.Tensor) -> torch.Tensor:
-        """Hidden states at the loss layer with `added` summed into the edited layer's output."""
-        hidden = self.active_hidden + added
-        for module, (args, kwargs) in zip(self.modules, self.active_calls):
+        """Suffix hidden states at the loss layer with `added` summed into the edited layer's output."""
+        self._reset_cache()
+        hidden = self.hidden + added
+        for module, (args, kwargs) in zip(self.modules, self.calls):
             if args:
                 out = module(hidden, *args[1:], **kwargs)
             else:
@@ -187,7 +202,8 @@ class _UpperStack:
 def _log_probs(lm: LoadedModel, hidden: torch.Tensor) -> torch.Tensor:
     norm = lm.model.get_submodule(lm.arch.final_norm)
     unembed = lm.model.get_submodule(lm.arch.unembed)
-    return torch.log_softmax(unembed(norm(hidden)).float(), dim=-1)
+    logits = unembed(norm(hidden))
+    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
 
 def _scatter_delta(hidden_like: torch.Tensor, view: _Active, delta_stack: torch.Tensor) -> torch.Tensor:
@@ -200,18 +216,23 @@ def _scatter_delta(hidden_like: torch.Tensor, view: _Active, delta_stack: torch.
 
 
 def _fast_log_probs(lm, stack: _UpperStack, view: _Active, delta_stack):
-    top = stack(_scatter_delta(stack.active_hidden, view, delta_stack))
+    added = torch.zeros_like(stack.hidden)
+    added[:, 0] = delta_stack[view.row_request.to(delta_stack.device)].to(added.device, added.dtype)
+    top = stack(added)
     device = top.device
-    targets = _log_probs(lm, top[view.t_row.to(device), view.t_position.to(device)])
-    kl = _log_probs(lm, top[view.kl_rows.to(device), view.kl_positions.to(device)])
-    return targets, kl
+    t_col = stack.column(view.t_row, view.t_position)
+    kl_col = stack.column(view.kl_rows, view.kl_positions)
+    # One unembedding call for both: at a few rows it is bound by reading the vocab matrix.
+    rows = torch.cat([view.t_row, view.kl_rows]).to(device)
+    log_probs = _log_probs(lm, top[rows, torch.cat([t_col, kl_col]).to(device)])
+    return log_probs[: len(view.t_row)], log_probs[len(view.t_row):]
 
 
 def _full_log_probs(lm, batch: _Batch, layer: int, view: _Active, delta_stack):
     device = input_device(lm.model)
     with Trace(lm.model, lm.arch.layer(layer), edit_output=add_to_output(lambda h: _scatter_delta(h, view, delta_stack))):
         logits = lm.model(input_ids=batch.ids[view.rows].to(device), attention_mask=batch.mask[view.rows].to(device), use_cache=False).logits
-    all_lp = torch.log_softmax(logits.float(), dim=-1)
+    all_lp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     device = all_lp.device
     return all_lp[view.t_row.to(device), view.t_position.to(device)], all_lp[view.kl_rows.to(device), view.kl_positions.to(device)]
 
@@ -234,9 +255,12 @@ def compute_values(
     n = len(requests)
     reference = _reference_vectors(lm, batch, lm.arch.down_proj(layer) if site == "mlp" else lm.arch.layer(layer))
     ref_norm = reference.norm(dim=-1)
-    stack = _UpperStack(lm, layer, hparams.v_loss_layer, batch) if fast else None
+    all_rows = torch.arange(len(batch.ids))
+    stack = _UpperStack(lm, layer, hparams.v_loss_layer, batch, all_rows) if fast else None
     device = stack.hidden.device if fast else reference.device
-    deltas = [torch.nn.Parameter(torch.zeros(reference.shape[1], device=device)) for _ in range(n)]
+    # float32 deltas for half-precision models, float64 for float64 models (exactness tests)
+    param_dtype = torch.promote_types(next(lm.model.parameters()).dtype, torch.float32)
+    deltas = [torch.nn.Parameter(torch.zeros(reference.shape[1], device=device, dtype=param_dtype)) for _ in range(n)]
     optimizer = torch.optim.Adam(deltas, lr=hparams.v_lr)
     steps, final_loss, target_prob = [0] * n, [float("nan")] * n, [float("nan")] * n
     active, view, kl_reference = list(range(n)), _Active(batch, list(range(n)), n), None
@@ -258,12 +282,15 @@ def compute_values(
             break
         optimizer.zero_grad(set_to_none=True)
         loss[~torch.tensor(done, device=loss.device)].sum().backward()
-        optimizer.step()  # finished requests have no gradient, so Adam leaves them alone
+        for k, i in enumerate(active):
+            if done[k]:  # a zero gradient would still move Adam's momentum; None skips the parameter
+                deltas[i].grad = None
+        optimizer.step()
         if any(done):
             active = [i for k, i in enumerate(active) if not done[k]]
             view = _Active(batch, active, n)
             if fast:
-                stack.restrict(view.rows)
+                stack = _UpperStack(lm, layer, hparams.v_loss_layer, batch, view.rows)
         with torch.no_grad():
             for i in active:
                 steps[i] += 1
@@ -271,7 +298,7 @@ def compute_values(
                 if deltas[i].norm() > limit:
                     deltas[i].mul_(limit / deltas[i].norm())
 
-    delta = torch.stack([d.detach().float().cpu() for d in deltas])
+    delta = torch.stack([d.detach().cpu() for d in deltas])
     reference = reference.cpu()
     return ValueResult(delta, reference, steps, final_loss, target_prob, (delta.norm(dim=-1) / reference.norm(dim=-1)).tolist())
 

@@ -1,0 +1,117 @@
+"""CounterFact-style evaluation of edited facts: efficacy, paraphrase, neighbourhood.
+
+Every prompt is scored teacher-forced with target_new and with the true answer (mean per-token
+NLL); all prompts of all records go through one `score_continuations` call, so a whole run is a
+few padded batches. Records without target_true (zsRE-like) get argmax accuracy only.
+
+Sign convention of the magnitudes (ROME's): each is "in the direction of success", so higher is
+better everywhere: rewrite/paraphrase p_new - p_true, neighbourhood p_true - p_new.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+from data.records import CaseRecord
+from experiments.metrics import harmonic_mean, mean, prefers, prob_gap
+from util.models import LoadedModel
+from util.scoring import score_continuations
+
+SECTIONS = ("rewrite", "paraphrase", "neighborhood")
+
+
+@dataclass(frozen=True)
+class PromptScore:
+    prompt: str
+    nll_new: float | None  # mean per-token NLL of target_new; None on neighbourhood prompts without target_true
+    nll_true: float | None  # of the true answer (target_true, or the neighbourhood prompt's own answer)
+    argmax: bool  # the expected answer is the argmax at every token: target_new on rewrite/paraphrase, the true answer on neighbourhood
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    case_id: Any
+    rewrite: tuple[PromptScore, ...]
+    paraphrase: tuple[PromptScore, ...]
+    neighborhood: tuple[PromptScore, ...]
+
+    def metrics(self) -> dict[str, float]:
+        """Per case: <section>_success (fraction succeeding), <section>_magnitude, <section>_acc.
+        Comparisons are NaN when the record has no true answer or no prompts of a section."""
+        out: dict[str, float] = {}
+        for section in SECTIONS:
+            scores = getattr(self, section)
+            compared = [s for s in scores if s.nll_new is not None and s.nll_true is not None]
+            new, true = [s.nll_new for s in compared], [s.nll_true for s in compared]
+            if section == "neighborhood":  # success = the old answer stays more likely
+                new, true = true, new
+            out[f"{section}_success"] = prefers(new, true)
+            out[f"{section}_magnitude"] = prob_gap(new, true)
+            out[f"{section}_acc"] = float(sum(s.argmax for s in scores) / len(scores)) if scores else math.nan
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (NaN -> None)."""
+        return {**asdict(self), "metrics": {k: _finite(v) for k, v in self.metrics().items()}}
+
+
+def evaluate_cases(lm: LoadedModel, records: Sequence[CaseRecord], batch_size: int = 64, max_tokens: int = 8192) -> list[CaseResult]:
+    """Score every rewrite, paraphrase and neighbourhood prompt of every record."""
+    prompts: list[str] = []
+    targets: list[str] = []
+
+    def add(prompt: str, target: str | None) -> int | None:
+        if target is None:
+            return None
+        prompts.append(prompt)
+        targets.append(target)
+        return len(prompts) - 1
+
+    # (section, prompt, index of the target_new pair, index of the true-answer pair) per record
+    plans: list[list[tuple[str, str, int | None, int | None]]] = []
+    for record in records:
+        request = record.request
+        plan = []
+        for section, prompt_list in (("rewrite", [request.text]), ("paraphrase", record.paraphrase_prompts)):
+            for prompt in prompt_list:
+                plan.append((section, prompt, add(prompt, request.target_new), add(prompt, request.target_true)))
+        for prompt, answer in record.neighborhood:
+            # Without target_true the record is scored for accuracy only: no comparison pair.
+            new = add(prompt, request.target_new) if request.target_true is not None else None
+            plan.append(("neighborhood", prompt, new, add(prompt, answer)))
+        plans.append(plan)
+
+    scores = score_continuations(lm, prompts, targets, batch_size=batch_size, max_tokens=max_tokens)
+    results = []
+    for record, plan in zip(records, plans):
+        by_section: dict[str, list[PromptScore]] = {s: [] for s in SECTIONS}
+        for section, prompt, new, true in plan:
+            expected = true if section == "neighborhood" else new
+            by_section[section].append(PromptScore(
+                prompt=prompt,
+                nll_new=scores[new].nll if new is not None else None,
+                nll_true=scores[true].nll if true is not None else None,
+                argmax=scores[expected].argmax,
+            ))
+        results.append(CaseResult(record.case_id, *(tuple(by_section[s]) for s in SECTIONS)))
+    return results
+
+
+def summarize(results: Sequence[CaseResult]) -> dict[str, float | int | None]:
+    """Run-level scores: means over cases of the per-case metrics, ES/PS/NS and their magnitudes
+    EM/PM/NM, and S = harmonic mean of ES, PS, NS (None when undefined, e.g. no true answers)."""
+    per_case = [r.metrics() for r in results]
+    summary: dict[str, float] = {}
+    for key in per_case[0] if per_case else ():
+        summary[key] = mean([m[key] for m in per_case])
+    es, ps, ns = (summary.get(f"{s}_success", math.nan) for s in SECTIONS)
+    named = {
+        "ES": es, "PS": ps, "NS": ns, "S": harmonic_mean([es, ps, ns]),
+        **{name: summary.get(f"{s}_magnitude", math.nan) for name, s in zip(("EM", "PM", "NM"), SECTIONS)},
+    }
+    return {"n_cases": len(results), **{k: _finite(v) for k, v in {**named, **summary}.items()}}
+
+
+def _finite(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else value

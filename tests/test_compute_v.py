@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+from rome.compute_v import compute_values
+from rome.editor import EditContext
+from tests.helpers import REQUESTS, tiny_hparams
+from util.requests import make_request
+
+
+def assert_same_values(a, b):
+    """v* = reference + delta agree to 1e-4 relative (per request, in norm)."""
+    err = (a.target - b.target).norm(dim=-1) / b.target.norm(dim=-1)
+    assert err.max().item() < 1e-4, err
+
+
+def requests():
+    return [make_request(r) for r in REQUESTS]
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(fact_token="last"), dict(layers=[3])])
+def test_fast_path_equals_straightforward_path(tiny, kw):
+    hp = tiny_hparams(v_num_grad_steps=6, **kw)
+    templates = EditContext().templates(tiny, hp)
+    fast = compute_values(tiny, requests(), hp.layers[0], templates, hp, fast=True)
+    slow = compute_values(tiny, requests(), hp.layers[0], templates, hp, fast=False)
+    assert_same_values(fast, slow)
+    assert fast.steps == slow.steps
+    torch.testing.assert_close(torch.tensor(fast.final_loss), torch.tensor(slow.final_loss), rtol=1e-4, atol=1e-5)
+
+
+def test_batched_equals_separate_and_early_stop_leaves_batch(tiny):
+    # float64: rows padded differently must give the same values, not just close ones. A loose
+    # threshold makes some requests stop early while others continue.
+    tiny.model.double()
+    threshold = {"gpt2": 10.83, "llama": 10.74}[tiny.model.config.model_type]  # between the requests' losses
+    hp = tiny_hparams(v_num_grad_steps=10, v_weight_decay=0.0, v_loss_threshold=threshold)
+    templates = EditContext().templates(tiny, hp)
+    together = compute_values(tiny, requests(), 1, templates, hp)
+    for i, request in enumerate(requests()):
+        alone = compute_values(tiny, [request], 1, templates, hp)
+        err = (together.target[i] - alone.target[0]).norm() / alone.target[0].norm()
+        assert err < 1e-4
+        assert together.steps[i] == alone.steps[0]
+    assert len(set(together.steps)) > 1, "the threshold should stop requests at different steps"

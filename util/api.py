@@ -1,0 +1,100 @@
+"""The algorithm registry and a small Python API for notebooks.
+
+    from util.api import edit
+    result = edit(model, tok, [{"prompt": "{} plays the sport of", "subject": "LeBron James",
+                                "target_new": "football"}], "hparams/R-ROME/smollm2-135m.yaml")
+    result.deltas                 # {parameter name: change}, already applied to `model`
+    restore(model, result.originals)   # util.deltas.restore: undo exactly
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+from emmet.emmet_main import EMMETHyperParams, apply_emmet
+from memit.memit_main import MEMITHyperParams, apply_memit
+from rome.editor import EditContext, EditResult
+from rome.hparams import EditHyperParams, ROMEHyperParams
+from rome.rome_main import apply_rome
+from util.arch import arch_for
+from util.errors import HparamsError
+from util.hparams import load_hparams
+from util.models import LoadedModel, prepare_tokenizer
+from util.paths import PROJECT_ROOT
+from util.requests import EditRequest, make_request
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    name: str
+    hparams_class: type
+    apply: Callable[[LoadedModel, list[EditRequest], Any, EditContext], EditResult]
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    "ROME": Algorithm("ROME", ROMEHyperParams, apply_rome),
+    "R-ROME": Algorithm("R-ROME", ROMEHyperParams, apply_rome),
+    "MEMIT": Algorithm("MEMIT", MEMITHyperParams, apply_memit),
+    "EMMET": Algorithm("EMMET", EMMETHyperParams, apply_emmet),
+}
+
+
+def algorithm(name: str) -> Algorithm:
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        raise HparamsError(f"unknown algorithm '{name}'; choose from {', '.join(ALGORITHMS)}") from None
+
+
+def hparams_path(alg_name: str, file_name: str) -> Path:
+    """hparams/<ALG>/<file>, or the file itself when it is a path that exists."""
+    direct = Path(file_name)
+    if direct.is_file():
+        return direct
+    return PROJECT_ROOT / "hparams" / alg_name / (file_name if file_name.endswith(".yaml") else file_name + ".yaml")
+
+
+def load_algorithm_hparams(alg_name: str, file_name: str, overrides: Iterable[str] = ()) -> EditHyperParams:
+    alg = algorithm(alg_name)
+    hparams = load_hparams(alg.hparams_class, hparams_path(alg_name, file_name), overrides)
+    if alg_name in ("ROME", "R-ROME") and hparams.original_implementation != (alg_name == "ROME"):
+        raise HparamsError(
+            f"{hparams_path(alg_name, file_name)}: original_implementation is {hparams.original_implementation} "
+            f"but the algorithm is {alg_name}"
+        )
+    return hparams
+
+
+def _algorithm_of(hparams: EditHyperParams) -> Algorithm:
+    if isinstance(hparams, ROMEHyperParams):
+        return ALGORITHMS["ROME" if hparams.original_implementation else "R-ROME"]
+    for alg in ALGORITHMS.values():
+        if type(hparams) is alg.hparams_class:
+            return alg
+    raise HparamsError(f"no algorithm takes hparams of type {type(hparams).__name__}")
+
+
+def edit(
+    model: torch.nn.Module,
+    tok,
+    requests: list[Mapping[str, Any] | EditRequest],
+    hparams: EditHyperParams | str | Path,
+    alg_name: str | None = None,
+    context: EditContext | None = None,
+    name: str | None = None,
+) -> EditResult:
+    """Edit `model` in place with `requests` and return the deltas applied.
+
+    hparams: an hparams object, or a YAML path (then `alg_name` picks the class, default from the
+    folder name hparams/<ALG>/...). context: reuse one across calls to keep templates and
+    statistics; the default reads $KEDIT_CORPUS or falls back as util/corpus.py describes."""
+    if not isinstance(hparams, EditHyperParams):
+        path = Path(hparams)
+        hparams = load_algorithm_hparams(alg_name or path.parent.name, str(path))
+    prepare_tokenizer(tok)
+    lm = LoadedModel(model, tok, arch_for(model), name or getattr(model.config, "_name_or_path", "") or "model")
+    built = [r if isinstance(r, EditRequest) else make_request(r, f"request {i}") for i, r in enumerate(requests)]
+    return _algorithm_of(hparams).apply(lm, built, hparams, context or EditContext())

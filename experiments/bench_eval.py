@@ -60,18 +60,18 @@ def timed(fn, *args, **kwargs):
     return value, time.perf_counter() - start
 
 
-def bench_counterfact(lm: LoadedModel, data_dir: str, n: int) -> None:
+def bench_counterfact(lm: LoadedModel, data_dir: str, n: int) -> dict:
+    """Seconds per record, batched and one forward per prompt, and the largest NLL difference."""
     records = load_cases("cf", data_dir=data_dir, limit=n)
     evaluate_cases(lm, records[:2])  # warm-up
     results, fast = timed(evaluate_cases, lm, records)
     naive, slow = timed(naive_counterfact, lm, records)
     diff = max(abs(a - b) for a, b in zip(batched_nlls(results), naive))
-    print(f"counterfact: {n} records, {len(naive)} prompt/target pairs")
-    print(f"  batched     {fast / n:.3f} s/record")
-    print(f"  one-by-one  {slow / n:.3f} s/record   ratio {slow / fast:.1f}x   max |dNLL| {diff:.1e}")
+    return {"records": n, "pairs": len(naive), "fast": fast / n, "slow": slow / n, "max_dnll": diff}
 
 
-def bench_probe(lm: LoadedModel, data_dir: str, task: str, n: int, shots: int) -> None:
+def bench_probe(lm: LoadedModel, data_dir: str, task: str, n: int, shots: int) -> dict:
+    """Seconds per probe item, batched and one forward per (prompt, label), and label agreement."""
     probe = load_probe(task, data_dir=data_dir, limit=n, seed=0)
     result, fast = timed(evaluate_probe, lm, probe, n_shots=shots)
     prompts, _ = build_prompts(probe, shots, seed=0)
@@ -82,9 +82,7 @@ def bench_probe(lm: LoadedModel, data_dir: str, task: str, n: int, shots: int) -
 
     predictions, slow = timed(naive)
     agree = sum(a == b for a, b in zip(predictions, result.predictions)) / len(predictions)
-    print(f"probe {task}: {n} items, {shots} shots, {len(probe.label_words)} labels, accuracy {result.accuracy:.3f}")
-    print(f"  batched     {fast / n:.3f} s/item")
-    print(f"  one-by-one  {slow / n:.3f} s/item   ratio {slow / fast:.1f}x   same labels {agree:.0%}")
+    return {"task": task, "items": n, "shots": shots, "accuracy": result.accuracy, "fast": fast / n, "slow": slow / n, "agree": agree}
 
 
 def main() -> None:
@@ -101,9 +99,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     lm = load_model(args.model)
     print(f"model {args.model}, torch threads {torch.get_num_threads()}")
-    bench_counterfact(lm, args.data_dir, args.records)
+    cf = bench_counterfact(lm, args.data_dir, args.records)
+    print(f"counterfact: {cf['records']} records, {cf['pairs']} prompt/target pairs")
+    print(f"  batched     {cf['fast']:.3f} s/record")
+    print(f"  one-by-one  {cf['slow']:.3f} s/record   ratio {cf['slow'] / cf['fast']:.1f}x   max |dNLL| {cf['max_dnll']:.1e}")
     for task in args.tasks:
-        bench_probe(lm, args.data_dir, task, args.probe_items, args.shots)
+        pr = bench_probe(lm, args.data_dir, task, args.probe_items, args.shots)
+        print(f"probe {task}: {pr['items']} items, {pr['shots']} shots, accuracy {pr['accuracy']:.3f}")
+        print(f"  batched     {pr['fast']:.3f} s/item")
+        print(f"  one-by-one  {pr['slow']:.3f} s/item   ratio {pr['slow'] / pr['fast']:.1f}x   same labels {pr['agree']:.0%}")
 
 
 if __name__ == "__main__":

@@ -38,10 +38,20 @@ def compute_keys(
     templates: list[str],
     fact_token: FactToken,
     site: str | None = None,
+    chunk_size: int = 256,
 ) -> KeyResult:
     """Keys at `layers` for every request; templates[0] must be the bare template "{}".
 
-    `site` names a module whose output is read at the bare prompt's fact token (or None)."""
+    `site` names a module whose output is read at the bare prompt's fact token (or None).
+    Requests go through in chunks of `chunk_size` (one padded forward each) to bound memory."""
+    if len(requests) > chunk_size:
+        parts = [compute_keys(lm, requests[i:i + chunk_size], layers, templates, fact_token, site, chunk_size)
+                 for i in range(0, len(requests), chunk_size)]
+        return KeyResult(
+            {layer: torch.cat([p.k_star[layer] for p in parts]) for layer in layers},
+            {layer: torch.cat([p.k_bare[layer] for p in parts]) for layer in layers},
+            torch.cat([p.site_output for p in parts]) if site else None,
+        )
     assert templates[0] == "{}", "the first context template must be the bare prompt"
     sequences, positions = [], []
     for request in requests:

@@ -10,7 +10,9 @@ being edited at the bare prompt's fact token: the down projection's output (ROME
 the layer's output (MEMIT-style, site "layer"); the target value is reference + delta.
 
 All requests are optimised together: one batched forward/backward per step, each request its own
-delta and its own Adam state, a request leaving the batch once its loss is below the threshold.
+delta and its own Adam state, a request leaving the batch once its loss is below the threshold
+or, with `v_argmax_stop_steps` > 0 (ENCORE's most-probable early stopping), once every target
+token has been the top prediction after every templated prompt at that many steps.
 
 Fast path (default): the layers up to the edited one do not depend on the delta, so they run once
 without grad; each step runs only the layers above it, and the unembedding is applied only at the
@@ -249,8 +251,19 @@ def compute_values(
     hparams: EditHyperParams,
     site: str = "mlp",
     fast: bool = True,
+    chunk_size: int = 64,
 ) -> ValueResult:
-    """Optimise one delta per request at `layer` (see the module docstring)."""
+    """Optimise one delta per request at `layer` (see the module docstring).
+
+    Requests are independent, so large batches are optimised in chunks of `chunk_size` requests
+    (bounded memory) with results identical to one batch."""
+    if len(requests) > chunk_size:
+        parts = [compute_values(lm, requests[i:i + chunk_size], layer, templates, hparams, site, fast, chunk_size)
+                 for i in range(0, len(requests), chunk_size)]
+        return ValueResult(
+            torch.cat([p.delta for p in parts]), torch.cat([p.reference for p in parts]),
+            *(sum((getattr(p, name) for p in parts), []) for name in ("steps", "final_loss", "target_prob", "delta_ratio")),
+        )
     batch = build_batch(lm, requests, templates, hparams.fact_token, hparams.kl_prompts)
     n = len(requests)
     reference = _reference_vectors(lm, batch, lm.arch.down_proj(layer) if site == "mlp" else lm.arch.layer(layer))
@@ -263,6 +276,7 @@ def compute_values(
     deltas = [torch.nn.Parameter(torch.zeros(reference.shape[1], device=device, dtype=param_dtype)) for _ in range(n)]
     optimizer = torch.optim.Adam(deltas, lr=hparams.v_lr)
     steps, final_loss, target_prob = [0] * n, [float("nan")] * n, [float("nan")] * n
+    argmax_steps = [0] * n  # steps at which every target token was the argmax (MPES)
     active, view, kl_reference = list(range(n)), _Active(batch, list(range(n)), n), None
 
     for step in range(hparams.v_num_grad_steps):
@@ -274,10 +288,13 @@ def compute_values(
         if kl_reference is None:  # first step: delta = 0, the original distribution
             kl_reference = dict(zip(view.kl_original.tolist(), kl_lp.detach()))
         loss, prob = _loss(hparams, batch, view, target_lp, kl_lp, kl_reference, delta_stack, ref_norm[view.requests].to(device), len(active))
+        on_top = _targets_on_top(view, target_lp, len(active)).tolist() if hparams.v_argmax_stop_steps else [False] * len(active)
         done = [False] * len(active)
         for k, i in enumerate(active):
             final_loss[i], target_prob[i] = loss[k].item(), prob[k].item()
-            done[k] = final_loss[i] < hparams.v_loss_threshold or step == hparams.v_num_grad_steps - 1
+            argmax_steps[i] += on_top[k]
+            done[k] = (final_loss[i] < hparams.v_loss_threshold or step == hparams.v_num_grad_steps - 1
+                       or 0 < hparams.v_argmax_stop_steps <= argmax_steps[i])
         if all(done):
             break
         optimizer.zero_grad(set_to_none=True)
@@ -312,6 +329,13 @@ def _reference_vectors(lm: LoadedModel, batch: _Batch, module: str) -> torch.Ten
         lm.model(input_ids=batch.ids[rows].to(device), attention_mask=batch.mask[rows].to(device), use_cache=False)
     out = trace.output
     return out[torch.arange(len(rows), device=out.device), batch.fact_position[rows].to(out.device)].double()
+
+
+def _targets_on_top(view: _Active, target_lp: torch.Tensor, n_active: int) -> torch.Tensor:
+    """Per active request: is every target token the argmax after every templated prompt?"""
+    wrong = (target_lp.argmax(-1) != view.t_token.to(target_lp.device)).double()
+    per_row = _per_request(wrong, view.t_row, len(view.rows))
+    return _per_request(per_row, view.row_request, n_active) == 0
 
 
 def _loss(hparams, batch, view: _Active, target_lp, kl_lp, kl_reference, delta_stack, ref_norm, n_active):

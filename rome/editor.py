@@ -3,10 +3,13 @@ keys from the current model, the remaining residual spread over the layers left,
 
     MEMIT   least squares, several layers        EMMET  equality (+ mu I), one or more layers
     r-ROME  equality, one layer, k* everywhere   ROME   equality, one layer, bare key in residual
+    ENCORE  least squares + mu I + K_p K_p^T     AlphaEdit  null-space projection + K_p K_p^T
 
 Algorithms differ only in the hparams and the constraint they pass here. Whatever must persist
 across edits (templates, statistics, factorised covariances, run state) lives in `EditContext`,
-which the caller owns.
+which the caller owns. The run state `EditContext.state` holds tensors and plain values only, so
+a driver can checkpoint it (util/state.py); AlphaEdit and ENCORE keep there, per edited module,
+K_p K_p^T: the sum of k k^T over the keys every earlier edit of the run wrote into it.
 """
 from __future__ import annotations
 
@@ -24,8 +27,11 @@ from util.corpus import Corpus, resolve_corpus
 from util.deltas import Deltas, apply_deltas, snapshot
 from util.models import LoadedModel
 from util.requests import EditRequest
-from util.solve import Covariance, solve_update
+from util.solve import Covariance, nullspace_basis, solve_update
 from util.stats import StatsCache
+
+
+EDITED_KEYS = "edited_keys"  # EditContext.state[EDITED_KEYS][down projection module] = K_p K_p^T
 
 
 @dataclass
@@ -39,6 +45,7 @@ class EditContext:
     state: dict[str, Any] = field(default_factory=dict)  # per-run editor state, checkpointed
     _templates: dict = field(default_factory=dict, repr=False)
     _covariances: dict = field(default_factory=dict, repr=False)
+    _nullspaces: dict = field(default_factory=dict, repr=False)
     _corpus: Corpus | None = field(default=None, repr=False)
 
     def templates(self, lm: LoadedModel, hparams: EditHyperParams) -> list[str]:
@@ -72,6 +79,24 @@ class EditContext:
             self._covariances[key] = Covariance(dim, mom2, hparams.mom2_update_weight, layer=lm.arch.down_proj(layer))
         return self._covariances[key]
 
+    def nullspace(self, lm: LoadedModel, layer: int, hparams: EditHyperParams, threshold: float) -> torch.Tensor:
+        """AlphaEdit's null-space basis U of C0 at `layer` (P = U U^T), computed once per run."""
+        key = (lm.name, layer, threshold, hparams.mom2_n_samples, hparams.mom2_sample_tokens, hparams.mom2_dtype)
+        if key not in self._nullspaces:
+            self._nullspaces[key] = nullspace_basis(self.second_moments(lm, hparams)[layer], threshold)
+        return self._nullspaces[key]
+
+    def edited_keys(self, lm: LoadedModel, layer: int) -> torch.Tensor | None:
+        """K_p K_p^T (float64, m x m) of the keys earlier edits wrote into `layer`; None before any."""
+        return self.state.get(EDITED_KEYS, {}).get(lm.arch.down_proj(layer))
+
+    def remember_keys(self, lm: LoadedModel, layer: int, keys: torch.Tensor) -> None:
+        """Add K K^T of this edit's keys (m x n) to the run's K_p K_p^T at `layer`."""
+        grams = self.state.setdefault(EDITED_KEYS, {})
+        name = lm.arch.down_proj(layer)
+        gram = keys.double() @ keys.double().T
+        grams[name] = gram if name not in grams else grams[name] + gram
+
 
 @dataclass
 class EditResult:
@@ -91,11 +116,20 @@ def edit_layers(
     mu: float = 0.0,
     site: str = "layer",
     bare_key_residual: bool = False,
+    remember_keys: bool = False,
+    nullspace_threshold: float | None = None,
 ) -> EditResult:
     """Compute and apply the update for `requests` at hparams.layers; returns the deltas.
 
     site: where the target value lives: "layer" (the last edited layer's output, MEMIT) or
-    "mlp" (the down projection's output, ROME). bare_key_residual: the original ROME's keys."""
+    "mlp" (the down projection's output, ROME). bare_key_residual: the original ROME's keys.
+    remember_keys: add the run's K_p K_p^T (ctx.state) to each layer's system, and this edit's
+    keys to it once every layer is solved (AlphaEdit, ENCORE). The keys at a layer do not depend
+    on that layer's or later layers' updates, so the keys solved for equal the edited model's
+    keys, which the AlphaEdit release recomputes after the edit. nullspace_threshold: for the
+    "nullspace" constraint, the eigenvalue cut of C0."""
+    if constraint == "nullspace" and nullspace_threshold is None:
+        raise ValueError("the nullspace constraint needs nullspace_threshold")
     hparams.check_model(lm.model.config.num_hidden_layers)
     templates = ctx.templates(lm, hparams)
     layers = hparams.layers
@@ -105,7 +139,7 @@ def edit_layers(
     names = [lm.arch.weight_name(layer) for layer in layers]
     originals = snapshot(lm.model, names)
     deltas: Deltas = {}
-    layer_records = []
+    layer_records, solved_keys = [], []
     for i, layer in enumerate(layers):
         keys = compute_keys(lm, requests, [layer], templates, hparams.fact_token, site=site_module)
         k_star = keys.k_star[layer].double().T  # m x n
@@ -115,12 +149,18 @@ def edit_layers(
         delta, info = solve_update(
             residual, k_constraint, cov, constraint, mu=mu,
             K_dir=k_star if bare_key_residual else None, layer=lm.arch.down_proj(layer),
+            prior=ctx.edited_keys(lm, layer) if remember_keys else None,
+            basis=ctx.nullspace(lm, layer, hparams, nullspace_threshold) if constraint == "nullspace" else None,
         )
         weight = edited_weight(lm.model, lm.arch, layer).double()
-        layer_records.append(_layer_record(layer, delta, weight, k_constraint, residual, info.seconds))
+        layer_records.append({**_layer_record(layer, delta, weight, k_constraint, residual, info.seconds), **info.extras})
+        solved_keys.append(k_constraint)
         stored = to_stored(lm.arch, delta).to(lm.model.get_parameter(names[i]).dtype)
         apply_deltas(lm.model, {names[i]: stored})
         deltas[names[i]] = stored
+    if remember_keys:
+        for layer, keys in zip(layers, solved_keys):
+            ctx.remember_keys(lm, layer, keys)
     request_records = [
         {"case_id": r.case_id, "v_steps": values.steps[j], "v_loss": values.final_loss[j],
          "v_target_prob": values.target_prob[j], "delta_ratio": values.delta_ratio[j]}

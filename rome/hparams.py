@@ -31,6 +31,9 @@ class EditHyperParams:
     mom2_update_weight: float = 1.0
     mom2_dataset: str = "wikipedia"
     v_loss_threshold: float = 0.05  # early stop once a request's loss is below this
+    # Most-probable early stopping (ENCORE's MPES; 0 = off): also stop a request once, at this many
+    # steps, every target token was the argmax after every templated prompt
+    v_argmax_stop_steps: int = 0
     kl_prompts: list[str] = field(default_factory=lambda: ["{} is a"])
 
     def validate(self) -> str | None:
@@ -44,6 +47,8 @@ class EditHyperParams:
             return "key 'context_template_length_params' must be a list of [length, count] pairs of positive ints"
         if any(p.count("{}") != 1 for p in self.kl_prompts):
             return "key 'kl_prompts': every prompt needs exactly one '{}' for the subject"
+        if self.v_argmax_stop_steps < 0:
+            return f"key 'v_argmax_stop_steps' must be >= 0 (0 = off), got {self.v_argmax_stop_steps}"
         if self.mom2_dtype not in ("float32", "float16", "bfloat16", "float64"):
             return f"key 'mom2_dtype' must be a torch float dtype name, got {self.mom2_dtype!r}"
         return None

@@ -48,6 +48,13 @@ def tiny(request, tokenizer) -> LoadedModel:
 
 
 @pytest.fixture
+def tiny64(tiny) -> LoadedModel:
+    """`tiny` in float64, for checks of the update equations to high precision."""
+    tiny.model.double()
+    return tiny
+
+
+@pytest.fixture
 def tiny_gpt2(tokenizer) -> LoadedModel:
     model = tiny_gpt2_model(len(tokenizer))
     return LoadedModel(model, tokenizer, arch_for(model), "tiny-gpt2")

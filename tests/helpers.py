@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rome.editor import EditContext
 from rome.hparams import EditHyperParams, ROMEHyperParams
 from util.hparams import build_hparams
 
@@ -30,6 +31,16 @@ def write_corpus(folder: Path) -> Path:
     path = folder / "corpus.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def context(tmp_path: Path, **kw) -> EditContext:
+    """An EditContext whose key statistics come from the small corpus written to tmp_path."""
+    return EditContext(seed=0, corpus_path=str(write_corpus(tmp_path)), **kw)
+
+
+def rel(a, b) -> float:
+    """||a - b|| / ||b||."""
+    return ((a - b).norm() / b.norm()).item()
 
 
 REQUESTS = [

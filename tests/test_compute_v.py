@@ -42,3 +42,20 @@ def test_batched_equals_separate_and_early_stop_leaves_batch(tiny):
         assert err < 1e-4
         assert together.steps[i] == alone.steps[0]
     assert len(set(together.steps)) > 1, "the threshold should stop requests at different steps"
+
+
+def test_chunked_batches_equal_one_batch(tiny):
+    from rome.compute_u import compute_keys
+
+    tiny.model.double()
+    hp = tiny_hparams(v_num_grad_steps=4)
+    templates = EditContext().templates(tiny, hp)
+    whole = compute_values(tiny, requests(), 1, templates, hp)
+    chunked = compute_values(tiny, requests(), 1, templates, hp, chunk_size=2)
+    assert_same_values(chunked, whole)
+    assert chunked.steps == whole.steps
+    keys = compute_keys(tiny, requests(), [1, 2], templates, hp.fact_token, site=tiny.arch.layer(2))
+    keys_chunked = compute_keys(tiny, requests(), [1, 2], templates, hp.fact_token, site=tiny.arch.layer(2), chunk_size=1)
+    for layer in (1, 2):
+        torch.testing.assert_close(keys_chunked.k_star[layer], keys.k_star[layer], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(keys_chunked.site_output, keys.site_output, rtol=1e-10, atol=1e-12)

@@ -5,28 +5,13 @@ import torch
 from emmet.emmet_main import EMMETHyperParams, apply_emmet
 from memit.memit_main import MEMITHyperParams, apply_memit
 from rome.compute_u import compute_keys
-from rome.editor import EditContext
 from rome.rome_main import apply_rome
-from tests.helpers import REQUESTS, tiny_hparams, write_corpus
+from tests.helpers import REQUESTS, context, rel, tiny_hparams
 from util.arch import edited_weight
 from util.deltas import restore
 from util.errors import SolverError
 from util.requests import make_request
 from util.solve import Covariance, solve_least_squares, solve_update
-
-
-def context(tmp_path):
-    return EditContext(seed=0, corpus_path=str(write_corpus(tmp_path)))
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
-@pytest.fixture
-def tiny64(tiny):
-    tiny.model.double()
-    return tiny
 
 
 def test_memit_delta_solves_normal_equations_and_matches_lstsq(tiny64, tmp_path):

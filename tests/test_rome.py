@@ -3,28 +3,13 @@ import pytest
 import torch
 
 from rome.compute_u import compute_keys
-from rome.editor import EditContext
 from rome.hparams import ROMEHyperParams
 from rome.rome_main import apply_rome
-from tests.helpers import REQUESTS, tiny_hparams, write_corpus
+from tests.helpers import REQUESTS, context, rel, tiny_hparams
 from util.arch import edited_weight
 from util.errors import RequestError
 from util.requests import make_request
 from util.solve import Covariance, solve_update
-
-
-@pytest.fixture
-def tiny64(tiny):
-    tiny.model.double()
-    return tiny
-
-
-def context(tmp_path, **kw):
-    return EditContext(seed=0, corpus_path=str(write_corpus(tmp_path)), **kw)
-
-
-def relative(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize("original", [False, True])
@@ -43,7 +28,7 @@ def test_rome_update_maps_key_to_value(tiny64, tmp_path, original):
     torch.testing.assert_close(after.k_star[1], before.k_star[1], rtol=1e-12, atol=1e-12)
     k = (before.k_bare if original else before.k_star)[1][0]
     v_star = W @ k + result.value_deltas[0].double()
-    assert relative(W_new @ k, v_star) < 1e-5
+    assert rel(W_new @ k, v_star) < 1e-5
     delta = W_new - W
     assert torch.linalg.matrix_rank(delta).item() == 1
     # The update direction is C^-1 k* in both variants.
@@ -52,7 +37,7 @@ def test_rome_update_maps_key_to_value(tiny64, tmp_path, original):
     left = delta @ u / u.norm() ** 2
     torch.testing.assert_close(delta, torch.outer(left, u), rtol=1e-8, atol=1e-12)
     if original:
-        assert relative(W_new @ before.k_star[1][0], W @ before.k_star[1][0] + result.value_deltas[0].double()) > 1e-6
+        assert rel(W_new @ before.k_star[1][0], W @ before.k_star[1][0] + result.value_deltas[0].double()) > 1e-6
 
 
 def test_rank_one_closed_form_with_identity_covariance():

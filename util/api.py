@@ -14,7 +14,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from alphaedit.alphaedit_main import AlphaEditHyperParams, apply_alphaedit
 from emmet.emmet_main import EMMETHyperParams, apply_emmet
+from encore.encore_main import ENCOREHyperParams, apply_encore
 from memit.memit_main import MEMITHyperParams, apply_memit
 from rome.editor import EditContext, EditResult
 from rome.hparams import EditHyperParams, ROMEHyperParams
@@ -39,6 +41,8 @@ ALGORITHMS: dict[str, Algorithm] = {
     "R-ROME": Algorithm("R-ROME", ROMEHyperParams, apply_rome),
     "MEMIT": Algorithm("MEMIT", MEMITHyperParams, apply_memit),
     "EMMET": Algorithm("EMMET", EMMETHyperParams, apply_emmet),
+    "AlphaEdit": Algorithm("AlphaEdit", AlphaEditHyperParams, apply_alphaedit),
+    "ENCORE": Algorithm("ENCORE", ENCOREHyperParams, apply_encore),
 }
 
 

@@ -1,11 +1,15 @@
 """The one update solver. Every editor hands it the residual R (d x n: what the layer's output
 must gain at each edited key), the keys K (m x n) and a preservation matrix, and picks a constraint:
 
-  least squares (MEMIT, ENCORE):  Delta = R K^T (C + K K^T)^-1
-      minimises tr(Delta C Delta^T) + ||Delta K - R||^2
+  least squares (MEMIT, ENCORE):  Delta = R K^T (C + mu I + K_p K_p^T + K K^T)^-1
+      minimises tr(Delta (C + mu I + K_p K_p^T) Delta^T) + ||Delta K - R||^2; MEMIT has mu = 0 and
+      no K_p; ENCORE adds the Frobenius term mu I and the keys K_p of the run's earlier edits
   equality (ROME, r-ROME, EMMET): Delta = R (K_dir^T C^-1 K + mu I)^-1 K_dir^T C^-1
       minimises tr(Delta C Delta^T) subject to Delta K = R (mu = 0); K_dir = K except in the
       original ROME, whose direction uses k* while K holds the bare prompt's key
+  null space (AlphaEdit):         Delta = R K^T P (K_p K_p^T P + K K^T P + alpha I)^-1
+      P = U U^T projects onto the eigenvectors U of C0 with eigenvalues below a threshold, so
+      Delta = Delta P and the preserved keys (C0's large directions) are left (nearly) unchanged
 
 C is `Covariance`: lambda C0 (+ extra terms), or the identity. Everything is float64 and solved
 with Cholesky factorisations or LU solves, never an explicit inverse. A system that is singular
@@ -37,7 +41,7 @@ def _ill_conditioned(matrix: torch.Tensor, layer: str, what: str) -> SolverError
     cond = condition_number(matrix)
     return SolverError(
         f"layer {layer}: the {what} is singular or ill-conditioned (condition number {cond:.3g}); "
-        f"raise mom2_update_weight / emmet_lambda, or look for duplicate or contradictory requests"
+        f"raise mom2_update_weight / emmet_lambda / L2, or look for duplicate or contradictory requests"
     )
 
 
@@ -85,12 +89,19 @@ class SolveInfo:
     extras: dict = field(default_factory=dict)
 
 
-def solve_least_squares(R: torch.Tensor, K: torch.Tensor, cov: Covariance, layer: str = "?") -> torch.Tensor:
-    """Delta = R K^T (C + K K^T)^-1 (MEMIT's normal equations)."""
+def solve_least_squares(R: torch.Tensor, K: torch.Tensor, cov: Covariance, layer: str = "?", mu: float = 0.0,
+                        prior: torch.Tensor | None = None) -> torch.Tensor:
+    """Delta = R K^T (C + mu I + prior + K K^T)^-1 (MEMIT's normal equations; ENCORE's with
+    mu > 0 and prior = K_p K_p^T)."""
     K, R = K.double(), R.double()
-    system = cov.dense() + K @ K.T
-    factor = cholesky(system, layer, "MEMIT system C + K K^T")
-    # Delta^T = (C + K K^T)^-1 K R^T, the system being symmetric.
+    system = cov.dense()
+    if mu:
+        system = system + mu * torch.eye(system.shape[0], dtype=torch.float64)
+    if prior is not None:
+        system = system + prior.double()
+    system = system + K @ K.T
+    factor = cholesky(system, layer, "least-squares system C + K K^T")
+    # Delta^T = system^-1 K R^T, the system being symmetric.
     return torch.cholesky_solve(K @ R.T, factor).T
 
 
@@ -110,16 +121,49 @@ def solve_equality(R: torch.Tensor, K: torch.Tensor, cov: Covariance, mu: float 
     return (directions @ weights).T
 
 
+def nullspace_basis(mom2: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Orthonormal eigenvectors U (m x r, float64) of C0 whose eigenvalues are below `threshold`:
+    AlphaEdit's projection is P = U U^T (the release thresholds C0 = E[k k^T] itself, unscaled)."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(mom2.double())
+    return eigenvectors[:, eigenvalues < threshold]
+
+
+def solve_nullspace(R: torch.Tensor, K: torch.Tensor, basis: torch.Tensor, alpha: float,
+                    prior: torch.Tensor | None = None, layer: str = "?") -> torch.Tensor:
+    """AlphaEdit: Delta = R K^T P (prior P + K K^T P + alpha I)^-1 with P = U U^T, U = `basis`.
+
+    By the push-through identity P (A P + alpha I)^-1 = U (U^T A U + alpha I)^-1 U^T this is
+    Delta = B U^T with B = R (U^T K)^T (alpha I + U^T prior U + (U^T K)(U^T K)^T)^-1: least squares
+    in the null-space coordinates, an r x r symmetric positive-definite system (alpha > 0). The
+    update is exactly of the form (.) P, so Delta k ~ 0 for every key k with P k ~ 0."""
+    if basis.shape[1] == 0:
+        raise SolverError(f"layer {layer}: the null space is empty (no eigenvalue of C0 below nullspace_threshold)")
+    U = basis.double()
+    rank = U.shape[1]
+    reduced_prior = None if prior is None else U.T @ (prior.double() @ U)
+    ridge = Covariance(rank, extra=alpha * torch.eye(rank, dtype=torch.float64))
+    return solve_least_squares(R, U.T @ K.double(), ridge, layer, prior=reduced_prior) @ U.T
+
+
 def solve_update(R: torch.Tensor, K: torch.Tensor, cov: Covariance, constraint: str, mu: float = 0.0,
-                 K_dir: torch.Tensor | None = None, layer: str = "?") -> tuple[torch.Tensor, SolveInfo]:
-    """Dispatch on the constraint; returns Delta (d x m, float64) and timing."""
+                 K_dir: torch.Tensor | None = None, layer: str = "?", prior: torch.Tensor | None = None,
+                 basis: torch.Tensor | None = None) -> tuple[torch.Tensor, SolveInfo]:
+    """Dispatch on the constraint; returns Delta (d x m, float64) and timing.
+
+    mu is each system's multiple of the identity: EMMET's conditioning term (equality), ENCORE's
+    Frobenius weight (least squares), AlphaEdit's alpha (nullspace). prior = K_p K_p^T of earlier
+    edits (least squares, nullspace); basis = U of the null space (nullspace, where C is unused)."""
     start = time.perf_counter()
+    extras = {}
     if constraint == "least_squares":
-        delta = solve_least_squares(R, K, cov, layer)
+        delta = solve_least_squares(R, K, cov, layer, mu, prior)
     elif constraint == "equality":
         delta = solve_equality(R, K, cov, mu, K_dir, layer)
+    elif constraint == "nullspace":
+        delta = solve_nullspace(R, K, basis, mu, prior, layer)
+        extras["nullspace_dim"] = basis.shape[1]
     else:
         raise ValueError(f"unknown constraint {constraint!r}")
     if not torch.isfinite(delta).all():
         raise SolverError(f"layer {layer}: the {constraint} update is not finite")
-    return delta, SolveInfo(layer, constraint, time.perf_counter() - start)
+    return delta, SolveInfo(layer, constraint, time.perf_counter() - start, extras)

@@ -62,6 +62,8 @@ def accumulate_second_moments(
     # A half-precision forward of a float32 model runs under autocast (e.g. bfloat16 matmuls on CPUs
     # with avx512_bf16/AMX); keys are still accumulated in float64.
     use_autocast = forward_dtype in (torch.bfloat16, torch.float16) and forward_dtype != next(lm.model.parameters()).dtype
+    if forward_dtype == torch.bfloat16 and not fast_bfloat16(device):
+        log.warning("bfloat16 statistics requested, but this device has no native bfloat16 matmul: expect it to be slow")
     count = 0
     start = time.perf_counter()
     bar = tqdm(total=n_windows, desc="key statistics", unit="window", disable=not progress)
@@ -90,6 +92,17 @@ def accumulate_second_moments(
         flush()
     bar.close()
     return sums, count, count / max(time.perf_counter() - start, 1e-9)
+
+
+def fast_bfloat16(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls run natively: a GPU, or a CPU with avx512_bf16 or AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 class StatsCache:

@@ -1,0 +1,35 @@
+"""AlphaEdit (Fang et al., ICLR 2025): MEMIT's values and residual spreading, with the update
+projected onto the approximate null space of the preserved keys. Per layer
+
+    Delta = R K^T P (K_p K_p^T P + K K^T P + alpha I)^-1   (alpha = L2)
+
+where P = U U^T, U the eigenvectors of C0 = E[k k^T] with eigenvalue < nullspace_threshold, and
+K_p the keys of the run's earlier edits (EditContext.state). Delta = Delta P, so the preserved
+keys' outputs barely move: E||Delta k||^2 = tr(Delta C0 Delta^T) <= threshold ||Delta||_F^2.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rome.editor import EditContext, EditResult, edit_layers
+from rome.hparams import EditHyperParams
+from util.models import LoadedModel
+from util.requests import EditRequest
+
+
+@dataclass(frozen=True)
+class AlphaEditHyperParams(EditHyperParams):
+    nullspace_threshold: float = 2e-2  # eigenvalue cut on C0 itself (mom2_update_weight plays no part)
+    L2: float = 10.0  # alpha, the ridge term of the null-space system
+
+    def validate(self) -> str | None:
+        if not self.mom2_adjustment:
+            return "AlphaEdit projects onto the null space of C0: key 'mom2_adjustment' must be true"
+        if self.nullspace_threshold <= 0 or self.L2 <= 0:
+            return f"keys 'nullspace_threshold' and 'L2' must be positive, got {self.nullspace_threshold} and {self.L2}"
+        return super().validate()
+
+
+def apply_alphaedit(lm: LoadedModel, requests: list[EditRequest], hparams: AlphaEditHyperParams, ctx: EditContext) -> EditResult:
+    return edit_layers(lm, requests, hparams, ctx, constraint="nullspace", mu=hparams.L2, site="layer",
+                       remember_keys=True, nullspace_threshold=hparams.nullspace_threshold)

@@ -1,0 +1,34 @@
+"""ENCORE (Gupta et al. 2025, "Lifelong sequential knowledge editing without model degradation"):
+MEMIT whose preservation matrix also holds a Frobenius-norm term and the keys K_p of the run's
+earlier edits (EditContext.state). Per layer
+
+    Delta = R K^T (lambda C0 + mu I + K_p K_p^T + K K^T)^-1   (lambda = mom2_update_weight,
+                                                               mu = update_norm_lambda)
+
+plus most-probable early stopping of the value optimisation (`v_argmax_stop_steps`, see
+rome/compute_v.py): a request stops once every target token has been the argmax after every
+templated prompt at that many steps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rome.editor import EditContext, EditResult, edit_layers
+from rome.hparams import EditHyperParams
+from util.models import LoadedModel
+from util.requests import EditRequest
+
+
+@dataclass(frozen=True)
+class ENCOREHyperParams(EditHyperParams):
+    update_norm_lambda: float = 10.0  # mu, the Frobenius-norm term mu I
+
+    def validate(self) -> str | None:
+        if self.update_norm_lambda < 0:
+            return f"key 'update_norm_lambda' must be >= 0, got {self.update_norm_lambda}"
+        return super().validate()
+
+
+def apply_encore(lm: LoadedModel, requests: list[EditRequest], hparams: ENCOREHyperParams, ctx: EditContext) -> EditResult:
+    return edit_layers(lm, requests, hparams, ctx, constraint="least_squares", mu=hparams.update_norm_lambda,
+                       site="layer", remember_keys=True)

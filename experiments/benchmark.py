@@ -1,0 +1,172 @@
+"""Speed of every phase on this machine, each against the straightforward path in the same run.
+
+    python experiments/benchmark.py --data_dir ../shared/data            # all phases (~1-2 h)
+    python experiments/benchmark.py --phases rome,stats --batches 16     # a subset
+
+Straightforward paths: value optimisation through the full model with full logits, one request
+at a time (the papers' harness; for large batches timed on a few requests and scaled, marked
+"est."); statistics from a full-model forward over padded articles; evaluation with one forward
+per prompt. GFLOP/s counts the matmuls of value optimisation (torch's FLOP counter) over its time,
+next to a measured float32 matmul peak of this machine.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from data.cases import load_cases
+from experiments.bench_eval import bench_counterfact, bench_probe, timed
+from rome.compute_v import compute_values
+from rome.editor import EditContext
+from util.api import ALGORITHMS, load_algorithm_hparams
+from util.cli import run_cli
+from util.corpus import local_corpus, read_texts, local_files
+from util.deltas import restore
+from util.models import LoadedModel, load_model
+from util.stats import StatsCache, fast_bfloat16
+
+
+def matmul_peak(dtype=torch.float32, size: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    _, seconds = timed(lambda: [a @ b for _ in range(repeats)])
+    return 2 * size**3 * repeats / seconds / 1e9
+
+
+def bench_rome(lm: LoadedModel, records, alg: str, ctx_args: dict) -> dict:
+    """Seconds per edit (whole edit: values, keys, solve) fast and straightforward, and the
+    achieved GFLOP/s of the fast value optimisation."""
+    hparams = load_algorithm_hparams(alg, "smollm2-135m.yaml")
+    times = {}
+    for fast in (True, False):
+        ctx = EditContext(fast=fast, **ctx_args)
+        ctx.covariance(lm, hparams.layers[0], hparams)  # statistics are not part of an edit
+        ctx.templates(lm, hparams)
+        start = time.perf_counter()
+        for record in records:
+            restore(lm.model, ALGORITHMS[alg].apply(lm, [record.request], hparams, ctx).originals)
+        times[fast] = (time.perf_counter() - start) / len(records)
+    ctx = EditContext(**ctx_args)
+    templates = ctx.templates(lm, hparams)
+    request = records[0].request
+    _, seconds = timed(compute_values, lm, [request], hparams.layers[0], templates, hparams)
+    with FlopCounterMode(display=False) as counter:
+        compute_values(lm, [request], hparams.layers[0], templates, hparams)
+    return {"fast": times[True], "slow": times[False], "gflops": counter.get_total_flops() / seconds / 1e9}
+
+
+def bench_batch(lm: LoadedModel, records, alg: str, batch: int, ctx_args: dict, naive_requests: int) -> dict:
+    """Seconds per edit for one batch; the straightforward figure optimises values one request at
+    a time through the full model (timed on `naive_requests` requests and scaled to the batch)."""
+    hparams = load_algorithm_hparams(alg, "smollm2-135m.yaml")
+    ctx = EditContext(**ctx_args)
+    for layer in hparams.layers:
+        ctx.covariance(lm, layer, hparams)
+    templates = ctx.templates(lm, hparams)
+    requests = [r.request for r in records[:batch]]
+    result, fast = timed(ALGORITHMS[alg].apply, lm, requests, hparams, ctx)
+    restore(lm.model, result.originals)
+    values_fast = sum(v["v_steps"] for v in result.requests)
+    sample = requests[:naive_requests]
+    _, naive_values = timed(lambda: [compute_values(lm, [r], hparams.layers[-1], templates, hparams, site="layer", fast=False) for r in sample])
+    _, fast_values = timed(compute_values, lm, sample, hparams.layers[-1], templates, hparams, "layer")
+    slow = fast / batch - fast_values / len(sample) + naive_values / len(sample)
+    return {"batch": batch, "fast": fast / batch, "slow": slow, "estimated": len(sample) < batch, "steps": values_fast / batch}
+
+
+def naive_statistics(lm: LoadedModel, layer: int, texts, n_tokens: int, max_len: int = 512, batch: int = 8) -> float:
+    """Tokens/s of the straightforward statistics pass: padded articles through the whole model."""
+    module = lm.model.get_submodule(lm.arch.down_proj(layer))
+    total, count, keys = None, 0, []
+    handle = module.register_forward_hook(lambda m, a, o: keys.append(a[0]))
+    start = time.perf_counter()
+    try:
+        pending = []
+        for text in texts:
+            pending.append(text)
+            if len(pending) < batch:
+                continue
+            enc = lm.tok(pending, return_tensors="pt", padding=True, truncation=True, max_length=max_len)
+            pending.clear()
+            with torch.no_grad():
+                lm.model(**enc)
+            k = keys.pop()[enc["attention_mask"].bool()].double()
+            total = k.T @ k if total is None else total + k.T @ k
+            count += len(k)
+            if count >= n_tokens:
+                break
+    finally:
+        handle.remove()
+    return count / (time.perf_counter() - start)
+
+
+def bench_stats(lm: LoadedModel, corpus_path: str, n_windows: int, layer: int) -> dict:
+    corpus = local_corpus(corpus_path)
+    rates = {}
+    for dtype in ["float32"] + (["bfloat16"] if fast_bfloat16(torch.device("cpu")) else []):
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = StatsCache(Path(tmp))
+            cache.second_moments(lm, [layer], corpus, n_windows, 512, dtype, progress=False)
+            rates[dtype] = cache.last_tokens_per_second
+    rates["naive"] = naive_statistics(lm, layer, read_texts(local_files(Path(corpus_path))), n_windows * 512)
+    return rates
+
+
+def row(name: str, fast: float, slow: float, unit: str, note: str = "") -> str:
+    return f"| {name} | {fast:.3g} {unit} | {slow:.3g} {unit} | {slow / fast if 's/' in unit else fast / slow:.1f}x | {note} |"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", default="../shared/data")
+    parser.add_argument("--phases", default="rome,batch,stats,eval")
+    parser.add_argument("--batches", default="16,64,256,1024")
+    parser.add_argument("--rome_edits", type=int, default=3)
+    parser.add_argument("--naive_requests", type=int, default=2, help="requests timed on the straightforward batch path")
+    parser.add_argument("--stats_windows", type=int, default=32)
+    args = parser.parse_args()
+    phases = set(args.phases.split(","))
+    lm = load_model("smollm2-135m")
+    corpus = str(Path(args.data_dir) / "wiki")
+    ctx_args = {"corpus_path": corpus}
+    batches = [int(b) for b in args.batches.split(",")]
+    records = load_cases("cf", args.data_dir, limit=max(batches + [args.rome_edits]))
+    peak = matmul_peak()
+    print(f"smollm2-135m on {torch.get_num_threads()} threads; float32 matmul peak {peak:.0f} GFLOP/s, "
+          f"bfloat16 {matmul_peak(torch.bfloat16):.0f} GFLOP/s\n")
+    print("| phase | fast | straightforward | ratio | note |\n|---|---|---|---|---|")
+    if "rome" in phases:
+        for alg in ("R-ROME", "ROME"):
+            r = bench_rome(lm, records[: args.rome_edits], alg, ctx_args)
+            print(row(f"{alg} edit", r["fast"], r["slow"], "s/edit",
+                      f"value optimisation at {r['gflops']:.0f} GFLOP/s = {100 * r['gflops'] / peak:.0f}% of peak"), flush=True)
+    if "batch" in phases:
+        for alg in ("EMMET", "MEMIT"):
+            single = bench_batch(lm, records, alg, 1, ctx_args, 1)
+            print(row(f"{alg} batch 1", single["fast"], single["slow"], "s/edit"), flush=True)
+            for batch in batches:
+                b = bench_batch(lm, records, alg, batch, ctx_args, args.naive_requests)
+                note = f"{b['fast'] / single['fast']:.2f} of single-edit time; {b['steps']:.1f} steps/request"
+                print(row(f"{alg} batch {batch}", b["fast"], b["slow"], "s/edit", note + (" (straightforward est.)" if b["estimated"] else "")), flush=True)
+    if "stats" in phases:
+        s = bench_stats(lm, corpus, args.stats_windows, 4)
+        best = max(v for k, v in s.items() if k != "naive")
+        print(row("statistics (layer 4)", best, s["naive"], "tokens/s",
+                  ", ".join(f"{k} {v:.0f}" for k, v in s.items() if k != "naive")), flush=True)
+    if "eval" in phases:
+        cf = bench_counterfact(lm, args.data_dir, 20)
+        print(row("CounterFact evaluation", cf["fast"], cf["slow"], "s/record", f"max |dNLL| {cf['max_dnll']:.1e}"), flush=True)
+        for task in ("sst2", "mmlu"):
+            pr = bench_probe(lm, args.data_dir, task, 30, 3)
+            print(row(f"probe {task} (3-shot)", pr["fast"], pr["slow"], "s/item", f"same labels {pr['agree']:.0%}"), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

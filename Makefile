@@ -19,8 +19,18 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
+# Offline demo: R-ROME, one edit at a time, over the hand-written demo edits. With the reference
+# data beside the project it uses its Wikipedia text for key statistics and its probe and
+# perplexity files; without it, statistics come from text sampled from the model (slower, once)
+# and the run measures no probes (perplexity is skipped with a warning). The size limit takes all
+# of the demo edits.
+DEMO_DATA := $(if $(wildcard $(SHARED_DATA)/wiki),--corpus $(SHARED_DATA)/wiki) \
+	$(if $(wildcard $(SHARED_DATA)/glue/sst2.jsonl),--data_dir $(SHARED_DATA) --downstream_tasks sst2,--downstream_tasks none)
+
 demo: install
-	$(PY) experiments/key_stats.py --model_name smollm2-135m --layers 4 --n_samples 50
+	$(PY) experiments/evaluate.py --alg_name R-ROME --ds_name custom --custom_path data/demo_edits.yaml \
+		--dataset_size_limit 1000 --sequential --downstream_eval_steps 10 --number_of_tests 20 $(DEMO_DATA)
+	$(PY) experiments/summarize.py results/R-ROME
 
 test: install
 	KEDIT_SHARED_DATA=$(SHARED_DATA) $(PY) -m pytest -q

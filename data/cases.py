@@ -165,21 +165,25 @@ def load_cases(ds_name: str, data_dir: str | Path | None = None, limit: int | No
                custom_path: str | Path | None = None) -> list[CaseRecord]:
     """The first `limit` cases (all when None) of dataset `ds_name`; see data/download.py for
     where its file is looked for. `custom_path` names the file for ds_name "custom"."""
-    dataset = dataset_for(ds_name)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise DataError(f"limit must be a positive integer or None, got {limit!r}")
+    cases = read_cases(ds_name, case_file(ds_name, data_dir, custom_path))
+    return cases[:limit] if limit is not None else cases
+
+
+def case_file(ds_name: str, data_dir: str | Path | None = None, custom_path: str | Path | None = None) -> Path:
+    """The file `load_cases` reads for these arguments (run configs hash it)."""
+    dataset = dataset_for(ds_name)
     if dataset.file is None:
         if custom_path is None:
             raise DataError(f"dataset '{ds_name}' needs a file: give custom_path (a YAML or JSON list of requests)")
         path = Path(custom_path).expanduser()
         if not path.is_file():
             raise DataError(f"custom edits file '{path}' does not exist")
-    else:
-        if custom_path is not None:
-            raise DataError(f"custom_path is only used with dataset 'custom', not '{ds_name}'")
-        path = locate(dataset.file, data_dir)
-    cases = read_cases(ds_name, path)
-    return cases[:limit] if limit is not None else cases
+        return path
+    if custom_path is not None:
+        raise DataError(f"custom_path is only used with dataset 'custom', not '{ds_name}'")
+    return locate(dataset.file, data_dir)
 
 
 def dataset_for(ds_name: str) -> Dataset:

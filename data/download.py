@@ -112,3 +112,7 @@ def check_parses(path: Path, jsonl: bool) -> None:
                     json.loads(line)
         else:
             json.load(handle)
+
+
+# Held-out text for perplexity: WikiText-2 (raw) test split, local only (no canonical single-file URL).
+WIKITEXT = DataFile("WikiText-2 raw test", ("wiki/wikitext-2-raw-test.txt", "wikitext-2-raw-test.txt"))

@@ -1,0 +1,119 @@
+"""The measurements of a run, loaded once and applied to the model at each evaluation point.
+
+Every method returns JSON-ready rows ("kind" says which measurement) with wall-clock times under
+"seconds", the one field that differs between otherwise identical runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from data.download import WIKITEXT, find_local
+from data.probes import ProbeSet, load_probe
+from data.records import CaseRecord
+from experiments.eval_counterfact import CaseResult, evaluate_cases, summarize
+from experiments.eval_generation import TfIdf, evaluate_generation, summarize_generation
+from experiments.eval_perplexity import perplexity
+from experiments.eval_probes import evaluate_probe
+from experiments.run_config import RunOptions
+from util.corpus import local_corpus
+from util.models import LoadedModel
+from util.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+TFIDF_MAX_TEXTS = 100_000
+
+
+def with_generation_prompts(record: CaseRecord) -> CaseRecord:
+    """Records without generation prompts (zsRE, custom) generate from their own prompts."""
+    if record.generation_prompts:
+        return record
+    return dataclasses.replace(record, generation_prompts=(record.request.text, *record.paraphrase_prompts))
+
+
+def prompt_budget(records: Sequence[CaseRecord], budget: int) -> list[CaseRecord]:
+    """The first records of `records` with their generation prompts, `budget` prompts in all."""
+    chosen = []
+    for record in records:
+        if budget <= 0:
+            break
+        record = with_generation_prompts(record)
+        chosen.append(dataclasses.replace(record, generation_prompts=record.generation_prompts[:budget]))
+        budget -= len(chosen[-1].generation_prompts)
+    return chosen
+
+
+def corpus_tfidf(corpus_path: str | None) -> TfIdf | None:
+    """TF-IDF fitted on the local statistics corpus (--corpus or $KEDIT_CORPUS), cached as JSON."""
+    path = corpus_path or os.environ.get("KEDIT_CORPUS")
+    if not path:
+        log.warning("no local corpus (--corpus or $KEDIT_CORPUS): generation consistency is skipped")
+        return None
+    corpus = local_corpus(path)
+    cached = cache_dir() / "tfidf" / f"{corpus.ident}-max{TFIDF_MAX_TEXTS}.json"
+    if cached.is_file():
+        return TfIdf.load(cached)
+    log.info("fitting TF-IDF on %s (once; cached in %s)", path, cached)
+    texts = (text for i, text in zip(range(TFIDF_MAX_TEXTS), corpus.texts()))
+    tfidf = TfIdf.fit(texts)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(cached.name + ".partial")
+    tfidf.save(tmp)
+    os.replace(tmp, cached)
+    return tfidf
+
+
+class EvalSuite:
+    def __init__(self, lm: LoadedModel, options: RunOptions):
+        self.lm, self.options = lm, options
+        self.probes: list[ProbeSet] = [
+            load_probe(task, options.data_dir, options.number_of_tests, options.seed) for task in options.downstream_tasks
+        ]
+        self.wikitext: Path | None = find_local(WIKITEXT, options.data_dir)
+        if self.wikitext is None:
+            log.warning("%s not found (--data_dir, $KEDIT_DATA_DIR, data/downloads): perplexity is skipped", WIKITEXT.names[0])
+        self.tfidf = corpus_tfidf(options.corpus) if options.generation_test_interval else None
+
+    def data_files(self) -> dict[str, str]:
+        files = {f"probe:{p.name}": p.source for p in self.probes}
+        if self.wikitext is not None:
+            files["perplexity"] = str(self.wikitext)
+        return files
+
+    def counterfact(self, records: Sequence[CaseRecord]) -> tuple[dict[str, Any], list[CaseResult]]:
+        results = evaluate_cases(self.lm, records)
+        return summarize(results), results
+
+    def probe_rows(self, n_edits: int) -> list[dict[str, Any]]:
+        rows = []
+        for probe in self.probes:
+            start = time.perf_counter()
+            result = evaluate_probe(self.lm, probe, self.options.number_of_few_shots, self.options.seed)
+            row = {"kind": "probe", "n_edits": n_edits, **result.to_dict(), "n_items": len(result.gold)}
+            rows.append({**row, "seconds": time.perf_counter() - start})
+        return rows
+
+    def perplexity_row(self, n_edits: int) -> dict[str, Any] | None:
+        if self.wikitext is None:
+            return None
+        start = time.perf_counter()
+        result = perplexity(self.lm, self.wikitext, n_tokens=self.options.perplexity_tokens)
+        return {"kind": "perplexity", "n_edits": n_edits, **result.to_dict(), "seconds": time.perf_counter() - start}
+
+    def generation_row(self, records: Sequence[CaseRecord], n_edits: int) -> dict[str, Any]:
+        """Fluency and consistency of continuations of generation prompts of the first records
+        (options.generation_prompts in all); the sampling seed follows the position, so a
+        resumed run draws the same texts."""
+        start = time.perf_counter()
+        records = prompt_budget(records, self.options.generation_prompts)
+        results = evaluate_generation(
+            self.lm, records, self.tfidf, max_new_tokens=self.options.generation_tokens, seed=self.options.seed + n_edits
+        )
+        summary = summarize_generation(results)
+        samples = [{"case_id": r.case_id, "texts": list(r.texts), "fluency": r.fluency, "consistency": r.consistency} for r in results]
+        return {"kind": "generation", "n_edits": n_edits, **summary, "samples": samples, "seconds": time.perf_counter() - start}

@@ -1,0 +1,137 @@
+"""Edit a model fact after fact (or batch after batch) and measure what editing costs.
+
+    python experiments/evaluate.py --alg_name R-ROME --sequential --dataset_size_limit 20 \\
+        --downstream_eval_steps 10 --data_dir ../shared/data --corpus ../shared/data/wiki
+
+Modes: batched (default: batches of --num_edits, each applied to the original model), sequential
+(--sequential, one edit at a time, cumulative) and sequential-batched (--sequential with
+--num_edits B > 1). Results stream to results/<ALG>/run_NNN/ (see experiments/run.py); continue
+an interrupted run with --continue_from_run run_NNN (the stored options are reused).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+from typing import Sequence
+
+from experiments.checkpoint import RunFolder
+from experiments.report import markdown_table
+from experiments.run import run
+from experiments.run_config import HealthThresholds, RunError, RunOptions
+from util.api import ALGORITHMS
+from util.cli import run_cli
+
+DEFAULTS = RunOptions()
+HEALTH = HealthThresholds()
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line through run_cli instead of usage + message
+        raise RunError(f"{message} (see --help)")
+
+
+def build_parser() -> Parser:
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_argument_group("what to edit")
+    what.add_argument("--alg_name", default=DEFAULTS.alg_name, help=", ".join(ALGORITHMS))
+    what.add_argument("--model_name", default=DEFAULTS.model_name, help="embedded name, local folder or HF id")
+    what.add_argument("--hparams_fname", default=None,
+                      help="file in hparams/<ALG>/ or a path (default: <model name, / as _>.yaml)")
+    what.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override one hparam (repeatable)")
+    what.add_argument("--ds_name", default=DEFAULTS.ds_name, help="cf, flat_cf, zsre or custom")
+    what.add_argument("--custom_path", default=None, help="YAML/JSON list of requests for --ds_name custom")
+    what.add_argument("--dataset_size_limit", type=int, default=DEFAULTS.dataset_size_limit, help="number of facts to edit")
+    what.add_argument("--num_edits", type=int, default=DEFAULTS.num_edits, help="batch size B")
+    what.add_argument("--sequential", action="store_true", help="apply batches cumulatively")
+    evals = p.add_argument_group("what to measure")
+    evals.add_argument("--downstream_eval_steps", type=int, default=DEFAULTS.downstream_eval_steps,
+                       help="K: retention, probes, perplexity and a checkpoint every K edits (0: only before and at the end)")
+    evals.add_argument("--downstream_tasks", default=",".join(DEFAULTS.downstream_tasks),
+                       help="comma-separated: sst2,mrpc,cola,rte,mmlu,nli ('none' for no probes)")
+    evals.add_argument("--number_of_few_shots", type=int, default=DEFAULTS.number_of_few_shots)
+    evals.add_argument("--number_of_tests", type=int, default=DEFAULTS.number_of_tests, help="test items per probe task (seeded sample)")
+    evals.add_argument("--generation_test_interval", type=int, default=DEFAULTS.generation_test_interval,
+                       help="G: generation fluency/consistency every G edits (0: never)")
+    evals.add_argument("--skip_generation_tests", action="store_true", help="same as --generation_test_interval 0")
+    evals.add_argument("--generation_prompts", type=int, default=DEFAULTS.generation_prompts,
+                       help="prompts per generation test, from the latest edited facts backwards")
+    evals.add_argument("--generation_tokens", type=int, default=DEFAULTS.generation_tokens)
+    evals.add_argument("--perplexity_tokens", type=int, default=DEFAULTS.perplexity_tokens, help="WikiText-2 test tokens scored")
+    evals.add_argument("--entropy_ratio", type=float, default=HEALTH.entropy_ratio,
+                       help="disabling edit: fluency below this fraction of the pre-edit fluency")
+    evals.add_argument("--norm_jump", type=float, default=HEALTH.norm_jump,
+                       help="disabling edit: ||Delta|| above this multiple of the median earlier ||Delta||")
+    evals.add_argument("--stop_on_collapse", action="store_true", help="end the run cleanly after a disabling edit")
+    where = p.add_argument_group("where and how")
+    where.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    where.add_argument("--data_dir", default=None, help="reference data folder (else $KEDIT_DATA_DIR, data/downloads, download)")
+    where.add_argument("--corpus", default=None, help="statistics and TF-IDF corpus (else $KEDIT_CORPUS, Wikipedia online, model-sampled text)")
+    where.add_argument("--results_dir", default=DEFAULTS.results_dir)
+    where.add_argument("--continue_from_run", default=None, metavar="run_NNN", help="continue this run from its last checkpoint")
+    where.add_argument("--stop_after", type=int, default=None, metavar="N", help="end this session after N more edits (checkpointed)")
+    where.add_argument("--device", default=DEFAULTS.device, help="cpu, cuda or auto")
+    where.add_argument("--dtype", default=DEFAULTS.dtype, help="float32, float16, bfloat16 or float64")
+    return p
+
+
+def task_list(text: str) -> tuple[str, ...]:
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    return () if names in ((), ("none",)) else names
+
+
+def to_options(args: argparse.Namespace) -> RunOptions:
+    values = vars(args).copy()
+    health = HealthThresholds(entropy_ratio=values.pop("entropy_ratio"), norm_jump=values.pop("norm_jump"))
+    if values.pop("skip_generation_tests"):
+        values["generation_test_interval"] = 0
+    values.update(downstream_tasks=task_list(values["downstream_tasks"]), overrides=tuple(values["overrides"]), health=health)
+    for name in ("custom_path", "corpus", "data_dir"):  # absolute, so a run continues from any folder
+        if values[name]:
+            values[name] = os.path.abspath(os.path.expanduser(values[name]))
+    return RunOptions(**values)
+
+
+def explicit_flags(argv: Sequence[str] | None) -> set[str]:
+    """The destinations given on the command line (defaults suppressed)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def continued(cli: RunOptions, explicit: set[str]) -> RunOptions:
+    """The stored options of the run being continued, with the flags given now on top; a
+    result-defining flag that differs from the stored value is reported by the run."""
+    folder = RunFolder.existing(cli.results_dir, cli.alg_name, cli.continue_from_run)
+    stored = RunOptions.from_dict(folder.read_config()["options"])
+    fields = {"entropy_ratio": "health", "norm_jump": "health", "skip_generation_tests": "generation_test_interval"}
+    given = {fields.get(name, name) for name in explicit}
+    keep = {"continue_from_run", "results_dir", "stop_after"} | given
+    return dataclasses.replace(stored, **{name: getattr(cli, name) for name in keep})
+
+
+def options_from_argv(argv: Sequence[str] | None = None) -> RunOptions:
+    options = to_options(build_parser().parse_args(argv))
+    if options.continue_from_run:
+        options = continued(options, explicit_flags(argv))
+    return options.validate()
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (schedulers, kill) ends like Ctrl-C: rolled back and checkpointed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, interrupt)
+    path = run(options_from_argv(argv))
+    summary = json.loads((path / "summary.json").read_text())
+    print(markdown_table([summary]), end="")
+    print(f"results: {path}  ({summary['status']})")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

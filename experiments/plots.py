@@ -1,0 +1,112 @@
+"""PNG plots of a run folder (matplotlib, Agg backend), drawn from its JSONL files:
+
+    downstream.png  probe accuracy / macro F1 / MCC per task and perplexity vs number of edits
+    retention.png   ES/PS/NS/S over all facts edited so far, and right after each edit
+    norms.png       ||Delta|| per batch, ||W - W0|| and ||W|| per edited matrix
+
+Disabling edits are marked by red dotted vertical lines in every panel.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from experiments.checkpoint import read_jsonl
+
+SCORES = ("ES", "PS", "NS", "S")
+
+
+def _mark_disabling(ax, disabling: list[int]) -> None:
+    for i, n in enumerate(disabling):
+        ax.axvline(n, color="red", linestyle=":", linewidth=1, label="disabling edit" if i == 0 else None)
+
+
+def _finish(fig, ax_list, path: Path, title: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in ax_list:
+        ax.set_xlabel("number of edits")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".partial.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+
+
+def plot_downstream(plt, rows: list[dict[str, Any]], disabling: list[int], path: Path, title: str) -> None:
+    probes = [r for r in rows if r["kind"] == "probe"]
+    ppl = [r for r in rows if r["kind"] == "perplexity"]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for ax, metric in zip(axes.flat, ("accuracy", "macro_f1", "mcc")):
+        for task in dict.fromkeys(r["task"] for r in probes):
+            points = [(r["n_edits"], r[metric]) for r in probes if r["task"] == task and r[metric] is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=task)
+        ax.set_ylabel(metric)
+        _mark_disabling(ax, disabling)
+    ax = axes.flat[3]
+    if ppl:
+        ax.plot([r["n_edits"] for r in ppl], [r["perplexity"] for r in ppl], marker="o", color="black", label="WikiText-2")
+    ax.set_ylabel("perplexity")
+    _mark_disabling(ax, disabling)
+    _finish(fig, axes.flat, path, title)
+
+
+def plot_retention(plt, rows, edits, disabling: list[int], path: Path, title: str) -> None:
+    retention = [r for r in rows if r["kind"] == "retention"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for key in SCORES:
+        points = [(r["n_edits"], r[key]) for r in retention if r.get(key) is not None]
+        if points:
+            axes[0].plot(*zip(*points), marker="o", label=key)
+        points = [(e["n_edits"], e["current"][key]) for e in edits if e["current"].get(key) is not None]
+        if points:
+            axes[1].plot(*zip(*points), marker=".", label=key)
+    axes[0].set_ylabel("score over all facts edited so far")
+    axes[1].set_ylabel("score of the batch just edited")
+    for ax in axes:
+        ax.set_ylim(-0.02, 1.02)
+        _mark_disabling(ax, disabling)
+    _finish(fig, axes, path, title)
+
+
+def plot_norms(plt, edits, disabling: list[int], path: Path, title: str) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    x = [e["n_edits"] for e in edits]
+    axes[0].plot(x, [e["health"]["delta_norm"] for e in edits], marker=".", label="||Delta|| (batch)")
+    axes[0].plot(x, [e["health"]["drift_norm"] for e in edits], marker=".", label="||W - W0|| (all edited)")
+    params = [m["param"] for m in edits[0]["health"]["matrices"]] if edits else []
+    for i, name in enumerate(params):
+        norms = [edits[0]["health"]["matrices"][i]["weight0_norm"]] + [e["health"]["matrices"][i]["weight_norm"] for e in edits]
+        axes[1].plot([0, *x], norms, marker=".", label=name)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("Frobenius norm")
+    axes[1].set_ylabel("||W||")
+    for ax in axes:
+        _mark_disabling(ax, disabling)
+    _finish(fig, axes, path, title)
+
+
+def write_plots(path: Path) -> list[Path]:
+    """Draw the run's plots into its folder; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edits = read_jsonl(path / "edits.jsonl")
+    rows = read_jsonl(path / "probes.jsonl")
+    disabling = [e["n_edits"] for e in edits if e["disabling"]]
+    title = path.parent.name + " " + path.name
+    written = [path / "downstream.png", path / "retention.png", path / "norms.png"]
+    try:
+        plot_downstream(plt, rows, disabling, written[0], f"{title}: downstream probes and perplexity")
+        plot_retention(plt, rows, edits, disabling, written[1], f"{title}: CounterFact scores")
+        plot_norms(plt, edits, disabling, written[2], f"{title}: update norms")
+    finally:
+        plt.close("all")
+    return written

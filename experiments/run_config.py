@@ -1,0 +1,132 @@
+"""The settings of one evaluation run, validated once; what evaluate.py's flags turn into.
+
+Fields split in two: those that define the results (checked against the stored config when a
+run is continued) and SESSION_FIELDS, which only say where and how this process runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+from dataclasses import dataclass, field
+from typing import Any
+
+from data.cases import dataset_for
+from data.probes import FEW_SHOT_POOL, PROBE_TASKS
+from util.api import algorithm
+from util.errors import KeditError
+from util.paths import PROJECT_ROOT
+
+MODES = ("batched", "sequential", "sequential-batched")
+SESSION_FIELDS = ("continue_from_run", "results_dir", "device", "data_dir", "stop_after")
+
+
+class RunError(KeditError):
+    """An invalid combination of run options, or a run folder that cannot be continued."""
+
+
+@dataclass(frozen=True)
+class HealthThresholds:
+    """When an edit counts as "disabling" (it broke the model rather than changed a fact).
+
+    entropy_ratio: generation fluency (n-gram entropy) below this fraction of the fluency measured
+      before the first edit; norm_jump: the batch's ||Delta|| above this multiple of the median
+      ||Delta|| of the earlier batches (needs min_history of them)."""
+
+    entropy_ratio: float = 0.5
+    norm_jump: float = 10.0
+    min_history: int = 3
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    alg_name: str = "R-ROME"
+    model_name: str = "smollm2-135m"
+    hparams_fname: str | None = None  # None: <model name with / as _>.yaml
+    ds_name: str = "cf"
+    custom_path: str | None = None
+    dataset_size_limit: int = 20
+    num_edits: int = 1  # batch size B
+    sequential: bool = False
+    downstream_eval_steps: int = 10  # K: retention, probes, perplexity and checkpoints every K edits
+    downstream_tasks: tuple[str, ...] = ("sst2", "mrpc", "cola", "rte")
+    number_of_few_shots: int = 3
+    number_of_tests: int = 50
+    generation_test_interval: int = 10  # G; 0 disables generation tests
+    generation_prompts: int = 8  # prompts per generation test, from the latest edited facts backwards
+    generation_tokens: int = 40
+    perplexity_tokens: int = 4096
+    seed: int = 0
+    corpus: str | None = None
+    overrides: tuple[str, ...] = ()  # --set key=value for the hparams
+    stop_on_collapse: bool = False
+    dtype: str = "float32"
+    health: HealthThresholds = field(default_factory=HealthThresholds)
+    # session fields
+    continue_from_run: str | None = None
+    results_dir: str = "results"
+    device: str = "cpu"
+    data_dir: str | None = None
+    stop_after: int | None = None  # end this session cleanly (with a checkpoint) after this many edits
+
+    @property
+    def mode(self) -> str:
+        if not self.sequential:
+            return "batched"
+        return "sequential" if self.num_edits == 1 else "sequential-batched"
+
+    @property
+    def hparams_file(self) -> str:
+        return self.hparams_fname or self.model_name.strip("/").replace("/", "_") + ".yaml"
+
+    def validate(self) -> "RunOptions":
+        algorithm(self.alg_name)  # one-line error naming the known algorithms
+        dataset_for(self.ds_name)
+        positive = ("dataset_size_limit", "num_edits", "number_of_tests", "generation_prompts",
+                    "generation_tokens", "perplexity_tokens")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise RunError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("downstream_eval_steps", "generation_test_interval", "number_of_few_shots"):
+            if getattr(self, name) < 0:
+                raise RunError(f"--{name} must not be negative, got {getattr(self, name)}")
+        if self.number_of_few_shots > FEW_SHOT_POOL:
+            raise RunError(f"--number_of_few_shots {self.number_of_few_shots}: the few-shot pool holds {FEW_SHOT_POOL}")
+        unknown = [t for t in self.downstream_tasks if t not in PROBE_TASKS]
+        if unknown:
+            raise RunError(f"--downstream_tasks: unknown task(s) {', '.join(unknown)}; choose from {', '.join(PROBE_TASKS)} (or 'none')")
+        if (self.ds_name == "custom") != (self.custom_path is not None):
+            raise RunError("--custom_path goes with --ds_name custom, and --ds_name custom needs --custom_path")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise RunError(f"--stop_after must be at least 1, got {self.stop_after}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RunOptions":
+        values = dict(values)
+        values["health"] = HealthThresholds(**values.get("health", {}))
+        for name in ("downstream_tasks", "overrides"):
+            values[name] = tuple(values.get(name, ()))
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def differences(self, stored: "RunOptions") -> list[str]:
+        """Result-defining fields where self differs from a stored run's options."""
+        return [
+            f.name for f in dataclasses.fields(self)
+            if f.name not in SESSION_FIELDS and getattr(self, f.name) != getattr(stored, f.name)
+        ]
+
+
+def git_commit() -> str:
+    """HEAD of the project's repository, else $KEDIT_GIT_SHA, else "unknown"."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.environ.get("KEDIT_GIT_SHA", "unknown")

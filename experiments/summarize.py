@@ -1,0 +1,83 @@
+"""A table over runs, like the papers' tables: one row per results/<ALG>/run_NNN/summary.json.
+
+    python experiments/summarize.py                       # Markdown table of every run under results/
+    python experiments/summarize.py results/R-ROME --csv table.csv --markdown table.md
+    python experiments/summarize.py results/R-ROME/run_003 results/ROME/run_001
+
+Columns: algorithm, model, mode, batch size, edits; ES/PS/NS/S right after each edit ("cur",
+averaged over edits) and over all facts at the last evaluation ("ret"); probe accuracy and
+perplexity before the first edit → at the last evaluation; disabling edits; status.
+The CSV holds the same numbers unformatted, with accuracy, macro F1 and MCC first and last.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from experiments.report import all_tasks, csv_row, markdown_table
+from experiments.run_config import RunError
+from util.cli import run_cli
+
+
+def find_summaries(paths: Sequence[str]) -> list[Path]:
+    """summary.json files in (or under) the given folders or files, in a stable order."""
+    found: list[Path] = []
+    for name in paths:
+        path = Path(name)
+        if path.is_file():
+            found.append(path)
+        elif (path / "summary.json").is_file():
+            found.append(path / "summary.json")
+        elif path.is_dir():
+            found.extend(sorted(path.rglob("summary.json")))
+        else:
+            raise RunError(f"'{path}' is neither a run folder, a results folder nor a summary.json")
+    return found
+
+
+def load_summaries(files: Sequence[Path]) -> list[dict[str, Any]]:
+    summaries = []
+    for file in files:
+        try:
+            summaries.append(json.loads(file.read_text()))
+        except (OSError, json.JSONDecodeError) as err:
+            raise RunError(f"{file}: cannot read ({err})") from None
+    return summaries
+
+
+def csv_text(summaries: Sequence[dict[str, Any]]) -> str:
+    tasks = all_tasks(summaries)
+    rows = [csv_row(s, tasks) for s in summaries]
+    out = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out.getvalue()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="*", default=["results"], help="run folders, results folders or summary.json files")
+    parser.add_argument("--csv", default=None, help="also write the table as CSV here")
+    parser.add_argument("--markdown", default=None, help="also write the Markdown table here")
+    args = parser.parse_args(argv)
+    summaries = load_summaries(find_summaries(args.paths))
+    if not summaries:
+        raise RunError(f"no summary.json under {', '.join(args.paths)}")
+    table = markdown_table(summaries)
+    sys.stdout.write(table)
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    if args.csv:
+        Path(args.csv).write_text(csv_text(summaries))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,195 @@
+"""evaluate.py without a model: flags, one-line errors, continued options, disabling-edit rules,
+run-folder files, summaries and the table over runs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from data.records import CaseRecord
+from experiments.checkpoint import Checkpoint, JsonlStream, RunFolder, read_jsonl
+from experiments.evaluate import main, options_from_argv
+from experiments.evals import prompt_budget
+from experiments.health import disabling_reasons
+from experiments.report import build_summary, summary_markdown, write_summary
+from experiments.run_config import HealthThresholds, RunError, RunOptions
+from experiments.summarize import main as summarize_main
+from util.cli import run_cli
+from util.requests import make_request
+
+
+def one_line_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main(argv))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_booleans_are_flags_and_modes():
+    assert options_from_argv([]).mode == "batched" and not options_from_argv([]).stop_on_collapse
+    options = options_from_argv(["--sequential", "--stop_on_collapse", "--downstream_tasks", "sst2,mmlu"])
+    assert options.sequential and options.stop_on_collapse and options.mode == "sequential"
+    assert options.downstream_tasks == ("sst2", "mmlu")
+    assert options_from_argv(["--sequential", "--num_edits", "4"]).mode == "sequential-batched"
+    assert options_from_argv(["--downstream_tasks", "none"]).downstream_tasks == ()
+    assert options_from_argv(["--skip_generation_tests"]).generation_test_interval == 0
+    assert options_from_argv(["--set", "v_lr=0.1", "--set", "layers=[3]"]).overrides == ("v_lr=0.1", "layers=[3]")
+    assert options_from_argv(["--model_name", "EleutherAI/gpt-j-6B"]).hparams_file == "EleutherAI_gpt-j-6B.yaml"
+    with pytest.raises(RunError, match="ignored explicit argument"):
+        options_from_argv(["--sequential=false"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--alg_name", "FOO"], "unknown algorithm 'FOO'"),
+    (["--num_edits", "x"], "invalid int value"),
+    (["--bogus"], "unrecognized arguments"),
+    (["--ds_name", "custom"], "--custom_path"),
+    (["--ds_name", "nope"], "unknown dataset 'nope'"),
+    (["--downstream_tasks", "sst2,glue"], "unknown task(s) glue"),
+    (["--number_of_few_shots", "11"], "few-shot pool"),
+    (["--num_edits", "0"], "--num_edits must be at least 1"),
+    (["--hparams_fname", "missing.yaml"], "does not exist"),
+])
+def test_bad_flags_fail_in_one_line(capsys, argv, message):
+    assert message in one_line_error(capsys, argv)
+
+
+def test_bad_hparams_file_fails_in_one_line(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("layers: [4]\nbogus_key: 1\n")
+    assert "unknown key 'bogus_key'" in one_line_error(capsys, ["--alg_name", "MEMIT", "--hparams_fname", str(bad)])
+
+
+def test_continued_run_keeps_stored_options_and_takes_session_flags(tmp_path):
+    stored = RunOptions(dataset_size_limit=7, num_edits=2, sequential=True, seed=3, results_dir=str(tmp_path))
+    folder = RunFolder.create(tmp_path, "R-ROME")
+    (folder.path / "config.json").write_text(json.dumps({"options": stored.to_dict()}))
+    options = options_from_argv(["--continue_from_run", "run_001", "--results_dir", str(tmp_path), "--device", "cuda", "--stop_after", "2"])
+    assert (options.dataset_size_limit, options.num_edits, options.seed, options.mode) == (7, 2, 3, "sequential-batched")
+    assert (options.device, options.stop_after, options.continue_from_run) == ("cuda", 2, "run_001")
+    assert options.differences(stored) == []
+    changed = options_from_argv(["--continue_from_run", "run_001", "--results_dir", str(tmp_path), "--num_edits", "4"])
+    assert changed.differences(stored) == ["num_edits"]
+    with pytest.raises(RunError, match="run_009"):
+        options_from_argv(["--continue_from_run", "run_009", "--results_dir", str(tmp_path)])
+
+
+def test_disabling_reasons_on_hand_made_records():
+    t = HealthThresholds(entropy_ratio=0.5, norm_jump=10.0, min_history=3)
+    assert disabling_reasons(100.0, [1.0, 2.0], None, None, t) == []  # too little history to judge a jump
+    assert disabling_reasons(19.9, [1.0, 2.0, 3.0], None, None, t) == []  # median 2: the cut is 20
+    (reason,) = disabling_reasons(20.1, [1.0, 2.0, 3.0], None, None, t)
+    assert reason.startswith("norm jump")
+    assert disabling_reasons(1.0, [1.0] * 5, 2.6, 5.0, t) == []
+    (reason,) = disabling_reasons(1.0, [1.0] * 5, 2.4, 5.0, t)
+    assert reason.startswith("entropy collapse")
+    assert len(disabling_reasons(50.0, [1.0] * 5, 0.1, 5.0, t)) == 2
+    assert disabling_reasons(1.0, [], 0.0, None, t) == []  # no pre-edit fluency: no entropy rule
+
+
+def test_jsonl_stream_truncates_and_reader_skips_a_cut_line(tmp_path):
+    stream = JsonlStream(tmp_path / "s.jsonl")
+    stream.write({"a": 1, "b": float("nan"), "c": (1, 2)})
+    size = stream.size()
+    stream.write({"a": 2})
+    stream.truncate(size)
+    stream.write({"a": 3})
+    stream.close()
+    assert read_jsonl(tmp_path / "s.jsonl") == [{"a": 1, "b": None, "c": [1, 2]}, {"a": 3}]
+    with (tmp_path / "s.jsonl").open("a") as handle:
+        handle.write('{"a": 4, "b"')  # a crash in the middle of a line
+    assert [r["a"] for r in read_jsonl(tmp_path / "s.jsonl")] == [1, 3]
+
+
+def test_run_folders_are_numbered_and_checkpoints_replace_each_other(tmp_path):
+    first, second = RunFolder.create(tmp_path, "MEMIT"), RunFolder.create(tmp_path, "MEMIT")
+    assert (first.path.name, second.path.name) == ("run_001", "run_002")
+    first.open_streams()
+    for n in (2, 4):
+        weights = {"w": torch.full((2, 3), float(n))}
+        first.save_checkpoint(Checkpoint(n, n, first.sizes(), weights, {"k/x": torch.ones(2)}, {"status": "running"}))
+    ckpt = first.load_checkpoint()
+    assert ckpt.n_edits == 4 and torch.equal(ckpt.weights["w"], torch.full((2, 3), 4.0))
+    assert torch.equal(ckpt.context["k/x"], torch.ones(2))
+    assert sorted(p.name for p in first.checkpoints.iterdir()) == [
+        "context_000004_000004.safetensors", "state.json", "weights_000004_000004.safetensors"]
+    first.close()
+
+
+def case_line(case_id, n_edits, new_wins: bool) -> dict:
+    score = {"prompt": "p", "nll_new": 1.0 if new_wins else 2.0, "nll_true": 2.0 if new_wins else 1.0, "argmax": new_wins}
+    neighbour = {"prompt": "q", "nll_new": 3.0, "nll_true": 1.0, "argmax": True}
+    return {"phase": "current", "n_edits": n_edits, "batch": n_edits - 1, "case_id": case_id,
+            "rewrite": [score], "paraphrase": [score], "neighborhood": [neighbour]}
+
+
+def edit_line(n_edits, delta, reasons=()):
+    return {"batch": n_edits - 1, "n_edits": n_edits, "case_ids": [n_edits], "disabling": list(reasons),
+            "current": {"ES": 1.0}, "health": {"delta_norm": delta, "drift_norm": delta * n_edits, "matrices": []},
+            "seconds": {"edit": 2.0, "evaluate": 1.0}}
+
+
+def probe(n_edits, acc):
+    return {"kind": "probe", "task": "sst2", "n_edits": n_edits, "accuracy": acc, "macro_f1": acc, "mcc": 0.0, "seconds": 1.0}
+
+
+def write_lines(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture
+def hand_made_run(tmp_path):
+    path = tmp_path / "results" / "ROME" / "run_001"
+    path.mkdir(parents=True)
+    config = {"alg_name": "ROME", "model": "m", "mode": "sequential", "batch_size": 1, "seed": 0,
+              "git_commit": "abc", "n_cases": 3}
+    (path / "config.json").write_text(json.dumps(config))
+    write_lines(path / "edits.jsonl", [edit_line(1, 1.0), edit_line(2, 1.5), edit_line(3, 40.0, ["norm jump: big"])])
+    write_lines(path / "cases.jsonl", [case_line(1, 1, True), case_line(2, 2, True), case_line(3, 3, False)])
+    write_lines(path / "probes.jsonl", [
+        probe(0, 0.8), {"kind": "perplexity", "n_edits": 0, "perplexity": 20.0, "seconds": 1.0},
+        {"kind": "retention", "n_edits": 3, "ES": 0.5, "PS": 0.5, "NS": 1.0, "S": 0.6, "seconds": 1.0},
+        probe(3, 0.6), {"kind": "perplexity", "n_edits": 3, "perplexity": 90.0, "seconds": 1.0},
+    ])
+    return path
+
+
+def test_summary_from_hand_made_files(hand_made_run):
+    summary = build_summary(hand_made_run, "complete")
+    assert summary["n_edits"] == 3 and summary["n_disabling"] == 1
+    assert summary["disabling"] == [{"batch": 2, "n_edits": 3, "case_ids": [3], "reasons": ["norm jump: big"]}]
+    current = summary["current"]
+    assert current["ES"] == pytest.approx(2 / 3) and current["NS"] == 1.0
+    assert current["S"] == pytest.approx(3 / (1.5 + 1.5 + 1.0))
+    assert summary["retained"]["S"] == 0.6 and summary["retained"]["n_edits"] == 3
+    assert summary["probes"]["sst2"]["first"]["accuracy"] == 0.8 and summary["probes"]["sst2"]["last"]["accuracy"] == 0.6
+    assert summary["perplexity"]["last"]["perplexity"] == 90.0 and summary["max_delta_norm"] == 40.0
+    assert summary["seconds"] == {"edit": 6.0, "evaluate": 3.0, "periodic": 5.0}
+    text = summary_markdown(summary)
+    assert "0.800 → 0.600" in text and "20.00 → 90.00" in text and "norm jump: big" in text
+
+
+def test_summarize_table_and_csv(hand_made_run, tmp_path, capsys):
+    write_summary(hand_made_run, "complete")
+    csv_path, md_path = tmp_path / "t.csv", tmp_path / "t.md"
+    assert summarize_main([str(tmp_path / "results"), "--csv", str(csv_path), "--markdown", str(md_path)]) == 0
+    out = capsys.readouterr().out
+    header, rule, row = out.strip().split("\n")
+    assert "ES cur" in header and "sst2 acc" in header and "| ROME | m | sequential | 1 | 3 |" in row
+    assert md_path.read_text() == out
+    lines = csv_path.read_text().strip().split("\n")
+    assert lines[0].startswith("run,alg_name,model,mode,batch_size,n_edits,status,ES_current")
+    assert "sst2_accuracy_first" in lines[0] and lines[1].startswith("run_001,ROME,m,sequential,1,3,complete,")
+
+
+def test_generation_prompt_budget_takes_prompts_from_the_first_records():
+    def request(i):
+        return make_request({"prompt": "{} is in", "subject": f"S{i}", "target_new": "Rome", "case_id": i})
+
+    records = [CaseRecord(request(0), generation_prompts=("a", "b", "c")), CaseRecord(request(1), paraphrase_prompts=("S1 lies in",)),
+               CaseRecord(request(2), generation_prompts=("d",))]
+    chosen = prompt_budget(records, 4)
+    assert [(r.case_id, r.generation_prompts) for r in chosen] == [(0, ("a", "b", "c")), (1, ("S1 is in",))]
+    assert [r.generation_prompts for r in prompt_budget(records[1:], 5)] == [("S1 is in", "S1 lies in"), ("d",)]

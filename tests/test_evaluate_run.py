@@ -1,0 +1,161 @@
+"""The run loop on a tiny random Llama: folder contents, modes, stop on collapse, and resume
+equality (a crash and a Ctrl-C, each continued, give the files and weights of an uninterrupted run)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import experiments.run as run_module
+from emmet.emmet_main import EMMETHyperParams
+from experiments.checkpoint import read_jsonl
+from experiments.run import run
+from experiments.run_config import HealthThresholds, RunError, RunOptions
+from tests.conftest import tiny_llama_model
+from tests.helpers import tiny_hparams, write_corpus
+from util.arch import arch_for
+from util.models import LoadedModel
+from util.paths import PROJECT_ROOT
+
+WORDS = "good bad film great awful fine plot actor".split()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and do not stall when other processes load the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def options(tmp_path) -> RunOptions:
+    data = tmp_path / "data"
+    (data / "glue").mkdir(parents=True)
+    (data / "wiki").mkdir()
+    items = [{"sentence": " ".join(WORDS[(i + j) % 8] for j in range(6)), "label": i % 2} for i in range(16)]
+    (data / "glue" / "sst2.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+    (data / "wiki" / "wikitext-2-raw-test.txt").write_text(" = Valkyria = \n" + "The river flows through the old city . " * 100)
+    return RunOptions(
+        model_name="tiny-llama", ds_name="custom", custom_path=str(PROJECT_ROOT / "data" / "demo_edits.yaml"),
+        dataset_size_limit=5, sequential=True, downstream_eval_steps=2, downstream_tasks=("sst2",),
+        number_of_few_shots=2, number_of_tests=4, generation_test_interval=2, generation_prompts=2, generation_tokens=6,
+        perplexity_tokens=96, corpus=str(write_corpus(tmp_path)), data_dir=str(data), results_dir=str(tmp_path / "results"),
+    )
+
+
+def fresh(tokenizer) -> LoadedModel:
+    model = tiny_llama_model(len(tokenizer))
+    return LoadedModel(model, tokenizer, arch_for(model), "tiny-llama")
+
+
+def without_times(value):
+    """Records minus wall-clock fields, the only ones allowed to differ between equal runs."""
+    if isinstance(value, dict):
+        return {k: without_times(v) for k, v in value.items() if "second" not in k and k != "run"}
+    if isinstance(value, list):
+        return [without_times(v) for v in value]
+    return value
+
+
+def contents(path) -> dict:
+    files = {name: without_times(read_jsonl(path / f"{name}.jsonl")) for name in ("edits", "probes", "cases")}
+    files["summary"] = without_times(json.loads((path / "summary.json").read_text()))
+    return files
+
+
+def edited(lm: LoadedModel) -> torch.Tensor:
+    return lm.model.get_parameter(lm.arch.weight_name(1)).detach().clone()
+
+
+def test_run_folder_holds_every_file(options, tokenizer):
+    path = run(options, fresh(tokenizer), tiny_hparams())
+    assert path.name == "run_001" and path.parent.name == "R-ROME"
+    for name in ("config.json", "edits.jsonl", "probes.jsonl", "cases.jsonl", "summary.json", "summary.md",
+                 "downstream.png", "retention.png", "norms.png"):
+        assert (path / name).stat().st_size > 0, name
+    assert (path / "downstream.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = json.loads((path / "config.json").read_text())
+    assert config["mode"] == "sequential" and config["hparams"]["layers"] == [1] and config["git_commit"]
+    assert set(config["data"]) == {"cases", "probe:sst2", "perplexity"} and len(config["data"]["cases"]["sha256"]) == 64
+    edits = read_jsonl(path / "edits.jsonl")
+    assert [e["n_edits"] for e in edits] == [1, 2, 3, 4, 5]
+    assert all(e["health"]["delta_norm"] > 0 and e["requests"] and e["layers"] for e in edits)
+    assert edits[-1]["health"]["drift_norm"] > edits[0]["health"]["drift_norm"]
+    rows = read_jsonl(path / "probes.jsonl")
+
+    def points(kind):
+        return [r["n_edits"] for r in rows if r["kind"] == kind]
+    assert points("probe") == points("perplexity") == [0, 2, 4, 5]
+    assert points("retention") == [2, 4, 5] and points("generation") == [0, 2, 4, 5]
+    phases = [(c["phase"], c["n_edits"]) for c in read_jsonl(path / "cases.jsonl")]
+    assert phases.count(("retention", 5)) == 5 and sum(p == "current" for p, _ in phases) == 5
+    summary = json.loads((path / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["retained"]["n_cases"] == 5 and summary["n_edits"] == 5
+
+
+def test_resume_after_crash_and_ctrl_c_equals_uninterrupted_run(options, tokenizer, monkeypatch):
+    reference_lm = fresh(tokenizer)
+    reference = run(options, reference_lm, tiny_hparams())
+    real_apply = run_module.apply_edits
+
+    def failing_at(call: int, error: type[BaseException]):
+        calls = []
+
+        def apply(session, records):
+            result = real_apply(session, records)  # the weights are already changed when it fails
+            calls.append(1)
+            if len(calls) == call:
+                raise error()
+            return result
+        return apply
+
+    monkeypatch.setattr(run_module, "apply_edits", failing_at(4, RuntimeError))  # crash in edit 4: checkpoint at 2
+    with pytest.raises(RuntimeError):
+        run(options, fresh(tokenizer), tiny_hparams())
+    path = reference.parent / "run_002"
+    assert len(read_jsonl(path / "edits.jsonl")) == 3 and json.loads((path / "checkpoint" / "state.json").read_text())["n_edits"] == 2
+    again = dataclasses.replace(options, continue_from_run="run_002")
+    monkeypatch.setattr(run_module, "apply_edits", failing_at(2, KeyboardInterrupt))  # Ctrl-C in edit 4: rolled back to 3
+    with pytest.raises(KeyboardInterrupt):
+        run(again, fresh(tokenizer))
+    assert json.loads((path / "summary.json").read_text())["status"] == "interrupted"
+    assert len(read_jsonl(path / "edits.jsonl")) == 3 and json.loads((path / "checkpoint" / "state.json").read_text())["n_edits"] == 3
+    monkeypatch.setattr(run_module, "apply_edits", real_apply)
+    lm = fresh(tokenizer)
+    assert run(again, lm) == path
+    assert contents(path) == contents(reference)
+    assert torch.equal(edited(lm), edited(reference_lm))
+    with pytest.raises(RunError, match="num_edits"):
+        run(dataclasses.replace(again, num_edits=2), fresh(tokenizer))
+
+
+def test_stop_after_pauses_and_continues(options, tokenizer):
+    first = run(dataclasses.replace(options, stop_after=3), fresh(tokenizer), tiny_hparams())
+    assert json.loads((first / "summary.json").read_text())["status"] == "paused"
+    assert len(read_jsonl(first / "edits.jsonl")) == 3
+    run(dataclasses.replace(options, continue_from_run=first.name), fresh(tokenizer))
+    assert json.loads((first / "summary.json").read_text())["status"] == "complete"
+    assert len(read_jsonl(first / "edits.jsonl")) == 5
+
+
+def test_batched_modes_and_stop_on_collapse(options, tokenizer):
+    hparams = tiny_hparams(EMMETHyperParams, layers=[1, 2])
+    lm = fresh(tokenizer)
+    start = edited(lm)
+    batched = dataclasses.replace(options, alg_name="EMMET", sequential=False, num_edits=2, dataset_size_limit=4,
+                                  generation_test_interval=0)
+    path = run(batched, lm, hparams)
+    assert torch.equal(edited(lm), start)  # independent batches: W0 restored after each
+    edits = read_jsonl(path / "edits.jsonl")
+    assert [e["case_ids"] for e in edits] == [[0, 1], [2, 3]] and len(edits[0]["health"]["matrices"]) == 2
+    assert all(e["health"]["drift_norm"] == pytest.approx(e["health"]["delta_norm"]) for e in edits)
+    collapse = dataclasses.replace(batched, sequential=True, stop_on_collapse=True, dataset_size_limit=5, downstream_eval_steps=4,
+                                   health=HealthThresholds(norm_jump=1e-6, min_history=1))
+    path = run(collapse, fresh(tokenizer), hparams)
+    summary = json.loads((path / "summary.json").read_text())
+    assert summary["status"] == "collapsed" and summary["n_edits"] == 4 and summary["n_disabling"] == 1
+    assert summary["retained"]["n_edits"] == 4 and summary["probes"]["sst2"]["last"]["n_edits"] == 4

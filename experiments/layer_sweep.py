@@ -19,6 +19,9 @@ from util.errors import KeditError
 from util.models import load_model
 
 
+COLUMNS = ("ES", "PS", "NS", "S", "rewrite_acc", "paraphrase_acc")
+
+
 def parse_layers(text: str) -> list[int]:
     """'4', '2,4,6' or 'start-stop:step' (inclusive)."""
     try:
@@ -67,21 +70,21 @@ def sweep(args: argparse.Namespace) -> list[dict]:
             results.extend(evaluate_cases(lm, [record]))
             restore(lm.model, edit.originals)
         scores = summarize(results)
-        rows.append({"layer": layer, **{k: scores[k] for k in ("ES", "PS", "NS", "S")},
+        rows.append({"layer": layer, **{k: scores[k] for k in COLUMNS},
                      "seconds_per_edit": (time.perf_counter() - start) / len(records)})
         print(format_row(rows[-1]), flush=True)
     return rows
 
 
 def format_row(row: dict) -> str:
-    cells = [f"{row['layer']:>5}"] + [f"{row[k]:.3f}" if row[k] is not None else "  -  " for k in ("ES", "PS", "NS", "S")]
+    cells = [f"{row['layer']:>5}"] + [f"{row[k]:.3f}" if row[k] is not None else "  -  " for k in COLUMNS]
     return "| " + " | ".join(cells) + f" | {row['seconds_per_edit']:.1f} |"
 
 
 def main() -> int:
     args = parse_args()
     print(f"{args.alg_name} on {args.model_name}, {args.n_records} {args.ds_name} records per layer")
-    print("| layer | ES | PS | NS | S | s/edit |\n|---|---|---|---|---|---|")
+    print("| layer | ES | PS | NS | S | efficacy (argmax) | paraphrase (argmax) | s/edit |\n|---|---|---|---|---|---|---|---|")
     sweep(args)
     return 0
 

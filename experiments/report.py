@@ -49,7 +49,8 @@ def build_summary(path: Path, status: str) -> dict[str, Any]:
                  for e in edits if e["disabling"]]
     return {
         "run": path.name, "alg_name": config["alg_name"], "model": config["model"], "mode": config["mode"],
-        "batch_size": config["batch_size"], "seed": config["seed"], "git_commit": config["git_commit"],
+        "batch_size": config["batch_size"], "layers": config["hparams"]["layers"], "seed": config["seed"],
+        "git_commit": config["git_commit"],
         "status": status, "n_edits": n_edits, "n_cases": config["n_cases"],
         "current": summarize([case_result(r) for r in current_rows]),
         "retained": {k: v for k, v in retention[-1].items() if k not in ("kind", "seconds")} if retention else None,
@@ -78,10 +79,17 @@ def change(pair: dict[str, Any] | None, key: str, digits: int = 3) -> str:
     return f"{fmt(pair['first'][key], digits)} → {fmt(pair['last'][key], digits)}"
 
 
+def layer_text(layers: list[int] | None) -> str:
+    if not layers:
+        return "-"
+    return str(layers[0]) if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"
+
+
 def table_row(summary: dict[str, Any], tasks: Sequence[str]) -> dict[str, str]:
     """One Markdown row; probe cells read "before → after" (accuracy)."""
     current, retained = summary["current"] or {}, summary["retained"] or {}
     row = {key: fmt(summary[key]) for key in ("alg_name", "model", "mode", "batch_size", "n_edits")}
+    row["layers"] = layer_text(summary.get("layers"))
     row.update({f"{k} cur": fmt(current.get(k)) for k in SCORES})
     row.update({f"{k} ret": fmt(retained.get(k)) for k in SCORES})
     row.update({f"{t} acc": change(summary["probes"].get(t), "accuracy") for t in tasks})
@@ -96,6 +104,8 @@ def csv_row(summary: dict[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
     """The same quantities as numbers, first and last in separate columns."""
     current, retained = summary["current"] or {}, summary["retained"] or {}
     row: dict[str, Any] = {key: summary[key] for key in ("run", "alg_name", "model", "mode", "batch_size", "n_edits", "status")}
+    row["layers"] = layer_text(summary.get("layers"))
+    row["seed"] = summary.get("seed")
     row.update({f"{k}_current": current.get(k) for k in SCORES})
     row.update({f"{k}_retained": retained.get(k) for k in SCORES})
     for task in tasks:

@@ -61,6 +61,7 @@ class RunOptions:
     overrides: tuple[str, ...] = ()  # --set key=value for the hparams
     stop_on_collapse: bool = False
     dtype: str = "float32"
+    value_dtype: str = "float32"  # "bfloat16": mixed-precision value optimisation (rome/compute_v.py)
     health: HealthThresholds = field(default_factory=HealthThresholds)
     # session fields
     continue_from_run: str | None = None
@@ -97,6 +98,8 @@ class RunOptions:
             raise RunError(f"--downstream_tasks: unknown task(s) {', '.join(unknown)}; choose from {', '.join(PROBE_TASKS)} (or 'none')")
         if (self.ds_name == "custom") != (self.custom_path is not None):
             raise RunError("--custom_path goes with --ds_name custom, and --ds_name custom needs --custom_path")
+        if self.value_dtype not in ("float32", "bfloat16", "float16"):
+            raise RunError(f"--value_dtype must be float32, bfloat16 or float16, got {self.value_dtype!r}")
         if self.stop_after is not None and self.stop_after < 1:
             raise RunError(f"--stop_after must be at least 1, got {self.stop_after}")
         return self

@@ -59,3 +59,13 @@ def test_chunked_batches_equal_one_batch(tiny):
     for layer in (1, 2):
         torch.testing.assert_close(keys_chunked.k_star[layer], keys.k_star[layer], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(keys_chunked.site_output, keys.site_output, rtol=1e-10, atol=1e-12)
+
+
+def test_bfloat16_value_optimisation_reaches_the_same_loss(tiny):
+    hp = tiny_hparams(v_num_grad_steps=6)
+    templates = EditContext().templates(tiny, hp)
+    full = compute_values(tiny, requests(), 1, templates, hp)
+    mixed = compute_values(tiny, requests(), 1, templates, hp, autocast=torch.bfloat16)
+    assert mixed.delta.dtype == torch.float32 and torch.isfinite(mixed.delta).all()
+    torch.testing.assert_close(torch.tensor(mixed.final_loss), torch.tensor(full.final_loss), rtol=1e-2, atol=0)
+    assert mixed.steps == full.steps

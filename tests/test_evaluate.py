@@ -144,7 +144,7 @@ def hand_made_run(tmp_path):
     path = tmp_path / "results" / "ROME" / "run_001"
     path.mkdir(parents=True)
     config = {"alg_name": "ROME", "model": "m", "mode": "sequential", "batch_size": 1, "seed": 0,
-              "git_commit": "abc", "n_cases": 3}
+              "git_commit": "abc", "n_cases": 3, "hparams": {"layers": [4]}}
     (path / "config.json").write_text(json.dumps(config))
     write_lines(path / "edits.jsonl", [edit_line(1, 1.0), edit_line(2, 1.5), edit_line(3, 40.0, ["norm jump: big"])])
     write_lines(path / "cases.jsonl", [case_line(1, 1, True), case_line(2, 2, True), case_line(3, 3, False)])
@@ -180,8 +180,8 @@ def test_summarize_table_and_csv(hand_made_run, tmp_path, capsys):
     assert "ES cur" in header and "sst2 acc" in header and "| ROME | m | sequential | 1 | 3 |" in row
     assert md_path.read_text() == out
     lines = csv_path.read_text().strip().split("\n")
-    assert lines[0].startswith("run,alg_name,model,mode,batch_size,n_edits,status,ES_current")
-    assert "sst2_accuracy_first" in lines[0] and lines[1].startswith("run_001,ROME,m,sequential,1,3,complete,")
+    assert lines[0].startswith("run,alg_name,model,mode,batch_size,n_edits,status,layers,seed,ES_current")
+    assert "sst2_accuracy_first" in lines[0] and lines[1].startswith("run_001,ROME,m,sequential,1,3,complete,4,0,")
 
 
 def test_generation_prompt_budget_takes_prompts_from_the_first_records():

@@ -110,3 +110,54 @@ def write_plots(path: Path) -> list[Path]:
     finally:
         plt.close("all")
     return written
+
+
+def _mean_probe_accuracy(rows: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    by_step: dict[int, list[float]] = {}
+    for r in rows:
+        if r["kind"] == "probe" and r["accuracy"] is not None:
+            by_step.setdefault(r["n_edits"], []).append(r["accuracy"])
+    return sorted((n, sum(v) / len(v)) for n, v in by_step.items())
+
+
+def write_comparison(runs: dict[str, Path], out: Path, title: str) -> Path:
+    """One figure comparing runs (label -> run folder): score over all facts edited so far,
+    perplexity, mean probe accuracy and ||W - W0|| against the number of edits; each run's
+    disabling edits are marked with crosses on its ||W - W0|| curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    try:
+        for i, (label, path) in enumerate(runs.items()):
+            color = f"C{i}"
+            edits, rows = read_jsonl(path / "edits.jsonl"), read_jsonl(path / "probes.jsonl")
+            retention = [(r["n_edits"], r["S"], r["ES"]) for r in rows if r["kind"] == "retention" and r.get("ES") is not None]
+            if retention:
+                x, s, es = zip(*retention)
+                axes[0, 0].plot(x, es, marker="o", color=color, label=f"{label} ES")
+                axes[0, 0].plot(x, [v if v is not None else float("nan") for v in s], marker=".", linestyle="--", color=color, label=f"{label} S")
+            ppl = [(r["n_edits"], r["perplexity"]) for r in rows if r["kind"] == "perplexity"]
+            if ppl:
+                axes[0, 1].plot(*zip(*ppl), marker="o", color=color, label=label)
+            acc = _mean_probe_accuracy(rows)
+            if acc:
+                axes[1, 0].plot(*zip(*acc), marker="o", color=color, label=label)
+            drift = [(e["n_edits"], e["health"]["drift_norm"]) for e in edits]
+            if drift:
+                axes[1, 1].plot(*zip(*drift), color=color, label=label)
+            marks = [(e["n_edits"], e["health"]["drift_norm"]) for e in edits if e["disabling"]]
+            if marks:
+                axes[1, 1].plot(*zip(*marks), "x", color=color, markersize=9, label=f"{label} disabling")
+        axes[0, 0].set_ylabel("score over all facts edited so far")
+        axes[0, 0].set_ylim(-0.02, 1.02)
+        axes[0, 1].set_ylabel("WikiText-2 perplexity")
+        axes[1, 0].set_ylabel("mean probe accuracy")
+        axes[1, 1].set_ylabel("||W - W0|| (Frobenius)")
+        axes[1, 1].set_yscale("log")
+        _finish(fig, axes.flat, out, title)
+    finally:
+        plt.close("all")
+    return out

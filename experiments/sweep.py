@@ -71,22 +71,24 @@ def grid(args: argparse.Namespace) -> list[Point]:
         args.alg_name.split(","), layers, ints(args.num_edits, "--num_edits"), ints(args.seeds, "--seeds"))]
 
 
-def run_local(points: list[Point], results_dir: Path, extra: list[str], jobs: int) -> list[int]:
-    """Each point in its own process; the cores are shared out so that processes do not
+def run_local(jobs_list: list[tuple[str, list[str]]], results_dir: Path, jobs: int) -> list[int]:
+    """Run (label, command) pairs, `jobs` processes at a time, each logging to
+    <results_dir>/<label>/sweep.log. The cores are shared out so that processes do not
     oversubscribe them (OpenMP threads spinning against each other slow torch down badly)."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
-    def launch(point: Point) -> int:
-        folder = results_dir / point.label()
+    def launch(item: tuple[str, list[str]]) -> int:
+        label, command = item
+        folder = results_dir / label
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / "sweep.log", "w") as log:
-            code = subprocess.call(point.command(results_dir, extra), stdout=log, stderr=subprocess.STDOUT, env=env)
-        print(f"{'done' if code == 0 else f'FAILED ({code})'}: {point.label()}  (log: {folder / 'sweep.log'})", flush=True)
+            code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        print(f"{'done' if code == 0 else f'FAILED ({code})'}: {label}  (log: {folder / 'sweep.log'})", flush=True)
         return code
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(launch, points))
+        return list(pool.map(launch, jobs_list))
 
 
 def run_slurm(points: list[Point], results_dir: Path, extra: list[str], args: argparse.Namespace) -> list[int]:
@@ -135,7 +137,10 @@ def main(argv=None) -> int:
     points = grid(args)
     results_dir = Path(args.results_dir) / "sweeps" / args.name
     print(f"{len(points)} runs into {results_dir}", flush=True)
-    codes = run_slurm(points, results_dir, extra, args) if args.slurm else run_local(points, results_dir, extra, args.jobs)
+    if args.slurm:
+        codes = run_slurm(points, results_dir, extra, args)
+    else:
+        codes = run_local([(p.label(), p.command(results_dir, extra)) for p in points], results_dir, args.jobs)
     from experiments.summarize import find_summaries, load_summaries
     from experiments.report import markdown_table
 

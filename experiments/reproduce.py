@@ -1,0 +1,105 @@
+"""Reproduce the three findings behind this project on the embedded model, on CPU:
+
+  a  rome     sequential original ROME vs r-ROME over the same edits: disabling edits, ||W - W0||
+              growth, perplexity and probe curves
+  b  forget   sequential MEMIT and EMMET (batch 1) over the same edits: gradual, then catastrophic
+              forgetting; retention of earlier edits
+  c  batch    equal total edits as one batch vs sequential batches of 16 and 64 (EMMET, MEMIT):
+              neighbourhood score and probes, as in the Llama-3 batch-size study
+
+    python experiments/reproduce.py --study rome --edits 200 --jobs 2 \\
+        --data_dir ../shared/data --corpus ../shared/data/wiki
+
+Each run is a normal evaluate.py run folder under <results_dir>/reproduce/<study>/; the study's
+table (Markdown) and comparison plot are written to <docs_dir>/results_<study>.{md,png}.
+Arguments after "--" go to every run (e.g. -- --number_of_tests 100).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from experiments.plots import write_comparison
+from experiments.report import markdown_table
+from experiments.summarize import find_summaries, load_summaries
+from experiments.sweep import EVALUATE, run_local
+from util.cli import run_cli
+from util.errors import KeditError
+
+STUDIES = {
+    "rome": ("original ROME vs r-ROME, sequential", [("ROME", ["--alg_name", "ROME", "--sequential"]),
+                                                     ("R-ROME", ["--alg_name", "R-ROME", "--sequential"])]),
+    "forget": ("MEMIT and EMMET, sequential, batch 1", [("MEMIT", ["--alg_name", "MEMIT", "--sequential"]),
+                                                       ("EMMET", ["--alg_name", "EMMET", "--sequential"])]),
+    "batch": ("one batch vs sequential batches of 16 and 64 (equal total edits)", [
+        (f"{alg}_{name}", ["--alg_name", alg, *flags])
+        for alg in ("EMMET", "MEMIT")
+        for name, flags in (("one-batch", ["--num_edits", "{edits}"]),
+                            ("seq-batch-64", ["--sequential", "--num_edits", "64"]),
+                            ("seq-batch-16", ["--sequential", "--num_edits", "16"]))]),
+    "lifelong": ("AlphaEdit and ENCORE next to MEMIT and EMMET, sequential, batch 1", [
+        (alg, ["--alg_name", alg, "--sequential"]) for alg in ("MEMIT", "EMMET", "AlphaEdit", "ENCORE")]),
+}
+
+
+def commands(study: str, args: argparse.Namespace, extra: list[str]) -> list[tuple[str, list[str]]]:
+    root = Path(args.results_dir) / "reproduce" / study
+    common = ["--dataset_size_limit", str(args.edits), "--downstream_eval_steps", str(args.eval_every),
+              "--generation_test_interval", str(args.eval_every), "--seed", str(args.seed), "--value_dtype", args.value_dtype]
+    for flag, value in (("--data_dir", args.data_dir), ("--corpus", args.corpus)):
+        if value:
+            common += [flag, value]
+    return [(label, [sys.executable, EVALUATE, *[f.format(edits=args.edits) for f in flags], *common,
+                     "--results_dir", str(root / label), *extra])
+            for label, flags in STUDIES[study][1]]
+
+
+def report(study: str, args: argparse.Namespace) -> None:
+    root = Path(args.results_dir) / "reproduce" / study
+    runs = {label: sorted((root / label).rglob("summary.json"))[-1].parent
+            for label, _ in STUDIES[study][1] if list((root / label).rglob("summary.json"))}
+    docs = Path(args.docs_dir)
+    docs.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(load_summaries(find_summaries([str(p) for p in runs.values()])))
+    (docs / f"results_{study}.md").write_text(f"### {STUDIES[study][0]}\n\n{table}")
+    write_comparison(runs, docs / f"results_{study}.png", STUDIES[study][0])
+    print(table, end="")
+    print(f"wrote {docs / f'results_{study}.md'} and {docs / f'results_{study}.png'}")
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", default="all", help=f"{', '.join(STUDIES)} or all")
+    parser.add_argument("--edits", type=int, default=200, help="facts edited per run (total per run for 'batch')")
+    parser.add_argument("--eval_every", type=int, default=25, help="retention, probes, perplexity, generation every K edits")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once (cores are shared out)")
+    parser.add_argument("--value_dtype", default="bfloat16", help="bfloat16 keeps each study near 30 min on CPU; float32 is exact")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data_dir", default=None)
+    parser.add_argument("--corpus", default=None)
+    parser.add_argument("--results_dir", default="results")
+    parser.add_argument("--docs_dir", default="docs")
+    parser.add_argument("--report_only", action="store_true", help="only redraw tables and plots from existing runs")
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    if args.study != "all" and args.study not in STUDIES:
+        raise KeditError(f"--study {args.study!r}: choose from {', '.join(STUDIES)} or all")
+    return args, extra
+
+
+def main(argv=None) -> int:
+    args, extra = parse_args(argv)
+    studies = list(STUDIES) if args.study == "all" else [args.study]
+    failed = 0
+    for study in studies:
+        if not args.report_only:
+            codes = run_local(commands(study, args, extra), Path(args.results_dir) / "reproduce" / study, args.jobs)
+            failed += sum(code != 0 for code in codes)
+        report(study, args)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,50 @@
+import sys
+
+import pytest
+
+from experiments import reproduce, sweep
+from util.errors import KeditError
+
+
+def test_grid_is_the_product_and_commands_carry_each_point():
+    args, extra = sweep.parse_args(["--name", "g", "--alg_name", "ROME,EMMET", "--layers", "3,2-6", "--num_edits", "1,16",
+                                    "--seeds", "0,1", "--", "--dataset_size_limit", "4"])
+    points = sweep.grid(args)
+    assert len(points) == 2 * 2 * 2 * 2
+    assert {p.label() for p in points} >= {"ROME_L3-3_B1_s0", "EMMET_L2-6_B16_s1"}
+    emmet = next(p for p in points if p.label() == "EMMET_L2-6_B16_s1")
+    command = emmet.command(sweep.Path("out"), extra)
+    assert command[command.index("--set") + 1] == "layers=[2, 3, 4, 5, 6]"
+    assert command[command.index("--num_edits") + 1] == "16" and command[-2:] == ["--dataset_size_limit", "4"]
+    assert len({p.label() for p in points}) == len(points)  # one folder per point
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--name", "g", "--layers", "a-b"], "--layers entry 'a-b'"),
+    (["--name", "g", "--num_edits", "1,x"], "--num_edits '1,x'"),
+    (["--name", "g", "--jobs", "0"], "--jobs must be at least 1"),
+])
+def test_bad_grids_fail_in_one_line(argv, fragment):
+    with pytest.raises(KeditError, match=fragment):
+        sweep.grid(sweep.parse_args(argv)[0])
+
+
+def test_local_runner_shares_cores_and_logs(tmp_path):
+    probe = [sys.executable, "-c", "import os; print('threads', os.environ['OMP_NUM_THREADS']); raise SystemExit(3)"]
+    codes = sweep.run_local([("a", probe), ("b", [sys.executable, "-c", "pass"])], tmp_path, jobs=2)
+    assert codes == [3, 0]
+    threads = max(1, (sweep.os.cpu_count() or 1) // 2)
+    assert f"threads {threads}" in (tmp_path / "a" / "sweep.log").read_text()
+
+
+def test_reproduce_studies_run_the_same_edits_with_the_same_probes():
+    args, extra = reproduce.parse_args(["--study", "batch", "--edits", "256", "--data_dir", "D", "--", "--number_of_tests", "9"])
+    commands = dict(reproduce.commands("batch", args, extra))
+    assert set(commands) == {f"{a}_{n}" for a in ("EMMET", "MEMIT") for n in ("one-batch", "seq-batch-64", "seq-batch-16")}
+    one = commands["EMMET_one-batch"]
+    assert one[one.index("--num_edits") + 1] == "256" and "--sequential" not in one
+    for command in commands.values():
+        assert command[command.index("--dataset_size_limit") + 1] == "256"
+        assert command[command.index("--data_dir") + 1] == "D" and command[-2:] == ["--number_of_tests", "9"]
+    with pytest.raises(KeditError, match="--study"):
+        reproduce.parse_args(["--study", "nope"])

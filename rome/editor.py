@@ -146,9 +146,11 @@ def edit_layers(
     layer_records, solved_keys = [], []
     for i, layer in enumerate(layers):
         keys = compute_keys(lm, requests, [layer], templates, hparams.fact_token, site=site_module)
-        k_star = keys.k_star[layer].double().T  # m x n
-        residual = (targets.double() - keys.site_output.double()).T / (len(layers) - i)  # d x n
-        k_constraint = keys.k_bare[layer].double().T if bare_key_residual else k_star
+        weight = edited_weight(lm.model, lm.arch, layer).double()
+        device = weight.device  # solve where the matrix lives (a GPU under a device map), in float64
+        k_star = keys.k_star[layer].to(device, torch.float64).T  # m x n
+        residual = (targets.to(device, torch.float64) - keys.site_output.to(device, torch.float64)).T / (len(layers) - i)  # d x n
+        k_constraint = keys.k_bare[layer].to(device, torch.float64).T if bare_key_residual else k_star
         cov = ctx.covariance(lm, layer, hparams)
         delta, info = solve_update(
             residual, k_constraint, cov, constraint, mu=mu,
@@ -156,10 +158,9 @@ def edit_layers(
             prior=ctx.edited_keys(lm, layer) if remember_keys else None,
             basis=ctx.nullspace(lm, layer, hparams, nullspace_threshold) if constraint == "nullspace" else None,
         )
-        weight = edited_weight(lm.model, lm.arch, layer).double()
         layer_records.append({**_layer_record(layer, delta, weight, k_constraint, residual, info.seconds), **info.extras})
-        solved_keys.append(k_constraint)
-        stored = to_stored(lm.arch, delta).to(lm.model.get_parameter(names[i]).dtype)
+        solved_keys.append(k_constraint.cpu())
+        stored = to_stored(lm.arch, delta).to("cpu", lm.model.get_parameter(names[i]).dtype)
         apply_deltas(lm.model, {names[i]: stored})
         deltas[names[i]] = stored
     if remember_keys:

@@ -11,7 +11,8 @@ must gain at each edited key), the keys K (m x n) and a preservation matrix, and
       P = U U^T projects onto the eigenvectors U of C0 with eigenvalues below a threshold, so
       Delta = Delta P and the preserved keys (C0's large directions) are left (nearly) unchanged
 
-C is `Covariance`: lambda C0 (+ extra terms), or the identity. Everything is float64 and solved
+C is `Covariance`: lambda C0 (+ extra terms), or the identity. Solves run on the device of the
+keys handed in (the edited weight's device: a GPU when there is one). Everything is float64 and solved
 with Cholesky factorisations or LU solves, never an explicit inverse. A system that is singular
 or too ill-conditioned to trust raises SolverError naming the layer and the condition number.
 """
@@ -67,18 +68,20 @@ class Covariance:
         else:
             matrix = torch.zeros(dim, dim, dtype=torch.float64) if mom2 is None else weight * mom2.double()
             self.matrix = matrix + extra.double() if extra is not None else matrix
-        self._factor: torch.Tensor | None = None
+        self._factors: dict[torch.device, torch.Tensor] = {}  # per device the solves run on
 
-    def dense(self) -> torch.Tensor:
-        return torch.eye(self.dim, dtype=torch.float64) if self.matrix is None else self.matrix
+    def dense(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        if self.matrix is None:
+            return torch.eye(self.dim, dtype=torch.float64, device=device)
+        return self.matrix.to(device)
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
-        """C^-1 rhs."""
+        """C^-1 rhs, on rhs's device (the factor is computed once per device)."""
         if self.matrix is None:
             return rhs.double()
-        if self._factor is None:
-            self._factor = cholesky(self.matrix, self.layer, "preservation covariance C")
-        return torch.cholesky_solve(rhs.double(), self._factor)
+        if rhs.device not in self._factors:
+            self._factors[rhs.device] = cholesky(self.matrix.to(rhs.device), self.layer, "preservation covariance C")
+        return torch.cholesky_solve(rhs.double(), self._factors[rhs.device])
 
 
 @dataclass
@@ -94,11 +97,11 @@ def solve_least_squares(R: torch.Tensor, K: torch.Tensor, cov: Covariance, layer
     """Delta = R K^T (C + mu I + prior + K K^T)^-1 (MEMIT's normal equations; ENCORE's with
     mu > 0 and prior = K_p K_p^T)."""
     K, R = K.double(), R.double()
-    system = cov.dense()
+    system = cov.dense(K.device)
     if mu:
-        system = system + mu * torch.eye(system.shape[0], dtype=torch.float64)
+        system = system + mu * torch.eye(system.shape[0], dtype=torch.float64, device=K.device)
     if prior is not None:
-        system = system + prior.double()
+        system = system + prior.to(K.device, torch.float64)
     system = system + K @ K.T
     factor = cholesky(system, layer, "least-squares system C + K K^T")
     # Delta^T = system^-1 K R^T, the system being symmetric.
@@ -109,7 +112,7 @@ def solve_equality(R: torch.Tensor, K: torch.Tensor, cov: Covariance, mu: float 
     """Delta = R (K_dir^T C^-1 K + mu I)^-1 K_dir^T C^-1; with mu = 0, Delta K = R exactly."""
     K, R = K.double(), R.double()
     directions = cov.solve(K if K_dir is None else K_dir.double())  # C^-1 K_dir, m x n
-    gram = directions.T @ K + mu * torch.eye(K.shape[1], dtype=torch.float64)
+    gram = directions.T @ K + mu * torch.eye(K.shape[1], dtype=torch.float64, device=K.device)
     if K_dir is None:
         gram = (gram + gram.T) / 2  # symmetric up to rounding; keep it exactly so for Cholesky
         factor = cholesky(gram, layer, "EMMET system K^T C^-1 K + mu I")
@@ -138,10 +141,10 @@ def solve_nullspace(R: torch.Tensor, K: torch.Tensor, basis: torch.Tensor, alpha
     update is exactly of the form (.) P, so Delta k ~ 0 for every key k with P k ~ 0."""
     if basis.shape[1] == 0:
         raise SolverError(f"layer {layer}: the null space is empty (no eigenvalue of C0 below nullspace_threshold)")
-    U = basis.double()
+    U = basis.to(K.device, torch.float64)
     rank = U.shape[1]
-    reduced_prior = None if prior is None else U.T @ (prior.double() @ U)
-    ridge = Covariance(rank, extra=alpha * torch.eye(rank, dtype=torch.float64))
+    reduced_prior = None if prior is None else U.T @ (prior.to(K.device, torch.float64) @ U)
+    ridge = Covariance(rank, extra=alpha * torch.eye(rank, dtype=torch.float64, device=K.device))
     return solve_least_squares(R, U.T @ K.double(), ridge, layer, prior=reduced_prior) @ U.T
 
 

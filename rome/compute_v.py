@@ -208,6 +208,10 @@ class _UpperStack:
         return hidden
 
 
+# Rebuild the replay stack once the requests still optimised are at most this share of its rows.
+REBUILD_FRACTION = 0.75
+
+
 def _log_probs(lm: LoadedModel, hidden: torch.Tensor) -> torch.Tensor:
     norm = lm.model.get_submodule(lm.arch.final_norm)
     unembed = lm.model.get_submodule(lm.arch.unembed)
@@ -290,35 +294,42 @@ def compute_values(
     optimizer = torch.optim.Adam(deltas, lr=hparams.v_lr)
     steps, final_loss, target_prob = [0] * n, [float("nan")] * n, [float("nan")] * n
     argmax_steps = [0] * n  # steps at which every target token was the argmax (MPES)
-    active, view, kl_reference = list(range(n)), _Active(batch, list(range(n)), n), None
+    # `members`: the requests the current view (and replay stack) covers; `active`: those still
+    # optimised. Rebuilding the stack costs about two steps, so on the fast path finished requests
+    # stay in it (computed, frozen, out of the loss) until a quarter of its rows are finished.
+    members, kl_reference = list(range(n)), None
+    active, view = set(members), _Active(batch, members, n)
 
     for step in range(hparams.v_num_grad_steps):
-        delta_stack = torch.stack([deltas[i] for i in active])
+        delta_stack = torch.stack([deltas[i] for i in members])
         if fast:
             target_lp, kl_lp = _fast_log_probs(lm, stack, view, delta_stack)
         else:
             target_lp, kl_lp = _full_log_probs(lm, batch, layer, view, delta_stack)
         if kl_reference is None:  # first step: delta = 0, the original distribution
             kl_reference = dict(zip(view.kl_original.tolist(), kl_lp.detach()))
-        loss, prob = _loss(hparams, batch, view, target_lp, kl_lp, kl_reference, delta_stack, ref_norm[view.requests].to(device), len(active))
-        on_top = _targets_on_top(view, target_lp, len(active)).tolist() if hparams.v_argmax_stop_steps else [False] * len(active)
-        done = [False] * len(active)
-        for k, i in enumerate(active):
+        loss, prob = _loss(hparams, batch, view, target_lp, kl_lp, kl_reference, delta_stack, ref_norm[view.requests].to(device), len(members))
+        on_top = _targets_on_top(view, target_lp, len(members)).tolist() if hparams.v_argmax_stop_steps else [False] * len(members)
+        live = [False] * len(members)
+        for k, i in enumerate(members):
+            if i not in active:
+                continue
             final_loss[i], target_prob[i] = loss[k].item(), prob[k].item()
             argmax_steps[i] += on_top[k]
-            done[k] = (final_loss[i] < hparams.v_loss_threshold or step == hparams.v_num_grad_steps - 1
-                       or 0 < hparams.v_argmax_stop_steps <= argmax_steps[i])
-        if all(done):
+            live[k] = not (final_loss[i] < hparams.v_loss_threshold or step == hparams.v_num_grad_steps - 1
+                           or 0 < hparams.v_argmax_stop_steps <= argmax_steps[i])
+        if not any(live):
             break
         optimizer.zero_grad(set_to_none=True)
-        loss[~torch.tensor(done, device=loss.device)].sum().backward()
-        for k, i in enumerate(active):
-            if done[k]:  # a zero gradient would still move Adam's momentum; None skips the parameter
+        loss[torch.tensor(live, device=loss.device)].sum().backward()
+        for k, i in enumerate(members):
+            if not live[k]:  # a zero gradient would still move Adam's momentum; None skips the parameter
                 deltas[i].grad = None
         optimizer.step()
-        if any(done):
-            active = [i for k, i in enumerate(active) if not done[k]]
-            view = _Active(batch, active, n)
+        active = {i for k, i in enumerate(members) if live[k]}
+        if len(active) < len(members) and (not fast or len(active) <= REBUILD_FRACTION * len(members)):
+            members = sorted(active)
+            view = _Active(batch, members, n)
             if fast:
                 stack = _UpperStack(lm, layer, hparams.v_loss_layer, batch, view.rows, autocast)
         with torch.no_grad():

@@ -44,6 +44,22 @@ def test_batched_equals_separate_and_early_stop_leaves_batch(tiny):
     assert len(set(together.steps)) > 1, "the threshold should stop requests at different steps"
 
 
+@pytest.mark.parametrize("rebuild_fraction", [0.0, 1.0])
+def test_finished_requests_kept_in_the_replay_stack_do_not_change_the_others(tiny, monkeypatch, rebuild_fraction):
+    # 0.0: finished requests stay in the stack to the end; 1.0: the stack is rebuilt at every stop.
+    import rome.compute_v as compute_v
+
+    tiny.model.double()
+    threshold = {"gpt2": 10.83, "llama": 10.74}[tiny.model.config.model_type]
+    hp = tiny_hparams(v_num_grad_steps=10, v_weight_decay=0.0, v_loss_threshold=threshold)
+    templates = EditContext().templates(tiny, hp)
+    slow = compute_values(tiny, requests(), 1, templates, hp, fast=False)
+    monkeypatch.setattr(compute_v, "REBUILD_FRACTION", rebuild_fraction)
+    fast = compute_values(tiny, requests(), 1, templates, hp)
+    assert_same_values(fast, slow)
+    assert fast.steps == slow.steps and len(set(fast.steps)) > 1
+
+
 def test_chunked_batches_equal_one_batch(tiny):
     from rome.compute_u import compute_keys
 

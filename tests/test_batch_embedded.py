@@ -1,0 +1,34 @@
+"""MEMIT and EMMET on the embedded model with one batch of real CounterFact records (slow).
+
+CI edits 16 records per algorithm to keep the suite short; the issue's batch of 64 is the same test
+with KEDIT_BATCH_RECORDS=64 (about 7 minutes per algorithm on 2 cores; README has the figures).
+Values are optimised in bfloat16 (mixed precision), as the reproduce studies do.
+"""
+import os
+
+import pytest
+
+from data.cases import load_cases
+from experiments.eval_counterfact import evaluate_cases, summarize
+from rome.editor import EditContext
+from util.api import ALGORITHMS, load_algorithm_hparams
+from util.deltas import restore
+
+N_RECORDS = int(os.environ.get("KEDIT_BATCH_RECORDS", "16"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("alg", ["MEMIT", "EMMET"])
+def test_one_batch_of_counterfact_edits_is_effective(embedded, shared_data, alg):
+    hparams = load_algorithm_hparams(alg, "smollm2-135m.yaml")
+    ctx = EditContext(seed=0, corpus_path=str(shared_data / "wiki"), value_dtype="bfloat16")
+    records = load_cases("cf", shared_data, limit=N_RECORDS)
+    edit = ALGORITHMS[alg].apply(embedded, [r.request for r in records], hparams, ctx)
+    try:
+        scores = summarize(evaluate_cases(embedded, records))
+    finally:
+        restore(embedded.model, edit.originals)
+    print(f"\n{alg} on smollm2-135m, one batch of {N_RECORDS} CounterFact records: ES {scores['ES']:.3f} "
+          f"PS {scores['PS']:.3f} NS {scores['NS']:.3f} S {scores['S']:.3f}, argmax {scores['rewrite_acc']:.3f}")
+    # Efficacy as the papers define it: P(target_new) > P(target_true) on the edited prompt.
+    assert scores["ES"] >= 0.9

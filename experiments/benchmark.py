@@ -39,13 +39,17 @@ def matmul_peak(dtype=torch.float32, size: int = 2048, repeats: int = 10) -> flo
     return 2 * size**3 * repeats / seconds / 1e9
 
 
+def _autocast(value_dtype: str) -> torch.dtype | None:
+    return None if value_dtype == "float32" else getattr(torch, value_dtype)
+
+
 def bench_rome(lm: LoadedModel, records, alg: str, ctx_args: dict) -> dict:
     """Seconds per edit (whole edit: values, keys, solve) fast and straightforward, and the
     achieved GFLOP/s of the fast value optimisation."""
     hparams = load_algorithm_hparams(alg, "smollm2-135m.yaml")
     times = {}
     for fast in (True, False):
-        ctx = EditContext(fast=fast, **ctx_args)
+        ctx = EditContext(fast=fast, **{**ctx_args, "value_dtype": ctx_args["value_dtype"] if fast else "float32"})
         ctx.covariance(lm, hparams.layers[0], hparams)  # statistics are not part of an edit
         ctx.templates(lm, hparams)
         start = time.perf_counter()
@@ -54,10 +58,10 @@ def bench_rome(lm: LoadedModel, records, alg: str, ctx_args: dict) -> dict:
         times[fast] = (time.perf_counter() - start) / len(records)
     ctx = EditContext(**ctx_args)
     templates = ctx.templates(lm, hparams)
-    request = records[0].request
-    _, seconds = timed(compute_values, lm, [request], hparams.layers[0], templates, hparams)
+    request, autocast = records[0].request, _autocast(ctx_args["value_dtype"])
+    _, seconds = timed(compute_values, lm, [request], hparams.layers[0], templates, hparams, autocast=autocast)
     with FlopCounterMode(display=False) as counter:
-        compute_values(lm, [request], hparams.layers[0], templates, hparams)
+        compute_values(lm, [request], hparams.layers[0], templates, hparams, autocast=autocast)
     return {"fast": times[True], "slow": times[False], "gflops": counter.get_total_flops() / seconds / 1e9}
 
 
@@ -75,7 +79,8 @@ def bench_batch(lm: LoadedModel, records, alg: str, batch: int, ctx_args: dict, 
     values_fast = sum(v["v_steps"] for v in result.requests)
     sample = requests[:naive_requests]
     _, naive_values = timed(lambda: [compute_values(lm, [r], hparams.layers[-1], templates, hparams, site="layer", fast=False) for r in sample])
-    _, fast_values = timed(compute_values, lm, sample, hparams.layers[-1], templates, hparams, "layer")
+    _, fast_values = timed(compute_values, lm, sample, hparams.layers[-1], templates, hparams, "layer",
+                           autocast=_autocast(ctx_args["value_dtype"]))
     slow = fast / batch - fast_values / len(sample) + naive_values / len(sample)
     return {"batch": batch, "fast": fast / batch, "slow": slow, "estimated": len(sample) < batch, "steps": values_fast / batch}
 
@@ -130,22 +135,24 @@ def main() -> int:
     parser.add_argument("--rome_edits", type=int, default=3)
     parser.add_argument("--naive_requests", type=int, default=2, help="requests timed on the straightforward batch path")
     parser.add_argument("--stats_windows", type=int, default=32)
+    parser.add_argument("--value_dtype", default="float32", help="dtype of the fast value optimisation (bfloat16: mixed precision)")
     args = parser.parse_args()
     phases = set(args.phases.split(","))
     lm = load_model("smollm2-135m")
     corpus = str(Path(args.data_dir) / "wiki")
-    ctx_args = {"corpus_path": corpus}
+    ctx_args = {"corpus_path": corpus, "value_dtype": args.value_dtype}
     batches = [int(b) for b in args.batches.split(",")]
     records = load_cases("cf", args.data_dir, limit=max(batches + [args.rome_edits]))
-    peak = matmul_peak()
-    print(f"smollm2-135m on {torch.get_num_threads()} threads; float32 matmul peak {peak:.0f} GFLOP/s, "
-          f"bfloat16 {matmul_peak(torch.bfloat16):.0f} GFLOP/s\n")
+    peaks = {"float32": matmul_peak(), "bfloat16": matmul_peak(torch.bfloat16)}
+    peak = peaks.get(args.value_dtype, peaks["float32"])
+    print(f"smollm2-135m on {torch.get_num_threads()} threads, fast value optimisation in {args.value_dtype}; "
+          f"matmul peak float32 {peaks['float32']:.0f} GFLOP/s, bfloat16 {peaks['bfloat16']:.0f} GFLOP/s\n")
     print("| phase | fast | straightforward | ratio | note |\n|---|---|---|---|---|")
     if "rome" in phases:
         for alg in ("R-ROME", "ROME"):
             r = bench_rome(lm, records[: args.rome_edits], alg, ctx_args)
             print(row(f"{alg} edit", r["fast"], r["slow"], "s/edit",
-                      f"value optimisation at {r['gflops']:.0f} GFLOP/s = {100 * r['gflops'] / peak:.0f}% of peak"), flush=True)
+                      f"value optimisation at {r['gflops']:.0f} GFLOP/s = {100 * r['gflops'] / peak:.0f}% of the {args.value_dtype} peak"), flush=True)
     if "batch" in phases:
         for alg in ("EMMET", "MEMIT"):
             single = bench_batch(lm, records, alg, 1, ctx_args, 1)

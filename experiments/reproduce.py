@@ -4,8 +4,10 @@
               growth, perplexity and probe curves
   b  forget   sequential MEMIT and EMMET (batch 1) over the same edits: gradual, then catastrophic
               forgetting; retention of earlier edits
-  c  batch    equal total edits as one batch vs sequential batches of 16 and 64 (EMMET, MEMIT):
-              neighbourhood score and probes, as in the Llama-3 batch-size study
+  c  batch    equal total edits as one batch vs sequential batches of a quarter and a sixteenth of
+              it (EMMET, MEMIT; --edits 256 gives 64 and 16): neighbourhood score and probes, as in
+              the Llama-3 batch-size study
+  lifelong    AlphaEdit and ENCORE, sequential, shown next to the MEMIT and EMMET runs of "forget"
 
     python experiments/reproduce.py --study rome --edits 200 --jobs 2 \\
         --data_dir ../shared/data --corpus ../shared/data/wiki
@@ -32,15 +34,21 @@ STUDIES = {
                                                      ("R-ROME", ["--alg_name", "R-ROME", "--sequential"])]),
     "forget": ("MEMIT and EMMET, sequential, batch 1", [("MEMIT", ["--alg_name", "MEMIT", "--sequential"]),
                                                        ("EMMET", ["--alg_name", "EMMET", "--sequential"])]),
-    "batch": ("one batch vs sequential batches of 16 and 64 (equal total edits)", [
+    "batch": ("one batch vs sequential batches of a quarter and a sixteenth (equal total edits)", [
         (f"{alg}_{name}", ["--alg_name", alg, *flags])
         for alg in ("EMMET", "MEMIT")
         for name, flags in (("one-batch", ["--num_edits", "{edits}"]),
-                            ("seq-batch-64", ["--sequential", "--num_edits", "64"]),
-                            ("seq-batch-16", ["--sequential", "--num_edits", "16"]))]),
+                            ("seq-batch-{quarter}", ["--sequential", "--num_edits", "{quarter}"]),
+                            ("seq-batch-{sixteenth}", ["--sequential", "--num_edits", "{sixteenth}"]))]),
     "lifelong": ("AlphaEdit and ENCORE next to MEMIT and EMMET, sequential, batch 1", [
-        (alg, ["--alg_name", alg, "--sequential"]) for alg in ("MEMIT", "EMMET", "AlphaEdit", "ENCORE")]),
+        (alg, ["--alg_name", alg, "--sequential"]) for alg in ("AlphaEdit", "ENCORE")]),
 }
+# Runs a study shows but does not repeat: the same edits, probes and seed already run by another study.
+REUSED = {"lifelong": [("forget", "MEMIT"), ("forget", "EMMET")]}
+
+
+def _fill(text: str, args: argparse.Namespace) -> str:
+    return text.format(edits=args.edits, quarter=max(1, args.edits // 4), sixteenth=max(1, args.edits // 16))
 
 
 def commands(study: str, args: argparse.Namespace, extra: list[str]) -> list[tuple[str, list[str]]]:
@@ -50,15 +58,18 @@ def commands(study: str, args: argparse.Namespace, extra: list[str]) -> list[tup
     for flag, value in (("--data_dir", args.data_dir), ("--corpus", args.corpus)):
         if value:
             common += [flag, value]
-    return [(label, [sys.executable, EVALUATE, *[f.format(edits=args.edits) for f in flags], *common,
-                     "--results_dir", str(root / label), *extra])
-            for label, flags in STUDIES[study][1]]
+    algs = args.algs.split(",") if args.algs else None
+    return [(_fill(label, args), [sys.executable, EVALUATE, *[_fill(f, args) for f in flags], *common,
+                                  "--results_dir", str(root / _fill(label, args)), *extra])
+            for label, flags in STUDIES[study][1] if algs is None or flags[1] in algs]
 
 
 def report(study: str, args: argparse.Namespace) -> None:
-    root = Path(args.results_dir) / "reproduce" / study
-    runs = {label: sorted((root / label).rglob("summary.json"))[-1].parent
-            for label, _ in STUDIES[study][1] if list((root / label).rglob("summary.json"))}
+    base = Path(args.results_dir) / "reproduce"
+    labels = [(source, label) for source, label in REUSED.get(study, [])]
+    labels += [(study, _fill(label, args)) for label, _ in STUDIES[study][1]]
+    runs = {label: sorted((base / source / label).rglob("summary.json"))[-1].parent
+            for source, label in labels if list((base / source / label).rglob("summary.json"))}
     docs = Path(args.docs_dir)
     docs.mkdir(parents=True, exist_ok=True)
     table = markdown_table(load_summaries(find_summaries([str(p) for p in runs.values()])))
@@ -78,6 +89,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (cores are shared out)")
     parser.add_argument("--value_dtype", default="bfloat16", help="bfloat16 keeps each study near 30 min on CPU; float32 is exact")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--algs", default=None, help="only the runs of these algorithms (comma-separated), e.g. EMMET")
     parser.add_argument("--data_dir", default=None)
     parser.add_argument("--corpus", default=None)
     parser.add_argument("--results_dir", default="results")

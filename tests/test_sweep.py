@@ -46,5 +46,13 @@ def test_reproduce_studies_run_the_same_edits_with_the_same_probes():
     for command in commands.values():
         assert command[command.index("--dataset_size_limit") + 1] == "256"
         assert command[command.index("--data_dir") + 1] == "D" and command[-2:] == ["--number_of_tests", "9"]
+    args, extra = reproduce.parse_args(["--study", "batch", "--edits", "64", "--algs", "EMMET"])
+    assert set(dict(reproduce.commands("batch", args, extra))) == {"EMMET_one-batch", "EMMET_seq-batch-16", "EMMET_seq-batch-4"}
     with pytest.raises(KeditError, match="--study"):
         reproduce.parse_args(["--study", "nope"])
+
+
+def test_lifelong_study_shows_the_forget_runs_without_repeating_them(tmp_path):
+    args, extra = reproduce.parse_args(["--study", "lifelong", "--results_dir", str(tmp_path), "--docs_dir", str(tmp_path / "docs")])
+    assert [label for label, _ in reproduce.commands("lifelong", args, extra)] == ["AlphaEdit", "ENCORE"]
+    assert reproduce.REUSED["lifelong"] == [("forget", "MEMIT"), ("forget", "EMMET")]

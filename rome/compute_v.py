@@ -21,13 +21,15 @@ model forward with a hook, full logits), kept to check equality and measure the 
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 
 from rome.compute_u import templated_prompts
 from rome.hparams import EditHyperParams
-from transformers import DynamicCache
+from transformers import AttentionInterface, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from util.models import LoadedModel, input_device
 from util.nethook import StopForward, Trace, add_to_output, hidden_of
@@ -138,11 +140,12 @@ class _UpperStack:
     unedited suffix forward and replayed."""
 
     def __init__(self, lm: LoadedModel, layer: int, loss_layer: int, batch: _Batch, rows: torch.Tensor,
-                 autocast: torch.dtype | None = None):
+                 autocast: torch.dtype | None = None, replay: "_Replay | None" = None):
         self.lm = lm
         self.autocast = autocast
         self.device_type = input_device(lm.model).type
-        self.modules = [lm.model.get_submodule(lm.arch.layer(j)) for j in range(layer + 1, loss_layer + 1)]
+        self.replay = replay or _Replay(lm, layer, loss_layer, autocast)
+        self.modules = self.replay.layers
         ids, mask, fact = batch.ids[rows], batch.mask[rows], batch.fact_position[rows]
         lengths = mask.sum(1)
         self.prefix = int(fact.max())
@@ -166,7 +169,7 @@ class _UpperStack:
         self.hidden = base.output[:, self.prefix:]  # (B, S, d): the edited layer's suffix output
         self.calls: list[tuple[tuple, dict]] = []
         if self.modules:
-            handles = [m.register_forward_pre_hook(self._capture, with_kwargs=True) for m in self.modules]
+            handles = [m.register_forward_pre_hook(self._capture, with_kwargs=True) for m in self.replay.original_layers]
             self._reset_cache()
             try:
                 with torch.no_grad(), self.precision():
@@ -212,9 +215,43 @@ class _UpperStack:
 REBUILD_FRACTION = 0.75
 
 
-def _log_probs(lm: LoadedModel, hidden: torch.Tensor) -> torch.Tensor:
-    norm = lm.model.get_submodule(lm.arch.final_norm)
-    unembed = lm.model.get_submodule(lm.arch.unembed)
+def _float32_sdpa(module, query, key, value, *args, **kwargs):
+    """SDPA in float32 inside mixed precision: on CPUs its bfloat16 backward is ~10x slower than
+    float32's, and attention is a small share of the FLOPs."""
+    with torch.autocast(query.device.type, enabled=False):
+        return sdpa_attention_forward(module, query.float(), key.float(), value.float(), *args, **kwargs)
+
+
+FLOAT32_SDPA = "kedit_float32_sdpa"
+AttentionInterface.register(FLOAT32_SDPA, _float32_sdpa)
+
+
+class _Replay:
+    """The modules a step runs: the layers above the edited one, the final norm and the unembedding.
+
+    Under mixed precision their matrices are copied once into that dtype: autocast would otherwise re-cast
+    every weight at every step, which for a single request's few dozen tokens costs as much as the
+    matmuls themselves. The copies are frozen snapshots, valid for one compute_values call (the
+    edited matrices all lie at or below the edited layer). Modules placed by accelerate (hooks) are
+    used as they are."""
+
+    def __init__(self, lm: LoadedModel, layer: int, loss_layer: int, autocast: torch.dtype | None):
+        self.original_layers = [lm.model.get_submodule(lm.arch.layer(j)) for j in range(layer + 1, loss_layer + 1)]
+        modules = [*self.original_layers, lm.model.get_submodule(lm.arch.final_norm), lm.model.get_submodule(lm.arch.unembed)]
+        if autocast is not None and not any(hasattr(m, "_hf_hook") for m in modules):
+            modules = [copy.deepcopy(m) for m in modules]
+            for weight in (w for m in modules for w in m.parameters() if w.dim() >= 2):
+                weight.data = weight.data.to(autocast)  # matrices only: norms keep their dtype
+            for part in (p for m in modules for p in m.modules()):  # configs copied with the modules
+                config = getattr(part, "config", None)
+                if getattr(config, "_attn_implementation", None) == "sdpa":
+                    config._attn_implementation = FLOAT32_SDPA
+        *self.layers, self.norm, self.unembed = modules
+
+
+def _log_probs(lm: LoadedModel, hidden: torch.Tensor, replay: _Replay | None = None) -> torch.Tensor:
+    norm = replay.norm if replay else lm.model.get_submodule(lm.arch.final_norm)
+    unembed = replay.unembed if replay else lm.model.get_submodule(lm.arch.unembed)
     logits = unembed(norm(hidden))
     return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
@@ -239,7 +276,7 @@ def _fast_log_probs(lm, stack: _UpperStack, view: _Active, delta_stack):
     # One unembedding call for both: at a few rows it is bound by reading the vocab matrix.
     rows = torch.cat([view.t_row, view.kl_rows]).to(device)
     with stack.precision():
-        log_probs = _log_probs(lm, top[rows, torch.cat([t_col, kl_col]).to(device)])
+        log_probs = _log_probs(lm, top[rows, torch.cat([t_col, kl_col]).to(device)], stack.replay)
     return log_probs[: len(view.t_row)], log_probs[len(view.t_row):]
 
 
@@ -331,7 +368,7 @@ def compute_values(
             members = sorted(active)
             view = _Active(batch, members, n)
             if fast:
-                stack = _UpperStack(lm, layer, hparams.v_loss_layer, batch, view.rows, autocast)
+                stack = _UpperStack(lm, layer, hparams.v_loss_layer, batch, view.rows, autocast, stack.replay)
         with torch.no_grad():
             for i in active:
                 steps[i] += 1

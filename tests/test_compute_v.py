@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+import rome.compute_v as compute_v
 from rome.compute_v import compute_values
 from rome.editor import EditContext
 from tests.helpers import REQUESTS, tiny_hparams
@@ -85,3 +86,6 @@ def test_bfloat16_value_optimisation_reaches_the_same_loss(tiny):
     assert mixed.delta.dtype == torch.float32 and torch.isfinite(mixed.delta).all()
     torch.testing.assert_close(torch.tensor(mixed.final_loss), torch.tensor(full.final_loss), rtol=1e-2, atol=0)
     assert mixed.steps == full.steps
+    # The replay ran on bfloat16 copies (attention in float32); the model itself is untouched.
+    assert next(tiny.model.parameters()).dtype == torch.float32
+    assert tiny.model.config._attn_implementation != compute_v.FLOAT32_SDPA

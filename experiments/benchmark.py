@@ -124,7 +124,7 @@ def bench_stats(lm: LoadedModel, corpus_path: str, n_windows: int, layer: int) -
 
 
 def row(name: str, fast: float, slow: float, unit: str, note: str = "") -> str:
-    return f"| {name} | {fast:.3g} {unit} | {slow:.3g} {unit} | {slow / fast if 's/' in unit else fast / slow:.1f}x | {note} |"
+    return f"| {name} | {fast:.3g} {unit} | {slow:.3g} {unit} | {slow / fast if unit.startswith('s/') else fast / slow:.1f}x | {note} |"
 
 
 def main() -> int:
@@ -132,6 +132,7 @@ def main() -> int:
     parser.add_argument("--data_dir", default="../shared/data")
     parser.add_argument("--phases", default="rome,batch,stats,eval")
     parser.add_argument("--batches", default="16,64,256,1024")
+    parser.add_argument("--batch_algs", default="EMMET,MEMIT")
     parser.add_argument("--rome_edits", type=int, default=3)
     parser.add_argument("--naive_requests", type=int, default=2, help="requests timed on the straightforward batch path")
     parser.add_argument("--stats_windows", type=int, default=32)
@@ -154,7 +155,7 @@ def main() -> int:
             print(row(f"{alg} edit", r["fast"], r["slow"], "s/edit",
                       f"value optimisation at {r['gflops']:.0f} GFLOP/s = {100 * r['gflops'] / peak:.0f}% of the {args.value_dtype} peak"), flush=True)
     if "batch" in phases:
-        for alg in ("EMMET", "MEMIT"):
+        for alg in args.batch_algs.split(","):
             single = bench_batch(lm, records, alg, 1, ctx_args, 1)
             print(row(f"{alg} batch 1", single["fast"], single["slow"], "s/edit"), flush=True)
             for batch in batches:

@@ -2,6 +2,7 @@
 
     python experiments/benchmark.py --data_dir ../shared/data            # all phases (~1-2 h)
     python experiments/benchmark.py --phases rome,stats --batches 16     # a subset
+    (phases: rome, values8 (8 requests batched vs separate), batch, stats, eval)
 
 Straightforward paths: value optimisation through the full model with full logits, one request
 at a time (the papers' harness; for large batches timed on a few requests and scaled, marked
@@ -85,6 +86,19 @@ def bench_batch(lm: LoadedModel, records, alg: str, batch: int, ctx_args: dict, 
     return {"batch": batch, "fast": fast / batch, "slow": slow, "estimated": len(sample) < batch, "steps": values_fast / batch}
 
 
+def bench_values_batched(lm: LoadedModel, records, ctx_args: dict, n: int = 8) -> dict:
+    """r-ROME value optimisation of n requests in one batch vs n separate calls: seconds and the
+    largest relative difference of v* between the two."""
+    hparams = load_algorithm_hparams("R-ROME", "smollm2-135m.yaml")
+    templates = EditContext(**ctx_args).templates(lm, hparams)
+    requests, autocast = [r.request for r in records[:n]], _autocast(ctx_args["value_dtype"])
+    together, batched = timed(compute_values, lm, requests, hparams.layers[0], templates, hparams, autocast=autocast)
+    alone, separate = timed(lambda: [compute_values(lm, [r], hparams.layers[0], templates, hparams, autocast=autocast) for r in requests])
+    target = torch.cat([a.target for a in alone])
+    error = ((together.target - target).norm(dim=-1) / target.norm(dim=-1)).max().item()
+    return {"batched": batched / n, "separate": separate / n, "error": error}
+
+
 def naive_statistics(lm: LoadedModel, layer: int, texts, n_tokens: int, max_len: int = 512, batch: int = 8) -> float:
     """Tokens/s of the straightforward statistics pass: padded articles through the whole model."""
     module = lm.model.get_submodule(lm.arch.down_proj(layer))
@@ -130,7 +144,7 @@ def row(name: str, fast: float, slow: float, unit: str, note: str = "") -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", default="../shared/data")
-    parser.add_argument("--phases", default="rome,batch,stats,eval")
+    parser.add_argument("--phases", default="rome,values8,batch,stats,eval")
     parser.add_argument("--batches", default="16,64,256,1024")
     parser.add_argument("--batch_algs", default="EMMET,MEMIT")
     parser.add_argument("--rome_edits", type=int, default=3)
@@ -143,7 +157,7 @@ def main() -> int:
     corpus = str(Path(args.data_dir) / "wiki")
     ctx_args = {"corpus_path": corpus, "value_dtype": args.value_dtype}
     batches = [int(b) for b in args.batches.split(",")]
-    records = load_cases("cf", args.data_dir, limit=max(batches + [args.rome_edits]))
+    records = load_cases("cf", args.data_dir, limit=max(batches + [args.rome_edits, 8]))
     peaks = {"float32": matmul_peak(), "bfloat16": matmul_peak(torch.bfloat16)}
     peak = peaks.get(args.value_dtype, peaks["float32"])
     print(f"smollm2-135m on {torch.get_num_threads()} threads, fast value optimisation in {args.value_dtype}; "
@@ -154,6 +168,10 @@ def main() -> int:
             r = bench_rome(lm, records[: args.rome_edits], alg, ctx_args)
             print(row(f"{alg} edit", r["fast"], r["slow"], "s/edit",
                       f"value optimisation at {r['gflops']:.0f} GFLOP/s = {100 * r['gflops'] / peak:.0f}% of the {args.value_dtype} peak"), flush=True)
+    if "values8" in phases:
+        v = bench_values_batched(lm, records, ctx_args)
+        print(row("r-ROME values, 8 requests batched vs separate", v["batched"], v["separate"], "s/request",
+                  f"max relative difference of v* {v['error']:.1e}"), flush=True)
     if "batch" in phases:
         for alg in args.batch_algs.split(","):
             single = bench_batch(lm, records, alg, 1, ctx_args, 1)

@@ -13,6 +13,7 @@ next to a measured float32 matmul peak of this machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -92,6 +93,8 @@ def bench_values_batched(lm: LoadedModel, records, ctx_args: dict, n: int = 8) -
     hparams = load_algorithm_hparams("R-ROME", "smollm2-135m.yaml")
     templates = EditContext(**ctx_args).templates(lm, hparams)
     requests, autocast = [r.request for r in records[:n]], _autocast(ctx_args["value_dtype"])
+    # warm-up (allocator, weight copies), so that neither timing pays first-call costs
+    compute_values(lm, requests[:1], hparams.layers[0], templates, dataclasses.replace(hparams, v_num_grad_steps=2), autocast=autocast)
     together, batched = timed(compute_values, lm, requests, hparams.layers[0], templates, hparams, autocast=autocast)
     alone, separate = timed(lambda: [compute_values(lm, [r], hparams.layers[0], templates, hparams, autocast=autocast) for r in requests])
     target = torch.cat([a.target for a in alone])

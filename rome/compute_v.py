@@ -16,7 +16,8 @@ token has been the top prediction after every templated prompt at that many step
 
 Fast path (default): the layers up to the edited one do not depend on the delta, so they run once
 without grad; each step runs only the layers above it, and the unembedding is applied only at the
-positions whose log-probabilities the loss reads. `fast=False` is the straightforward path (full
+positions whose log-probabilities the loss reads; rows are grouped by length so that batching
+requests adds no padding work. `fast=False` is the straightforward path (full
 model forward with a hook, full logits), kept to check equality and measure the speed-up.
 """
 from __future__ import annotations
@@ -211,6 +212,69 @@ class _UpperStack:
         return hidden
 
 
+# A row group costs about as much fixed per-call work (a forward and backward call per layer) as
+# this many padded suffix tokens; it sets how finely rows are grouped by suffix length.
+GROUP_OVERHEAD_TOKENS = 24
+
+
+def length_groups(lengths: list[int], overhead: int | None = None) -> list[list[int]]:
+    """Indices grouped so that padding each group to its longest member, plus `overhead` per group
+    (default GROUP_OVERHEAD_TOKENS), costs the least (exact: dynamic programme over the sorted
+    distinct lengths)."""
+    overhead = GROUP_OVERHEAD_TOKENS if overhead is None else overhead
+    distinct = sorted(set(lengths))
+    count = [sum(n == d for n in lengths) for d in distinct]
+    best, cut = [0.0] + [float("inf")] * len(distinct), [0] * (len(distinct) + 1)
+    for end in range(1, len(distinct) + 1):
+        rows = 0
+        for start in range(end, 0, -1):  # group = distinct[start-1 : end], padded to distinct[end-1]
+            rows += count[start - 1]
+            cost = best[start - 1] + rows * distinct[end - 1] + overhead
+            if cost < best[end]:
+                best[end], cut[end] = cost, start - 1
+    bounds, end = [], len(distinct)
+    while end:
+        bounds.append((distinct[cut[end]], distinct[end - 1]))
+        end = cut[end]
+    return [[i for i, n in enumerate(lengths) if low <= n <= high] for low, high in reversed(bounds)]
+
+
+class _GroupedStack:
+    """The replay stack over rows grouped by suffix length, one _UpperStack per group.
+
+    Rows of many requests differ in suffix length (prompt tail plus target); one stack pads all of
+    them to the longest, which for a batch of 64 requests nearly doubles the tokens replayed per
+    step. Grouping makes batching requests cheaper per request than optimising them one by one."""
+
+    def __init__(self, lm: LoadedModel, layer: int, loss_layer: int, batch: _Batch, rows: torch.Tensor,
+                 autocast: torch.dtype | None = None, replay: "_Replay | None" = None):
+        self.replay = replay or _Replay(lm, layer, loss_layer, autocast)
+        suffix = batch.mask[rows].sum(1) - batch.fact_position[rows]
+        self.groups = [torch.tensor(g) for g in length_groups(suffix.tolist())]
+        self.stacks = [_UpperStack(lm, layer, loss_layer, batch, rows[g], autocast, self.replay) for g in self.groups]
+        self.group_of, self.local = torch.empty(len(rows), dtype=torch.long), torch.empty(len(rows), dtype=torch.long)
+        for k, g in enumerate(self.groups):
+            self.group_of[g], self.local[g] = k, torch.arange(len(g))
+        self.device = self.stacks[0].hidden.device
+        self.precision = self.stacks[0].precision
+
+    def __call__(self, row_delta: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Hidden states at the loss layer at (row, original position) pairs, with each row's delta
+        (row_delta[row]) added to the edited layer's output at its fact token."""
+        pieces, order = [], []
+        for k, (group, stack) in enumerate(zip(self.groups, self.stacks)):
+            asked = (self.group_of[rows] == k).nonzero()[:, 0]
+            if not len(asked):
+                continue
+            added = torch.zeros_like(stack.hidden)
+            added[:, 0] = row_delta[group.to(row_delta.device)].to(added.device, added.dtype)
+            top = stack(added)
+            local = self.local[rows[asked]]
+            pieces.append(top[local.to(top.device), stack.column(local, positions[asked]).to(top.device)])
+            order.append(asked)
+        return torch.cat(pieces)[torch.argsort(torch.cat(order)).to(pieces[0].device)]
+
+
 # Rebuild the replay stack once the requests still optimised are at most this share of its rows.
 REBUILD_FRACTION = 0.75
 
@@ -265,18 +329,12 @@ def _scatter_delta(hidden_like: torch.Tensor, view: _Active, delta_stack: torch.
     return torch.zeros_like(hidden_like).index_put((rows, view.fact.to(device)), values)
 
 
-def _fast_log_probs(lm, stack: _UpperStack, view: _Active, delta_stack):
-    added = torch.zeros_like(stack.hidden)
-    added[:, 0] = delta_stack[view.row_request.to(delta_stack.device)].to(added.device, added.dtype)
+def _fast_log_probs(lm, stack: _GroupedStack, view: _Active, delta_stack):
+    row_delta = delta_stack[view.row_request.to(delta_stack.device)]
+    rows, positions = torch.cat([view.t_row, view.kl_rows]), torch.cat([view.t_position, view.kl_positions])
     with stack.precision():
-        top = stack(added)
-    device = top.device
-    t_col = stack.column(view.t_row, view.t_position)
-    kl_col = stack.column(view.kl_rows, view.kl_positions)
-    # One unembedding call for both: at a few rows it is bound by reading the vocab matrix.
-    rows = torch.cat([view.t_row, view.kl_rows]).to(device)
-    with stack.precision():
-        log_probs = _log_probs(lm, top[rows, torch.cat([t_col, kl_col]).to(device)], stack.replay)
+        # One unembedding call for targets and KL prompts: at a few rows it is bound by reading the vocab matrix.
+        log_probs = _log_probs(lm, stack(row_delta, rows, positions), stack.replay)
     return log_probs[: len(view.t_row)], log_probs[len(view.t_row):]
 
 
@@ -323,8 +381,8 @@ def compute_values(
     reference = _reference_vectors(lm, batch, lm.arch.down_proj(layer) if site == "mlp" else lm.arch.layer(layer))
     ref_norm = reference.norm(dim=-1)
     all_rows = torch.arange(len(batch.ids))
-    stack = _UpperStack(lm, layer, hparams.v_loss_layer, batch, all_rows, autocast) if fast else None
-    device = stack.hidden.device if fast else reference.device
+    stack = _GroupedStack(lm, layer, hparams.v_loss_layer, batch, all_rows, autocast) if fast else None
+    device = stack.device if fast else reference.device
     # float32 deltas for half-precision models, float64 for float64 models (exactness tests)
     param_dtype = torch.promote_types(next(lm.model.parameters()).dtype, torch.float32)
     deltas = [torch.nn.Parameter(torch.zeros(reference.shape[1], device=device, dtype=param_dtype)) for _ in range(n)]
@@ -368,7 +426,7 @@ def compute_values(
             members = sorted(active)
             view = _Active(batch, members, n)
             if fast:
-                stack = _UpperStack(lm, layer, hparams.v_loss_layer, batch, view.rows, autocast, stack.replay)
+                stack = _GroupedStack(lm, layer, hparams.v_loss_layer, batch, view.rows, autocast, stack.replay)
         with torch.no_grad():
             for i in active:
                 steps[i] += 1

@@ -61,6 +61,47 @@ def test_finished_requests_kept_in_the_replay_stack_do_not_change_the_others(tin
     assert fast.steps == slow.steps and len(set(fast.steps)) > 1
 
 
+@pytest.mark.parametrize("overhead", [0, 10**9])
+def test_rows_grouped_by_length_give_the_values_of_one_group(tiny, monkeypatch, overhead):
+    # 0: every distinct suffix length its own group; 10**9: one group padded to the longest.
+    tiny.model.double()
+    hp = tiny_hparams(v_num_grad_steps=4)
+    templates = EditContext().templates(tiny, hp)
+    slow = compute_values(tiny, requests(), 1, templates, hp, fast=False)
+    monkeypatch.setattr(compute_v, "GROUP_OVERHEAD_TOKENS", overhead)
+    batch = compute_v.build_batch(tiny, requests(), templates, hp.fact_token, hp.kl_prompts)
+    stack = compute_v._GroupedStack(tiny, 1, hp.v_loss_layer, batch, torch.arange(len(batch.ids)))
+    distinct = len(set((batch.mask.sum(1) - batch.fact_position).tolist()))
+    assert distinct > 1 and len(stack.groups) == (distinct if overhead == 0 else 1)
+    assert_same_values(compute_values(tiny, requests(), 1, templates, hp), slow)
+
+
+def brute_force_grouping_cost(lengths, overhead):
+    """Least cost over every split of the sorted distinct lengths into runs (2^(d-1) splits)."""
+    distinct = sorted(set(lengths))
+    best = float("inf")
+    for mask in range(2 ** (len(distinct) - 1)):
+        cost, rows = 0, 0
+        for j, d in enumerate(distinct):
+            rows += lengths.count(d)
+            if j == len(distinct) - 1 or mask >> j & 1:
+                cost, rows = cost + rows * d + overhead, 0
+        best = min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_length_groups_partition_rows_at_least_cost(seed):
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 12, (int(torch.randint(1, 40, (1,), generator=generator)),), generator=generator).tolist()
+    for overhead in (0, 5, 30, 1000):
+        groups = compute_v.length_groups(lengths, overhead)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        cost = sum(len(g) * max(lengths[i] for i in g) + overhead for g in groups)
+        assert cost == brute_force_grouping_cost(lengths, overhead)
+    assert len(compute_v.length_groups(lengths, 0)) == len(set(lengths))
+
+
 def test_chunked_batches_equal_one_batch(tiny):
     from rome.compute_u import compute_keys
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.checkpoint import read_jsonl
+from experiments.report import mean_probe_accuracy
 
 SCORES = ("ES", "PS", "NS", "S")
 
@@ -112,14 +113,6 @@ def write_plots(path: Path) -> list[Path]:
     return written
 
 
-def _mean_probe_accuracy(rows: list[dict[str, Any]]) -> list[tuple[int, float]]:
-    by_step: dict[int, list[float]] = {}
-    for r in rows:
-        if r["kind"] == "probe" and r["accuracy"] is not None:
-            by_step.setdefault(r["n_edits"], []).append(r["accuracy"])
-    return sorted((n, sum(v) / len(v)) for n, v in by_step.items())
-
-
 def write_comparison(runs: dict[str, Path], out: Path, title: str) -> Path:
     """One figure comparing runs (label -> run folder): score over all facts edited so far,
     perplexity, mean probe accuracy and ||W - W0|| against the number of edits; each run's
@@ -142,7 +135,7 @@ def write_comparison(runs: dict[str, Path], out: Path, title: str) -> Path:
             ppl = [(r["n_edits"], r["perplexity"]) for r in rows if r["kind"] == "perplexity"]
             if ppl:
                 axes[0, 1].plot(*zip(*ppl), marker="o", color=color, label=label)
-            acc = _mean_probe_accuracy(rows)
+            acc = mean_probe_accuracy(rows)
             if acc:
                 axes[1, 0].plot(*zip(*acc), marker="o", color=color, label=label)
             drift = [(e["n_edits"], e["health"]["drift_norm"]) for e in edits]

@@ -134,6 +134,44 @@ def markdown_table(summaries: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def mean_probe_accuracy(rows: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    """(n_edits, accuracy averaged over the probe tasks) at each evaluation step."""
+    by_step: dict[int, list[float]] = {}
+    for r in of_kind(rows, "probe"):
+        if r["accuracy"] is not None:
+            by_step.setdefault(r["n_edits"], []).append(r["accuracy"])
+    return sorted((n, sum(v) / len(v)) for n, v in by_step.items())
+
+
+def curve_rows(path: Path) -> list[dict[str, Any]]:
+    """A run's course, one row per evaluation step: scores over all facts edited so far,
+    perplexity, mean probe accuracy, ||W - W0||, disabling edits so far and editing minutes."""
+    edits, rows = read_jsonl(path / "edits.jsonl"), read_jsonl(path / "probes.jsonl")
+    retained = {r["n_edits"]: r for r in of_kind(rows, "retention")}
+    perplexity = {r["n_edits"]: r["perplexity"] for r in of_kind(rows, "perplexity")}
+    probes = dict(mean_probe_accuracy(rows))
+    curve = []
+    for n in sorted(set(retained) | set(perplexity) | set(probes)):
+        done = [e for e in edits if e["n_edits"] <= n]
+        curve.append({"edits": n, **{k: retained.get(n, {}).get(k) for k in SCORES}, "ppl": perplexity.get(n),
+                      "probe acc": probes.get(n), "||W - W0||": done[-1]["health"]["drift_norm"] if done else 0.0,
+                      "disabling": sum(bool(e["disabling"]) for e in done),
+                      "edit min": sum(e["seconds"]["edit"] for e in done) / 60})
+    return curve
+
+
+def curve_markdown(runs: dict[str, Path]) -> str:
+    """The courses of several runs (label -> run folder) in one table."""
+    lines = ["| run | edits | ES ret | PS ret | NS ret | S ret | ppl | probe acc | \\|W - W0\\| | disabling | edit min |",
+             "|" + "---|" * 11]
+    for label, path in runs.items():
+        for row in curve_rows(path):
+            cells = [label, str(row["edits"]), *(fmt(row[k]) for k in SCORES), fmt(row["ppl"], 2), fmt(row["probe acc"]),
+                     fmt(row["||W - W0||"], 1), str(row["disabling"]), fmt(row["edit min"], 1)]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def summary_markdown(summary: dict[str, Any]) -> str:
     lines = [f"# {summary['alg_name']} on {summary['model']}: {summary['mode']}, {summary['n_edits']} edits ({summary['status']})", "",
              markdown_table([summary])]

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from experiments.plots import write_comparison
-from experiments.report import markdown_table
+from experiments.report import curve_markdown, markdown_table
 from experiments.summarize import find_summaries, load_summaries
 from experiments.sweep import EVALUATE, run_local
 from util.cli import run_cli
@@ -73,7 +73,9 @@ def report(study: str, args: argparse.Namespace) -> None:
     docs = Path(args.docs_dir)
     docs.mkdir(parents=True, exist_ok=True)
     table = markdown_table(load_summaries(find_summaries([str(p) for p in runs.values()])))
-    (docs / f"results_{study}.md").write_text(f"### {STUDIES[study][0]}\n\n{table}")
+    course = curve_markdown(runs)
+    (docs / f"results_{study}.md").write_text(f"### {STUDIES[study][0]}\n\n{table}\nCourse of each run "
+                                              f"(scores over all facts edited so far):\n\n{course}")
     write_comparison(runs, docs / f"results_{study}.png", STUDIES[study][0])
     print(table, end="")
     print(f"wrote {docs / f'results_{study}.md'} and {docs / f'results_{study}.png'}")

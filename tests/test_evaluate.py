@@ -12,7 +12,7 @@ from experiments.checkpoint import Checkpoint, JsonlStream, RunFolder, read_json
 from experiments.evaluate import main, options_from_argv
 from experiments.evals import prompt_budget
 from experiments.health import disabling_reasons
-from experiments.report import build_summary, summary_markdown, write_summary
+from experiments.report import build_summary, curve_markdown, curve_rows, summary_markdown, write_summary
 from experiments.run_config import HealthThresholds, RunError, RunOptions
 from experiments.summarize import main as summarize_main
 from util.cli import run_cli
@@ -169,6 +169,15 @@ def test_summary_from_hand_made_files(hand_made_run):
     assert summary["seconds"] == {"edit": 6.0, "evaluate": 3.0, "periodic": 5.0}
     text = summary_markdown(summary)
     assert "0.800 → 0.600" in text and "20.00 → 90.00" in text and "norm jump: big" in text
+
+
+def test_course_of_a_run_from_hand_made_files(hand_made_run):
+    before, after = curve_rows(hand_made_run)
+    assert before == {"edits": 0, "ES": None, "PS": None, "NS": None, "S": None, "ppl": 20.0, "probe acc": 0.8,
+                      "||W - W0||": 0.0, "disabling": 0, "edit min": 0.0}
+    assert after["edits"] == 3 and after["S"] == 0.6 and after["ppl"] == 90.0 and after["probe acc"] == 0.6
+    assert after["||W - W0||"] == 120.0 and after["disabling"] == 1 and after["edit min"] == pytest.approx(0.1)
+    assert "| ROME | 3 | 0.500 | 0.500 | 1.000 | 0.600 | 90.00 | 0.600 | 120.0 | 1 | 0.1 |" in curve_markdown({"ROME": hand_made_run})
 
 
 def test_summarize_table_and_csv(hand_made_run, tmp_path, capsys):

@@ -130,3 +130,20 @@ def test_bfloat16_value_optimisation_reaches_the_same_loss(tiny):
     # The replay ran on bfloat16 copies (attention in float32); the model itself is untouched.
     assert next(tiny.model.parameters()).dtype == torch.float32
     assert tiny.model.config._attn_implementation != compute_v.FLOAT32_SDPA
+
+
+def test_float32_sdpa_keeps_grouped_heads_and_equals_transformers():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    class Attention(torch.nn.Module):
+        num_key_value_groups, is_causal = 2, True
+
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 4, 3, 8, generator=generator).bfloat16()
+    key, value = (torch.randn(2, 2, 5, 8, generator=generator).bfloat16() for _ in range(2))
+    mask = torch.zeros(2, 1, 3, 5)
+    mask[0, :, :, 0] = mask[1, :, 0, 3:] = float("-inf")  # padding and causality
+    ours, _ = compute_v._float32_sdpa(Attention(), query, key, value, mask, dropout=0.0, scaling=0.3)
+    theirs, _ = sdpa_attention_forward(Attention(), query.float(), key.float(), value.float(), mask, dropout=0.0, scaling=0.3)
+    assert ours.dtype == torch.float32 and ours.shape == (2, 3, 4, 8)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)

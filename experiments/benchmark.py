@@ -8,7 +8,8 @@ Straightforward paths: value optimisation through the full model with full logit
 at a time (the papers' harness; for large batches timed on a few requests and scaled, marked
 "est."); statistics from a full-model forward over padded articles; evaluation with one forward
 per prompt. GFLOP/s counts the matmuls of value optimisation (torch's FLOP counter) over its time,
-next to a measured float32 matmul peak of this machine.
+next to a measured matmul peak of this machine (one large square product) and to the same
+matmuls timed alone at their own shapes (the most the value optimisation's matrices allow).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from data.cases import load_cases
@@ -39,6 +41,36 @@ def matmul_peak(dtype=torch.float32, size: int = 2048, repeats: int = 10) -> flo
         a @ b
     _, seconds = timed(lambda: [a @ b for _ in range(repeats)])
     return 2 * size**3 * repeats / seconds / 1e9
+
+
+class MatmulShapes(TorchDispatchMode):
+    """Counts the matrix products a computation runs, by operand shapes and dtype."""
+
+    OPS = {torch.ops.aten.mm.default: (0, 1), torch.ops.aten.addmm.default: (1, 2), torch.ops.aten.bmm.default: (0, 1)}
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[tuple, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.OPS:
+            a, b = (args[i] for i in self.OPS[func])
+            key = (tuple(a.shape), tuple(b.shape), a.dtype)
+            self.counts[key] = self.counts.get(key, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def matmul_ceiling(counts: dict[tuple, int], repeats: int = 20) -> float:
+    """GFLOP/s of the counted products, each shape timed alone: what the matmuls of a computation
+    reach on this machine without any other work around them."""
+    flops = seconds = 0.0
+    for (shape_a, shape_b, dtype), count in counts.items():
+        a, b = torch.randn(shape_a, dtype=dtype), torch.randn(shape_b, dtype=dtype)
+        a @ b
+        _, each = timed(lambda: [a @ b for _ in range(repeats)])
+        flops += count * 2 * shape_a[-2] * shape_a[-1] * shape_b[-1] * (shape_a[0] if len(shape_a) == 3 else 1)
+        seconds += count * each / repeats
+    return flops / seconds / 1e9
 
 
 def _autocast(value_dtype: str) -> torch.dtype | None:
@@ -62,9 +94,10 @@ def bench_rome(lm: LoadedModel, records, alg: str, ctx_args: dict) -> dict:
     templates = ctx.templates(lm, hparams)
     request, autocast = records[0].request, _autocast(ctx_args["value_dtype"])
     _, seconds = timed(compute_values, lm, [request], hparams.layers[0], templates, hparams, autocast=autocast)
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, MatmulShapes() as shapes:
         compute_values(lm, [request], hparams.layers[0], templates, hparams, autocast=autocast)
-    return {"fast": times[True], "slow": times[False], "gflops": counter.get_total_flops() / seconds / 1e9}
+    return {"fast": times[True], "slow": times[False], "gflops": counter.get_total_flops() / seconds / 1e9,
+            "matmul_ceiling": matmul_ceiling(shapes.counts)}
 
 
 def bench_batch(lm: LoadedModel, records, alg: str, batch: int, ctx_args: dict, naive_requests: int) -> dict:
@@ -170,7 +203,8 @@ def main() -> int:
         for alg in ("R-ROME", "ROME"):
             r = bench_rome(lm, records[: args.rome_edits], alg, ctx_args)
             print(row(f"{alg} edit", r["fast"], r["slow"], "s/edit",
-                      f"value optimisation at {r['gflops']:.0f} GFLOP/s = {100 * r['gflops'] / peak:.0f}% of the {args.value_dtype} peak"), flush=True)
+                      f"value optimisation at {r['gflops']:.0f} GFLOP/s = {100 * r['gflops'] / peak:.0f}% of the {args.value_dtype} peak; "
+                      f"its matmuls alone at their shapes {r['matmul_ceiling']:.0f} GFLOP/s = {100 * r['matmul_ceiling'] / peak:.0f}%"), flush=True)
     if "values8" in phases:
         v = bench_values_batched(lm, records, ctx_args)
         print(row("r-ROME values, 8 requests batched vs separate", v["batched"], v["separate"], "s/request",

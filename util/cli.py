@@ -1,4 +1,4 @@
-"""Shared command-line plumbing: logging set-up and one-line errors instead of tracebacks."""
+"""Command-line plumbing: logging, malloc settings, one-line errors instead of tracebacks."""
 from __future__ import annotations
 
 import ctypes

@@ -80,7 +80,7 @@ def bench_rome(lm: LoadedModel, records, alg: str, ctx_args: dict) -> dict:
     hparams = load_algorithm_hparams(alg, "smollm2-135m.yaml")
     times = {}
     for fast in (True, False):
-        ctx = EditContext(fast=fast, **{**ctx_args, "value_dtype": ctx_args["value_dtype"] if fast else "float32"})
+        ctx = EditContext(fast=fast, **{**ctx_args, **({} if fast else {"value_dtype": "float32", "value_compile": False})})
         ctx.covariance(lm, hparams.layers[0], hparams)  # statistics are not part of an edit
         ctx.templates(lm, hparams)
         start = time.perf_counter()
@@ -90,11 +90,23 @@ def bench_rome(lm: LoadedModel, records, alg: str, ctx_args: dict) -> dict:
     ctx = EditContext(**ctx_args)
     templates = ctx.templates(lm, hparams)
     request, autocast = records[0].request, _autocast(ctx_args["value_dtype"])
-    _, seconds = timed(compute_values, lm, [request], hparams.layers[0], templates, hparams, autocast=autocast)
+    _, seconds = timed(compute_values, lm, [request], hparams.layers[0], templates, hparams, autocast=autocast,
+                       compiled=ctx_args["value_compile"])
     with FlopCounterMode(display=False) as counter, MatmulShapes() as shapes:
         compute_values(lm, [request], hparams.layers[0], templates, hparams, autocast=autocast)
     return {"fast": times[True], "slow": times[False], "gflops": counter.get_total_flops() / seconds / 1e9,
             "matmul_ceiling": matmul_ceiling(shapes.counts)}
+
+
+def compile_warm_up(lm: LoadedModel, records, autocast: torch.dtype | None) -> float:
+    """Seconds to compile the replayed layers: a few steps on one request and on eight (row
+    groups of one row and of several, the shapes torch.compile specialises on)."""
+    hparams = dataclasses.replace(load_algorithm_hparams("EMMET", "smollm2-135m.yaml"), v_num_grad_steps=2)
+    templates = EditContext().templates(lm, hparams)  # sampled before the timer
+    start = time.perf_counter()
+    for n in (1, 8):
+        compute_values(lm, [r.request for r in records[:n]], hparams.layers[-1], templates, hparams, "layer", autocast=autocast, compiled=True)
+    return time.perf_counter() - start
 
 
 def bench_batch(lm: LoadedModel, records, alg: str, batch: int, ctx_args: dict, naive_requests: int) -> dict:
@@ -112,7 +124,7 @@ def bench_batch(lm: LoadedModel, records, alg: str, batch: int, ctx_args: dict, 
     sample = requests[:naive_requests]
     _, naive_values = timed(lambda: [compute_values(lm, [r], hparams.layers[-1], templates, hparams, site="layer", fast=False) for r in sample])
     _, fast_values = timed(compute_values, lm, sample, hparams.layers[-1], templates, hparams, "layer",
-                           autocast=_autocast(ctx_args["value_dtype"]))
+                           autocast=_autocast(ctx_args["value_dtype"]), compiled=ctx_args["value_compile"])
     slow = fast / batch - fast_values / len(sample) + naive_values / len(sample)
     return {"batch": batch, "fast": fast / batch, "slow": slow, "estimated": len(sample) < batch, "steps": values_fast / batch}
 
@@ -184,17 +196,20 @@ def main() -> int:
     parser.add_argument("--naive_requests", type=int, default=2, help="requests timed on the straightforward batch path")
     parser.add_argument("--stats_windows", type=int, default=32)
     parser.add_argument("--value_dtype", default="float32", help="dtype of the fast value optimisation (bfloat16: mixed precision)")
+    parser.add_argument("--value_compile", action="store_true", help="torch.compile the replayed layers (with --value_dtype bfloat16)")
     args = parser.parse_args()
     phases = set(args.phases.split(","))
     lm = load_model("smollm2-135m")
     corpus = str(Path(args.data_dir) / "wiki")
-    ctx_args = {"corpus_path": corpus, "value_dtype": args.value_dtype}
+    ctx_args = {"corpus_path": corpus, "value_dtype": args.value_dtype, "value_compile": args.value_compile}
     batches = [int(b) for b in args.batches.split(",")]
     records = load_cases("cf", args.data_dir, limit=max(batches + [args.rome_edits, 8]))
     peaks = {"float32": matmul_peak(), "bfloat16": matmul_peak(torch.bfloat16)}
     peak = peaks.get(args.value_dtype, peaks["float32"])
     print(f"smollm2-135m on {torch.get_num_threads()} threads, fast value optimisation in {args.value_dtype}; "
           f"matmul peak float32 {peaks['float32']:.0f} GFLOP/s, bfloat16 {peaks['bfloat16']:.0f} GFLOP/s\n")
+    if args.value_compile:  # compiled once per process: not part of any edit's time
+        print(f"torch.compile of the replayed layers: {compile_warm_up(lm, records, _autocast(args.value_dtype)):.0f} s\n")
     print("| phase | fast | straightforward | ratio | note |\n|---|---|---|---|---|")
     if "rome" in phases:
         for alg in ("R-ROME", "ROME"):

@@ -62,6 +62,7 @@ class RunOptions:
     stop_on_collapse: bool = False
     dtype: str = "float32"
     value_dtype: str = "float32"  # "bfloat16": mixed-precision value optimisation (rome/compute_v.py)
+    value_compile: bool = False  # torch.compile the replayed Llama layers (mixed-precision values only)
     health: HealthThresholds = field(default_factory=HealthThresholds)
     # session fields
     continue_from_run: str | None = None
@@ -100,6 +101,8 @@ class RunOptions:
             raise RunError("--custom_path goes with --ds_name custom, and --ds_name custom needs --custom_path")
         if self.value_dtype not in ("float32", "bfloat16", "float16"):
             raise RunError(f"--value_dtype must be float32, bfloat16 or float16, got {self.value_dtype!r}")
+        if self.value_compile and self.value_dtype == "float32":
+            raise RunError("--value_compile applies to mixed-precision values: add --value_dtype bfloat16")
         if self.stop_after is not None and self.stop_after < 1:
             raise RunError(f"--stop_after must be at least 1, got {self.stop_after}")
         return self

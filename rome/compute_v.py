@@ -17,8 +17,11 @@ token has been the top prediction after every templated prompt at that many step
 Fast path (default): the layers up to the edited one do not depend on the delta, so they run once
 without grad; each step runs only the layers above it, and the unembedding is applied only at the
 positions whose log-probabilities the loss reads; rows are grouped by length so that batching
-requests adds no padding work. `fast=False` is the straightforward path (full
-model forward with a hook, full logits), kept to check equality and measure the speed-up.
+requests adds no padding work. Under mixed precision, plain Llama layers are replayed by one
+function (`_llama_layer`, equal to transformers' layers to the bit), which `compiled=True` hands to
+torch.compile: it fuses the elementwise work around the matmuls. `fast=False` is the
+straightforward path (full model forward with a hook, full logits), kept to check equality and
+measure the speed-up.
 """
 from __future__ import annotations
 
@@ -181,6 +184,11 @@ class _UpperStack:
             finally:
                 for handle in handles:
                     handle.remove()
+        # _llama_layer needs each layer's explicit mask and rotary embeddings (else: the modules)
+        self.functional = self.replay.llama is not None and all(
+            isinstance(kw.get("attention_mask"), torch.Tensor) and kw.get("position_embeddings") is not None and not args[1:]
+            for args, kw in self.calls)
+        self.upper_kv = self.prefix_kv[layer + 1:loss_layer + 1]  # the replayed layers' cached prefixes
 
     def _capture(self, module, args, kwargs):
         self.calls.append((args, kwargs))
@@ -201,8 +209,14 @@ class _UpperStack:
 
     def __call__(self, added: torch.Tensor) -> torch.Tensor:
         """Suffix hidden states at the loss layer with `added` summed into the edited layer's output."""
-        self._reset_cache()
         hidden = self.hidden + added
+        if self.functional:
+            with torch.autocast(self.device_type, enabled=False):  # the function casts explicitly
+                for weights, (_, kwargs), (keys, values) in zip(self.replay.llama, self.calls, self.upper_kv):
+                    cos, sin = kwargs["position_embeddings"]
+                    hidden = self.replay.layer_function(hidden, keys, values, cos, sin, kwargs["attention_mask"], weights)
+            return hidden
+        self._reset_cache()
         for module, (args, kwargs) in zip(self.modules, self.calls):
             if args:
                 out = module(hidden, *args[1:], **kwargs)
@@ -247,8 +261,8 @@ class _GroupedStack:
     step. Grouping makes batching requests cheaper per request than optimising them one by one."""
 
     def __init__(self, lm: LoadedModel, layer: int, loss_layer: int, batch: _Batch, rows: torch.Tensor,
-                 autocast: torch.dtype | None = None, replay: "_Replay | None" = None):
-        self.replay = replay or _Replay(lm, layer, loss_layer, autocast)
+                 autocast: torch.dtype | None = None, replay: "_Replay | None" = None, compiled: bool = False):
+        self.replay = replay or _Replay(lm, layer, loss_layer, autocast, compiled)
         suffix = batch.mask[rows].sum(1) - batch.fact_position[rows]
         self.groups = [torch.tensor(g) for g in length_groups(suffix.tolist())]
         self.stacks = [_UpperStack(lm, layer, loss_layer, batch, rows[g], autocast, self.replay) for g in self.groups]
@@ -303,6 +317,98 @@ FLOAT32_SDPA = "kedit_float32_sdpa"
 AttentionInterface.register(FLOAT32_SDPA, _float32_sdpa)
 
 
+def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm on a float32 residual stream."""
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    return weight * (hidden * torch.rsqrt(variance + eps))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class _LlamaWeights:
+    """One Llama decoder layer's matrices (already in the mixed-precision dtype) and shapes."""
+    input_norm: torch.Tensor
+    input_eps: float
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    biases: tuple  # (q, k, v, o, gate, up, down) biases, None where the layer has none
+    mlp_norm: torch.Tensor
+    mlp_eps: float
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scaling: float
+
+    @staticmethod
+    def of(layer: torch.nn.Module) -> "_LlamaWeights":
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        return _LlamaWeights(
+            layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
+            attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight, tuple(m.bias for m in linears),
+            layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
+            mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
+            attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.head_dim, attn.scaling)
+
+
+def _is_plain_llama(layer: torch.nn.Module) -> bool:
+    """A decoder layer whose forward is exactly transformers' LlamaDecoderLayer (what _llama_layer computes)."""
+    config = getattr(getattr(layer, "self_attn", None), "config", None)
+    return (type(layer).__name__ == "LlamaDecoderLayer" and getattr(config, "hidden_act", None) == "silu"
+            and not getattr(config, "pretraining_tp", 1) > 1)
+
+
+def _llama_layer(hidden, prefix_keys, prefix_values, cos, sin, mask, w: _LlamaWeights):
+    """One replayed Llama decoder layer on the suffix, attending to the cached prefix: the same
+    operations and dtypes as transformers' layer under autocast with _float32_sdpa (matmuls in the
+    weights' dtype, residual stream, norms, rotary embeddings and attention in float32), written
+    as one function so that torch.compile can fuse it (the module path goes through a cache)."""
+    batch, length, _ = hidden.shape
+    low = w.q.dtype
+    linear = lambda x, weight, bias: torch.nn.functional.linear(x.to(low), weight, None if bias is None else bias.to(low))  # noqa: E731
+    q_bias, k_bias, v_bias, o_bias, gate_bias, up_bias, down_bias = w.biases
+    x = _rms_norm(hidden, w.input_norm, w.input_eps)
+    query = linear(x, w.q, q_bias).view(batch, length, w.heads, w.head_dim).transpose(1, 2)
+    key = linear(x, w.k, k_bias).view(batch, length, w.kv_heads, w.head_dim).transpose(1, 2)
+    value = linear(x, w.v, v_bias).view(batch, length, w.kv_heads, w.head_dim).transpose(1, 2)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    query = query * cos + _rotate_half(query) * sin
+    key = key * cos + _rotate_half(key) * sin
+    key, value = torch.cat((prefix_keys, key), dim=-2), torch.cat((prefix_values, value), dim=-2)
+    if mask.dtype != torch.bool:
+        mask = mask.float()
+    attended = torch.nn.functional.scaled_dot_product_attention(
+        query.float(), key.float(), value.float(), attn_mask=mask[..., : key.shape[-2]], scale=w.scaling,
+        enable_gqa=w.heads != w.kv_heads)
+    attended = attended.transpose(1, 2).reshape(batch, length, w.heads * w.head_dim)
+    hidden = hidden + linear(attended, w.o, o_bias)
+    x = _rms_norm(hidden, w.mlp_norm, w.mlp_eps)
+    x = torch.nn.functional.silu(linear(x, w.gate, gate_bias)) * linear(x, w.up, up_bias)
+    return hidden + linear(x, w.down, down_bias)
+
+
+_compiled_llama_layer = None
+
+
+def _layer_function(compiled: bool):
+    """_llama_layer, or (once per process) its torch.compile'd form with dynamic shapes."""
+    global _compiled_llama_layer
+    if not compiled:
+        return _llama_layer
+    if _compiled_llama_layer is None:
+        _compiled_llama_layer = torch.compile(_llama_layer, dynamic=True)
+    return _compiled_llama_layer
+
+
 class _Replay:
     """The modules a step runs: the layers above the edited one, the final norm and the unembedding.
 
@@ -312,10 +418,11 @@ class _Replay:
     edited matrices all lie at or below the edited layer). Modules placed by accelerate (hooks) are
     used as they are."""
 
-    def __init__(self, lm: LoadedModel, layer: int, loss_layer: int, autocast: torch.dtype | None):
+    def __init__(self, lm: LoadedModel, layer: int, loss_layer: int, autocast: torch.dtype | None, compiled: bool = False):
         self.original_layers = [lm.model.get_submodule(lm.arch.layer(j)) for j in range(layer + 1, loss_layer + 1)]
         modules = [*self.original_layers, lm.model.get_submodule(lm.arch.final_norm), lm.model.get_submodule(lm.arch.unembed)]
-        if autocast is not None and not any(hasattr(m, "_hf_hook") for m in modules):
+        copied = autocast is not None and not any(hasattr(m, "_hf_hook") for m in modules)
+        if copied:
             modules = [copy.deepcopy(m) for m in modules]
             for weight in (w for m in modules for w in m.parameters() if w.dim() >= 2):
                 weight.data = weight.data.to(autocast)  # matrices only: norms keep their dtype
@@ -324,6 +431,11 @@ class _Replay:
                 if getattr(config, "_attn_implementation", None) == "sdpa":
                     config._attn_implementation = FLOAT32_SDPA
         *self.layers, self.norm, self.unembed = modules
+        # Mixed precision on plain Llama layers of a float32 model: replay them as one function,
+        # which torch.compile can fuse (`compiled`).
+        plain = copied and self.layers and all(map(_is_plain_llama, self.layers)) and self.norm.weight.dtype == torch.float32
+        self.llama = [_LlamaWeights.of(m) for m in self.layers] if plain else None
+        self.layer_function = _layer_function(compiled)
 
 
 def _log_probs(lm: LoadedModel, hidden: torch.Tensor, replay: _Replay | None = None) -> torch.Tensor:
@@ -374,6 +486,7 @@ def compute_values(
     fast: bool = True,
     chunk_size: int = 64,
     autocast: torch.dtype | None = None,
+    compiled: bool = False,
 ) -> ValueResult:
     """Optimise one delta per request at `layer` (see the module docstring).
 
@@ -381,9 +494,11 @@ def compute_values(
     (bounded memory) with results identical to one batch. `autocast` (fast path only, e.g.
     torch.bfloat16) runs the replayed layers in mixed precision: several times faster on CPUs
     with native bfloat16 matmuls, at the cost of values that are no longer bitwise those of
-    float32 (the deltas and Adam stay float32)."""
+    float32 (the deltas and Adam stay float32). `compiled` (with `autocast`, Llama models): the
+    replayed layers run torch.compile'd (compiled once per process; values close to, not equal
+    to, the eager ones)."""
     if len(requests) > chunk_size:
-        parts = [compute_values(lm, requests[i:i + chunk_size], layer, templates, hparams, site, fast, chunk_size, autocast)
+        parts = [compute_values(lm, requests[i:i + chunk_size], layer, templates, hparams, site, fast, chunk_size, autocast, compiled)
                  for i in range(0, len(requests), chunk_size)]
         return ValueResult(
             torch.cat([p.delta for p in parts]), torch.cat([p.reference for p in parts]),
@@ -394,7 +509,7 @@ def compute_values(
     reference = _reference_vectors(lm, batch, lm.arch.down_proj(layer) if site == "mlp" else lm.arch.layer(layer))
     ref_norm = reference.norm(dim=-1)
     all_rows = torch.arange(len(batch.ids))
-    stack = _GroupedStack(lm, layer, hparams.v_loss_layer, batch, all_rows, autocast) if fast else None
+    stack = _GroupedStack(lm, layer, hparams.v_loss_layer, batch, all_rows, autocast, compiled=compiled) if fast else None
     device = stack.device if fast else reference.device
     # float32 deltas for half-precision models, float64 for float64 models (exactness tests)
     param_dtype = torch.promote_types(next(lm.model.parameters()).dtype, torch.float32)

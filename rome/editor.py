@@ -45,6 +45,9 @@ class EditContext:
     # "bfloat16": value optimisation's replayed layers in mixed precision (several times faster on
     # CPUs with avx512_bf16/AMX and on GPUs; values close to, not equal to, float32 ones)
     value_dtype: str = "float32"
+    # with a mixed-precision value_dtype on Llama models: torch.compile the replayed layers
+    # (rome.compute_v._llama_layer; compiled once per process, ~40 s on a 2-core CPU)
+    value_compile: bool = False
     state: dict[str, Any] = field(default_factory=dict)  # per-run editor state, checkpointed
     _templates: dict = field(default_factory=dict, repr=False)
     _covariances: dict = field(default_factory=dict, repr=False)
@@ -138,7 +141,8 @@ def edit_layers(
     layers = hparams.layers
     site_module = lm.arch.down_proj(layers[-1]) if site == "mlp" else lm.arch.layer(layers[-1])
     autocast = None if ctx.value_dtype == "float32" else DTYPES[ctx.value_dtype]
-    values = compute_values(lm, requests, layers[-1], templates, hparams, site=site, fast=ctx.fast, autocast=autocast)
+    values = compute_values(lm, requests, layers[-1], templates, hparams, site=site, fast=ctx.fast, autocast=autocast,
+                            compiled=ctx.value_compile)
     targets = values.target
     names = [lm.arch.weight_name(layer) for layer in layers]
     originals = snapshot(lm.model, names)

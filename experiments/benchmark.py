@@ -198,6 +198,8 @@ def main() -> int:
     parser.add_argument("--value_dtype", default="float32", help="dtype of the fast value optimisation (bfloat16: mixed precision)")
     parser.add_argument("--value_compile", action="store_true", help="torch.compile the replayed layers (with --value_dtype bfloat16)")
     args = parser.parse_args()
+    if args.value_compile and args.value_dtype == "float32":
+        parser.error("--value_compile applies to mixed-precision values: add --value_dtype bfloat16")
     phases = set(args.phases.split(","))
     lm = load_model("smollm2-135m")
     corpus = str(Path(args.data_dir) / "wiki")

@@ -77,7 +77,7 @@ def build_parser() -> Parser:
     where.add_argument("--value_dtype", default=DEFAULTS.value_dtype,
                        help="bfloat16: value optimisation in mixed precision (~3x faster on CPUs with avx512_bf16; values close to float32's)")
     where.add_argument("--value_compile", action="store_true",
-                       help="with --value_dtype bfloat16 on Llama models: torch.compile the replayed layers (20-60 s once, then faster steps)")
+                       help="with --value_dtype bfloat16 on Llama models: torch.compile the replayed layers (up to ~1.5 min in the first edits, then faster steps)")
     return p
 
 

@@ -46,7 +46,7 @@ class EditContext:
     # CPUs with avx512_bf16/AMX and on GPUs; values close to, not equal to, float32 ones)
     value_dtype: str = "float32"
     # with a mixed-precision value_dtype on Llama models: torch.compile the replayed layers
-    # (rome.compute_v._llama_layer; compiled once per process, 20-60 s on a 2-core CPU)
+    # (rome.compute_v._llama_layer; compiled in the first calls of a process, up to ~1.5 min on a 2-core CPU)
     value_compile: bool = False
     state: dict[str, Any] = field(default_factory=dict)  # per-run editor state, checkpointed
     _templates: dict = field(default_factory=dict, repr=False)

@@ -34,6 +34,7 @@ from rome.compute_u import templated_prompts
 from rome.hparams import EditHyperParams
 from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.models.llama.modeling_llama import rotate_half
 
 from util.models import LoadedModel, input_device
 from util.nethook import StopForward, Trace, add_to_output, hidden_of
@@ -323,11 +324,6 @@ def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return weight * (hidden * torch.rsqrt(variance + eps))
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 @dataclass
 class _LlamaWeights:
     """One Llama decoder layer's matrices (already in the mixed-precision dtype) and shapes."""
@@ -381,8 +377,8 @@ def _llama_layer(hidden, prefix_keys, prefix_values, cos, sin, mask, w: _LlamaWe
     key = linear(x, w.k, k_bias).view(batch, length, w.kv_heads, w.head_dim).transpose(1, 2)
     value = linear(x, w.v, v_bias).view(batch, length, w.kv_heads, w.head_dim).transpose(1, 2)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    query = query * cos + _rotate_half(query) * sin
-    key = key * cos + _rotate_half(key) * sin
+    query = query * cos + rotate_half(query) * sin
+    key = key * cos + rotate_half(key) * sin
     key, value = torch.cat((prefix_keys, key), dim=-2), torch.cat((prefix_values, value), dim=-2)
     if mask.dtype != torch.bool:
         mask = mask.float()

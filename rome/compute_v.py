@@ -306,12 +306,18 @@ def _float32_sdpa(module, query, key, value, attention_mask, *args, **kwargs):
         special = any(kwargs.get(name) is not None for name in ("softcap", "position_bias", "cache")) or kwargs.get("output_attentions")
         if attention_mask is None or groups == 1 or args or special:
             return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
-        if attention_mask.dtype != torch.bool:
-            attention_mask = attention_mask.to(query.dtype)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=kwargs.get("dropout", 0.0),
-            scale=kwargs.get("scaling"), enable_gqa=True)
-        return out.transpose(1, 2).contiguous(), None
+        return _grouped_sdpa(query, key, value, attention_mask, kwargs.get("scaling"), kwargs.get("dropout", 0.0)), None
+
+
+def _grouped_sdpa(query, key, value, mask, scale, dropout: float = 0.0) -> torch.Tensor:
+    """Float32 SDPA over (batch, heads, length, dim) with grouped key/value heads as they are;
+    returns (batch, length, heads, dim)."""
+    query, key, value = query.float(), key.float(), value.float()
+    if mask.dtype != torch.bool:
+        mask = mask.float()
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous()
 
 
 FLOAT32_SDPA = "kedit_float32_sdpa"
@@ -380,12 +386,7 @@ def _llama_layer(hidden, prefix_keys, prefix_values, cos, sin, mask, w: _LlamaWe
     query = query * cos + rotate_half(query) * sin
     key = key * cos + rotate_half(key) * sin
     key, value = torch.cat((prefix_keys, key), dim=-2), torch.cat((prefix_values, value), dim=-2)
-    if mask.dtype != torch.bool:
-        mask = mask.float()
-    attended = torch.nn.functional.scaled_dot_product_attention(
-        query.float(), key.float(), value.float(), attn_mask=mask[..., : key.shape[-2]], scale=w.scaling,
-        enable_gqa=w.heads != w.kv_heads)
-    attended = attended.transpose(1, 2).reshape(batch, length, w.heads * w.head_dim)
+    attended = _grouped_sdpa(query, key, value, mask[..., : key.shape[-2]], w.scaling).reshape(batch, length, w.heads * w.head_dim)
     hidden = hidden + linear(attended, w.o, o_bias)
     x = _rms_norm(hidden, w.mlp_norm, w.mlp_eps)
     x = torch.nn.functional.silu(linear(x, w.gate, gate_bias)) * linear(x, w.up, up_bias)

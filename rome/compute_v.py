@@ -141,8 +141,8 @@ class _UpperStack:
     explicit position ids). Causal attention means columns before P never see the delta: one
     unedited forward caches their keys/values at every layer, and each optimisation step runs
     only the layers above the edited one, only on columns P.. (the suffix), attending to that
-    cached prefix. The layers' other arguments (masks, rotary embeddings) are captured from one
-    unedited suffix forward and replayed."""
+    cached prefix. The layers' other arguments (masks, rotary embeddings) are captured from the
+    unedited forward (and, for the modules, from one unedited suffix forward) and replayed."""
 
     def __init__(self, lm: LoadedModel, layer: int, loss_layer: int, batch: _Batch, rows: torch.Tensor,
                  autocast: torch.dtype | None = None, replay: "_Replay | None" = None):
@@ -167,11 +167,33 @@ class _UpperStack:
         device = input_device(lm.model)
         aligned, aligned_mask, positions = aligned.to(device), aligned_mask.to(device), positions.to(device)
         self.cache = DynamicCache()
-        with torch.no_grad(), self.precision(), Trace(lm.model, lm.arch.layer(layer)) as base, Trace(lm.model, lm.arch.layer(loss_layer), stop=True):
-            lm.model(input_ids=aligned, attention_mask=aligned_mask, position_ids=positions,
-                     past_key_values=self.cache, use_cache=True)
+        full_calls = []  # the upper layers' arguments in this full-width forward
+        handles = [m.register_forward_pre_hook(lambda m, args, kwargs: full_calls.append((args, kwargs)), with_kwargs=True)
+                   for m in self.replay.original_layers]
+        try:
+            with torch.no_grad(), self.precision(), Trace(lm.model, lm.arch.layer(layer)) as base, Trace(lm.model, lm.arch.layer(loss_layer), stop=True):
+                lm.model(input_ids=aligned, attention_mask=aligned_mask, position_ids=positions,
+                         past_key_values=self.cache, use_cache=True)
+        finally:
+            for handle in handles:
+                handle.remove()
         self.prefix_kv = [(cached.keys[..., : self.prefix, :], cached.values[..., : self.prefix, :]) for cached in self.cache.layers]
         self.hidden = base.output[:, self.prefix:]  # (B, S, d): the edited layer's suffix output
+        self.upper_kv = self.prefix_kv[layer + 1:loss_layer + 1]  # the replayed layers' cached prefixes
+        # _llama_layer needs each layer's explicit mask and rotary embeddings: their suffix rows are
+        # sliced from the full forward's. The modules (else) need their own cache-aware arguments,
+        # captured from one unedited suffix forward.
+        self.functional = self.replay.llama is not None and all(
+            isinstance(kw.get("attention_mask"), torch.Tensor) and kw.get("position_embeddings") is not None and not args[1:]
+            for args, kw in full_calls)
+        if self.functional:
+            # Own tensors, not views, like those of narrowed stacks: torch.compile guards on the difference.
+            own = lambda t: t.clone(memory_format=torch.contiguous_format)  # noqa: E731
+            self.upper_kv = [(own(keys), own(values)) for keys, values in self.upper_kv]
+            self.calls = [((), {"attention_mask": own(kw["attention_mask"][:, :, self.prefix:]),
+                                "position_embeddings": tuple(own(t[:, self.prefix:]) for t in kw["position_embeddings"])})
+                          for _, kw in full_calls]
+            return
         self.calls: list[tuple[tuple, dict]] = []
         if self.modules:
             handles = [m.register_forward_pre_hook(self._capture, with_kwargs=True) for m in self.replay.original_layers]
@@ -185,11 +207,21 @@ class _UpperStack:
             finally:
                 for handle in handles:
                     handle.remove()
-        # _llama_layer needs each layer's explicit mask and rotary embeddings (else: the modules)
-        self.functional = self.replay.llama is not None and all(
-            isinstance(kw.get("attention_mask"), torch.Tensor) and kw.get("position_embeddings") is not None and not args[1:]
-            for args, kw in self.calls)
-        self.upper_kv = self.prefix_kv[layer + 1:loss_layer + 1]  # the replayed layers' cached prefixes
+
+    def narrowed(self, local: torch.Tensor) -> "_UpperStack":
+        """This stack on a subset of its rows (`local`), without a forward: the replay function's
+        arguments are all per row (only when `functional`)."""
+        assert self.functional
+        narrow = copy.copy(self)
+        local = local.to(self.hidden.device)
+        narrow.hidden, narrow.shift = self.hidden[local], self.shift[local.cpu()]
+        narrow.upper_kv = [(keys[local], values[local]) for keys, values in self.upper_kv]
+        narrow.prefix_kv = narrow.cache = None  # the module path's; not used by the function
+        rows = lambda t: t[local] if len(t) == len(self.hidden) else t  # noqa: E731 (a batch dim of 1 broadcasts)
+        narrow.calls = [((), {"attention_mask": rows(kw["attention_mask"]),
+                              "position_embeddings": tuple(map(rows, kw["position_embeddings"]))})
+                        for _, kw in self.calls]
+        return narrow
 
     def _capture(self, module, args, kwargs):
         self.calls.append((args, kwargs))
@@ -265,13 +297,36 @@ class _GroupedStack:
                  autocast: torch.dtype | None = None, replay: "_Replay | None" = None, compiled: bool = False):
         self.replay = replay or _Replay(lm, layer, loss_layer, autocast, compiled)
         suffix = batch.mask[rows].sum(1) - batch.fact_position[rows]
-        self.groups = [torch.tensor(g) for g in length_groups(suffix.tolist())]
-        self.stacks = [_UpperStack(lm, layer, loss_layer, batch, rows[g], autocast, self.replay) for g in self.groups]
+        groups = [torch.tensor(g) for g in length_groups(suffix.tolist())]
+        self._assemble(rows, groups, [_UpperStack(lm, layer, loss_layer, batch, rows[g], autocast, self.replay) for g in groups])
+
+    def _assemble(self, rows: torch.Tensor, groups: list[torch.Tensor], stacks: list[_UpperStack]) -> None:
+        self.rows, self.groups, self.stacks = rows, groups, stacks
         self.group_of, self.local = torch.empty(len(rows), dtype=torch.long), torch.empty(len(rows), dtype=torch.long)
         for k, g in enumerate(self.groups):
             self.group_of[g], self.local[g] = k, torch.arange(len(g))
         self.device = self.stacks[0].hidden.device
         self.precision = self.stacks[0].precision
+
+    @property
+    def narrowable(self) -> bool:
+        return all(stack.functional for stack in self.stacks)
+
+    def narrowed(self, rows: torch.Tensor) -> "_GroupedStack":
+        """The stack on `rows` (ascending batch rows, a subset of its own), sliced from this one
+        without a forward (when `narrowable`): finished requests leave at no cost."""
+        new_index = torch.full((len(self.rows),), -1, dtype=torch.long)
+        kept = torch.isin(self.rows, rows)
+        new_index[kept] = torch.searchsorted(rows, self.rows[kept])
+        groups, stacks = [], []
+        for group, stack in zip(self.groups, self.stacks):
+            local = torch.nonzero(kept[group])[:, 0]
+            if len(local):
+                groups.append(new_index[group[local]])
+                stacks.append(stack.narrowed(local))
+        narrow = copy.copy(self)
+        narrow._assemble(rows, groups, stacks)
+        return narrow
 
     def __call__(self, row_delta: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Hidden states at the loss layer at (row, original position) pairs, with each row's delta
@@ -290,7 +345,7 @@ class _GroupedStack:
         return torch.cat(pieces)[torch.argsort(torch.cat(order)).to(pieces[0].device)]
 
 
-# Rebuild the replay stack once the requests still optimised are at most this share of its rows.
+# Rebuild a replay stack of modules once the requests still optimised are at most this share of its rows.
 REBUILD_FRACTION = 0.75
 
 
@@ -309,14 +364,16 @@ def _float32_sdpa(module, query, key, value, attention_mask, *args, **kwargs):
         return _grouped_sdpa(query, key, value, attention_mask, kwargs.get("scaling"), kwargs.get("dropout", 0.0)), None
 
 
-def _grouped_sdpa(query, key, value, mask, scale, dropout: float = 0.0) -> torch.Tensor:
+def _grouped_sdpa(query, key, value, mask, scale, dropout: float = 0.0, grouped: bool | None = None) -> torch.Tensor:
     """Float32 SDPA over (batch, heads, length, dim) with grouped key/value heads as they are;
-    returns (batch, length, heads, dim)."""
+    returns (batch, length, heads, dim). `grouped` (fewer key/value heads than query heads) is
+    read from the shapes unless given: under torch.compile with dynamic shapes that comparison
+    is symbolic, which SDPA does not take (a graph break in every layer)."""
     query, key, value = query.float(), key.float(), value.float()
     if mask.dtype != torch.bool:
         mask = mask.float()
     out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=query.shape[1] != key.shape[1])
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=query.shape[1] != key.shape[1] if grouped is None else grouped)
     return out.transpose(1, 2).contiguous()
 
 
@@ -349,6 +406,7 @@ class _LlamaWeights:
     kv_heads: int
     head_dim: int
     scaling: float
+    grouped: bool  # kv_heads < heads, as a constant (see _grouped_sdpa)
 
     @staticmethod
     def of(layer: torch.nn.Module) -> "_LlamaWeights":
@@ -359,7 +417,8 @@ class _LlamaWeights:
             attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight, tuple(m.bias for m in linears),
             layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon,
             mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
-            attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.head_dim, attn.scaling)
+            attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.head_dim, attn.scaling,
+            attn.config.num_key_value_heads < attn.config.num_attention_heads)
 
 
 def _is_plain_llama(layer: torch.nn.Module) -> bool:
@@ -386,7 +445,7 @@ def _llama_layer(hidden, prefix_keys, prefix_values, cos, sin, mask, w: _LlamaWe
     query = query * cos + rotate_half(query) * sin
     key = key * cos + rotate_half(key) * sin
     key, value = torch.cat((prefix_keys, key), dim=-2), torch.cat((prefix_values, value), dim=-2)
-    attended = _grouped_sdpa(query, key, value, mask[..., : key.shape[-2]], w.scaling).reshape(batch, length, w.heads * w.head_dim)
+    attended = _grouped_sdpa(query, key, value, mask[..., : key.shape[-2]], w.scaling, grouped=w.grouped).reshape(batch, length, w.heads * w.head_dim)
     hidden = hidden + linear(attended, w.o, o_bias)
     x = _rms_norm(hidden, w.mlp_norm, w.mlp_eps)
     x = torch.nn.functional.silu(linear(x, w.gate, gate_bias)) * linear(x, w.up, up_bias)
@@ -515,8 +574,9 @@ def compute_values(
     steps, final_loss, target_prob = [0] * n, [float("nan")] * n, [float("nan")] * n
     argmax_steps = [0] * n  # steps at which every target token was the argmax (MPES)
     # `members`: the requests the current view (and replay stack) covers; `active`: those still
-    # optimised. Rebuilding the stack costs about two steps, so on the fast path finished requests
-    # stay in it (computed, frozen, out of the loss) until a quarter of its rows are finished.
+    # optimised. A stack of replay functions is narrowed to the active rows at no cost; rebuilding a
+    # stack of modules costs about two steps, so there finished requests stay in it (computed,
+    # frozen, out of the loss) until a quarter of its rows are finished.
     members, kl_reference = list(range(n)), None
     active, view = set(members), _Active(batch, members, n)
 
@@ -547,10 +607,12 @@ def compute_values(
                 deltas[i].grad = None
         optimizer.step()
         active = {i for k, i in enumerate(members) if live[k]}
-        if len(active) < len(members) and (not fast or len(active) <= REBUILD_FRACTION * len(members)):
+        if len(active) < len(members) and (not fast or stack.narrowable or len(active) <= REBUILD_FRACTION * len(members)):
             members = sorted(active)
             view = _Active(batch, members, n)
-            if fast:
+            if fast and stack.narrowable:
+                stack = stack.narrowed(view.rows)
+            elif fast:
                 stack = _GroupedStack(lm, layer, hparams.v_loss_layer, batch, view.rows, autocast, stack.replay)
         with torch.no_grad():
             for i in active:

@@ -166,6 +166,32 @@ def test_llama_layer_function_replays_exactly_what_transformers_layers_compute(t
     assert torch.equal(ours.delta, theirs.delta) and ours.final_loss == theirs.final_loss and ours.steps == theirs.steps
 
 
+def test_narrowed_replay_stack_computes_its_rows_as_the_whole_stack_did(tiny_llama, monkeypatch):
+    hp = tiny_hparams(v_num_grad_steps=10, v_weight_decay=0.0)
+    templates = EditContext().templates(tiny_llama, hp)
+    batch = compute_v.build_batch(tiny_llama, requests(), templates, hp.fact_token, hp.kl_prompts)
+    rows = torch.arange(len(batch.ids))
+    stack = compute_v._GroupedStack(tiny_llama, 1, hp.v_loss_layer, batch, rows, torch.bfloat16)
+    kept = rows[batch.request_of_row != 1]  # one request finished: rows leave both length groups
+    narrow = stack.narrowed(kept)
+    assert stack.narrowable and len(narrow.groups) == len(stack.groups) > 1
+    assert sum(map(len, narrow.groups)) == len(kept) < sum(map(len, stack.groups))
+    delta = torch.randn(len(rows), tiny_llama.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    whole = stack(delta, rows, batch.last_position)
+    local = torch.arange(len(kept))
+    assert torch.equal(narrow(delta[kept], local, batch.last_position[kept]), whole[kept])
+    fresh = compute_v._GroupedStack(tiny_llama, 1, hp.v_loss_layer, batch, kept, torch.bfloat16, stack.replay)
+    torch.testing.assert_close(fresh(delta[kept], local, batch.last_position[kept]), whole[kept])
+    # In compute_values: requests stopping early leave by narrowing (the function) or by rebuilding (the modules).
+    hp = tiny_hparams(v_num_grad_steps=10, v_weight_decay=0.0, v_loss_threshold=10.75)
+    narrowed = compute_values(tiny_llama, requests(), 1, templates, hp, autocast=torch.bfloat16)
+    monkeypatch.setattr(compute_v, "_is_plain_llama", lambda layer: False)
+    monkeypatch.setattr(compute_v, "REBUILD_FRACTION", 1.0)
+    rebuilt = compute_values(tiny_llama, requests(), 1, templates, hp, autocast=torch.bfloat16)
+    assert narrowed.steps == rebuilt.steps and len(set(narrowed.steps)) > 1
+    torch.testing.assert_close(torch.tensor(narrowed.final_loss), torch.tensor(rebuilt.final_loss), rtol=1e-4, atol=0)
+
+
 @pytest.mark.slow  # torch.compile: ~1 min
 def test_compiled_llama_layers_reach_the_same_loss(tiny_llama):
     eager, compiled = _mixed_values(tiny_llama), _mixed_values(tiny_llama, compiled=True)

@@ -193,6 +193,7 @@ class _UpperStack:
             self.calls = [((), {"attention_mask": own(kw["attention_mask"][:, :, self.prefix:]),
                                 "position_embeddings": tuple(own(t[:, self.prefix:]) for t in kw["position_embeddings"])})
                           for _, kw in full_calls]
+            self.prefix_kv = self.cache = None  # the modules' cache of every layer: not needed here
             return
         self.calls: list[tuple[tuple, dict]] = []
         if self.modules:
@@ -216,7 +217,6 @@ class _UpperStack:
         local = local.to(self.hidden.device)
         narrow.hidden, narrow.shift = self.hidden[local], self.shift[local.cpu()]
         narrow.upper_kv = [(keys[local], values[local]) for keys, values in self.upper_kv]
-        narrow.prefix_kv = narrow.cache = None  # the module path's; not used by the function
         rows = lambda t: t[local] if len(t) == len(self.hidden) else t  # noqa: E731 (a batch dim of 1 broadcasts)
         narrow.calls = [((), {"attention_mask": rows(kw["attention_mask"]),
                               "position_embeddings": tuple(map(rows, kw["position_embeddings"]))})

@@ -179,7 +179,6 @@ class _UpperStack:
                 handle.remove()
         self.prefix_kv = [(cached.keys[..., : self.prefix, :], cached.values[..., : self.prefix, :]) for cached in self.cache.layers]
         self.hidden = base.output[:, self.prefix:]  # (B, S, d): the edited layer's suffix output
-        self.upper_kv = self.prefix_kv[layer + 1:loss_layer + 1]  # the replayed layers' cached prefixes
         # _llama_layer needs each layer's explicit mask and rotary embeddings: their suffix rows are
         # sliced from the full forward's. The modules (else) need their own cache-aware arguments,
         # captured from one unedited suffix forward.
@@ -189,7 +188,8 @@ class _UpperStack:
         if self.functional:
             # Own tensors, not views, like those of narrowed stacks: torch.compile guards on the difference.
             own = lambda t: t.clone(memory_format=torch.contiguous_format)  # noqa: E731
-            self.upper_kv = [(own(keys), own(values)) for keys, values in self.upper_kv]
+            # the replayed layers' cached prefixes
+            self.upper_kv = [(own(keys), own(values)) for keys, values in self.prefix_kv[layer + 1:loss_layer + 1]]
             self.calls = [((), {"attention_mask": own(kw["attention_mask"][:, :, self.prefix:]),
                                 "position_embeddings": tuple(own(t[:, self.prefix:]) for t in kw["position_embeddings"])})
                           for _, kw in full_calls]

@@ -3,7 +3,8 @@ edited layer, so that target_new becomes likely after every templated prompt.
 
 Loss per request (the papers' form):
     mean over templated prompts of the target's mean token NLL
-  + kl_factor * KL(new || original) of the next-token distribution after "{subject} is a"
+  + kl_factor * KL(new || original) of the next-token distribution of "{subject} is a" read at
+    its fact token (the reference code's lookup index; `kl_position: prompt_end`: after "a")
   + v_weight_decay * ||delta|| / ||reference||^2,
 with ||delta|| clamped to clamp_norm_factor * ||reference||. The reference vector is the output
 being edited at the bare prompt's fact token: the down projection's output (ROME, site "mlp") or
@@ -66,7 +67,8 @@ class _Batch:
     fact_position: torch.Tensor  # (B,) where the delta is added
     is_rewrite: torch.Tensor  # (B,) bool; the others are KL rows
     bare_row: torch.Tensor  # (n,) the row of each request's bare rewrite prompt
-    last_position: torch.Tensor  # (B,) last real token (KL rows read it)
+    last_position: torch.Tensor  # (B,) last real token
+    kl_read: torch.Tensor  # (B,) where a KL row's next-token distribution is read
     target_row: torch.Tensor  # (n_tokens,) per target token: its row,
     target_position: torch.Tensor  # the position predicting it,
     target_token: torch.Tensor  # its id,
@@ -74,7 +76,8 @@ class _Batch:
     n_prompts: int  # templated rewrite prompts per request
 
 
-def build_batch(lm: LoadedModel, requests: list[EditRequest], templates: list[str], fact_token, kl_prompts: list[str]) -> _Batch:
+def build_batch(lm: LoadedModel, requests: list[EditRequest], templates: list[str], fact_token, kl_prompts: list[str],
+                kl_position: str = "fact_token") -> _Batch:
     seqs, request_of_row, fact, rewrite, bare = [], [], [], [], []
     t_row, t_pos, t_tok, t_share = [], [], [], []
     for i, request in enumerate(requests):
@@ -104,8 +107,10 @@ def build_batch(lm: LoadedModel, requests: list[EditRequest], templates: list[st
             request_of_row.append(i)
     ids, mask = right_pad(seqs, lm.tok.pad_token_id)
     long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+    last = mask.sum(1) - 1
     return _Batch(
-        ids, mask, long(request_of_row), long(fact), torch.tensor(rewrite), long(bare), mask.sum(1) - 1,
+        ids, mask, long(request_of_row), long(fact), torch.tensor(rewrite), long(bare), last,
+        long(fact) if kl_position == "fact_token" else last,
         long(t_row), long(t_pos), long(t_tok), torch.tensor(t_share), len(templates),
     )
 
@@ -125,7 +130,7 @@ class _Active:
         rewrite = batch.is_rewrite[self.rows]
         self.rewrite_rows = torch.nonzero(rewrite)[:, 0]
         self.kl_rows = torch.nonzero(~rewrite)[:, 0]
-        self.kl_positions = batch.last_position[self.rows][self.kl_rows]
+        self.kl_positions = batch.kl_read[self.rows][self.kl_rows]
         self.kl_original = self.rows[self.kl_rows]  # original row numbers: keys of the KL reference
         keep = row_local[batch.target_row] >= 0
         self.t_row = row_local[batch.target_row[keep]]
@@ -560,7 +565,7 @@ def compute_values(
             torch.cat([p.delta for p in parts]), torch.cat([p.reference for p in parts]),
             *(sum((getattr(p, name) for p in parts), []) for name in ("steps", "final_loss", "target_prob", "delta_ratio")),
         )
-    batch = build_batch(lm, requests, templates, hparams.fact_token, hparams.kl_prompts)
+    batch = build_batch(lm, requests, templates, hparams.fact_token, hparams.kl_prompts, hparams.kl_position)
     n = len(requests)
     reference = _reference_vectors(lm, batch, lm.arch.down_proj(layer) if site == "mlp" else lm.arch.layer(layer))
     ref_norm = reference.norm(dim=-1)

@@ -21,7 +21,7 @@ import torch
 from rome.compute_u import compute_keys
 from rome.compute_v import compute_values
 from rome.hparams import EditHyperParams
-from rome.templates import context_templates
+from rome.templates import context_templates, template_groups
 from util.arch import edited_weight, to_stored
 from util.corpus import Corpus, resolve_corpus
 from util.deltas import Deltas, apply_deltas, snapshot
@@ -124,11 +124,15 @@ def edit_layers(
     bare_key_residual: bool = False,
     remember_keys: bool = False,
     nullspace_threshold: float | None = None,
+    residual_from: str = "bare_prompt",
 ) -> EditResult:
     """Compute and apply the update for `requests` at hparams.layers; returns the deltas.
 
     site: where the target value lives: "layer" (the last edited layer's output, MEMIT) or
-    "mlp" (the down projection's output, ROME). bare_key_residual: the original ROME's keys.
+    "mlp" (the down projection's output, ROME). The target is v* = (site output at the bare
+    prompt) + delta; the residual is v* minus the site's current output at the bare prompt
+    (residual_from "bare_prompt": ROME, MEMIT and its successors) or averaged over the templates
+    like k* ("key_average": r-ROME's code, so that W' k* = v*). bare_key_residual: the original ROME's keys.
     remember_keys: add the run's K_p K_p^T (ctx.state) to each layer's system, and this edit's
     keys to it once every layer is solved (AlphaEdit, ENCORE). The keys at a layer do not depend
     on that layer's or later layers' updates, so the keys solved for equal the edited model's
@@ -138,6 +142,7 @@ def edit_layers(
         raise ValueError("the nullspace constraint needs nullspace_threshold")
     hparams.check_model(lm.model.config.num_hidden_layers)
     templates = ctx.templates(lm, hparams)
+    groups = template_groups(hparams.context_template_length_params, hparams.key_average)
     layers = hparams.layers
     site_module = lm.arch.down_proj(layers[-1]) if site == "mlp" else lm.arch.layer(layers[-1])
     autocast = None if ctx.value_dtype == "float32" else DTYPES[ctx.value_dtype]
@@ -149,11 +154,12 @@ def edit_layers(
     deltas: Deltas = {}
     layer_records, solved_keys = [], []
     for i, layer in enumerate(layers):
-        keys = compute_keys(lm, requests, [layer], templates, hparams.fact_token, site=site_module)
+        keys = compute_keys(lm, requests, [layer], templates, hparams.fact_token, site=site_module, groups=groups)
         weight = edited_weight(lm.model, lm.arch, layer).double()
         device = weight.device  # solve where the matrix lives (a GPU under a device map), in float64
         k_star = keys.k_star[layer].to(device, torch.float64).T  # m x n
-        residual = (targets.to(device, torch.float64) - keys.site_output.to(device, torch.float64)).T / (len(layers) - i)  # d x n
+        current = keys.site_output if residual_from == "bare_prompt" else keys.site_mean
+        residual = (targets.to(device, torch.float64) - current.to(device, torch.float64)).T / (len(layers) - i)  # d x n
         k_constraint = keys.k_bare[layer].to(device, torch.float64).T if bare_key_residual else k_star
         cov = ctx.covariance(lm, layer, hparams)
         delta, info = solve_update(

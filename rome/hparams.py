@@ -6,8 +6,17 @@ which key statistics); each algorithm adds only its own constraint parameters.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from util.tokens import FactToken
+
+# Where the KL term reads the "{} is a" prompts' next-token distribution: at the fact token (the
+# reference code's lookup index, every editor's papers' code) or after the prompt's last token.
+KLPosition = Literal["fact_token", "prompt_end"]
+# How k* averages the templated keys: every template alike (ROME's compute_u), or within each
+# context-template group (the bare prompt, then one group per [length, count]) and then across
+# groups (MEMIT's compute_ks, used unchanged by EMMET, AlphaEdit and ENCORE).
+KeyAverage = Literal["templates", "template_groups"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,8 @@ class EditHyperParams:
     # steps, every target token was the argmax after every templated prompt
     v_argmax_stop_steps: int = 0
     kl_prompts: list[str] = field(default_factory=lambda: ["{} is a"])
+    kl_position: KLPosition = "fact_token"
+    key_average: KeyAverage = "template_groups"  # MEMIT's compute_ks; ROME's classes override
 
     def validate(self) -> str | None:
         if not self.layers:
@@ -68,6 +79,11 @@ class ROMEHyperParams(EditHyperParams):
     # True: the original ROME update, whose residual and denominator use the bare prompt's key
     # while the direction uses the template-averaged k*; False: r-ROME (k* everywhere).
     original_implementation: bool = False
+    key_average: KeyAverage = "templates"  # ROME's compute_u averages all templates alike
+    # r-ROME's value: "bare" (rebuilding-rome's code) v* = W k_bare + delta, the output at the bare
+    # prompt plus the optimised delta, solved so that W' k* = v*; "templated": W' k* = W k* + delta
+    # (the delta added to the template-averaged output). Original ROME solves at k_bare, where both agree.
+    rrome_target: Literal["bare", "templated"] = "bare"
 
     def validate(self) -> str | None:
         if len(self.layers) != 1:

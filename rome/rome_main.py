@@ -1,10 +1,12 @@
 """ROME and r-ROME: one fact at a time, a rank-one update of one layer's down projection.
 
-    W' = W + (v* - W k)(C^-1 k*)^T / ((C^-1 k*)^T k)
+    W' = W + (v* - W k)(C^-1 k*)^T / ((C^-1 k*)^T k),   v* = W k_bare + delta
 
-r-ROME uses k = k* (template-averaged), so W' k* = v* exactly; the original ROME uses the bare
-prompt's key k in the residual and the denominator, the asymmetry behind its "disabling edits".
-Several requests are edited one after another, each on the already-edited model, as in the paper.
+(v*: the down projection's output at the bare prompt plus the optimised delta). r-ROME uses
+k = k* (template-averaged), so W' k* = v* exactly (`rrome_target: templated` instead asks
+W' k* = W k* + delta); the original ROME uses the bare prompt's key k in the residual and the
+denominator, the asymmetry behind its "disabling edits". Several requests are edited one after
+another, each on the already-edited model, as in the paper.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ def apply_rome(lm: LoadedModel, requests: list[EditRequest], hparams: ROMEHyperP
         result = edit_layers(
             lm, [request], hparams, ctx, constraint="equality", site="mlp",
             bare_key_residual=hparams.original_implementation,
+            # rebuilding-rome: target minus the template-averaged output, solved at k*
+            residual_from="key_average" if not hparams.original_implementation and hparams.rrome_target == "bare" else "bare_prompt",
         )
         if total is None:
             total = result

@@ -5,10 +5,9 @@ import torch
 
 from alphaedit.alphaedit_main import AlphaEditHyperParams, apply_alphaedit
 from encore.encore_main import ENCOREHyperParams, apply_encore
-from rome.compute_u import compute_keys
 from rome.compute_v import compute_values
 from rome.editor import EDITED_KEYS
-from tests.helpers import REQUESTS, context, rel, tiny_hparams
+from tests.helpers import REQUESTS, context, editor_keys, rel, tiny_hparams
 from util.api import ALGORITHMS, load_algorithm_hparams
 from util.arch import edited_weight
 from util.deltas import restore, snapshot
@@ -77,7 +76,7 @@ def test_encore_solve_satisfies_its_normal_equations(tiny64, tmp_path):
     first, second = [make_request(r) for r in REQUESTS[:2]], [make_request(REQUESTS[2])]
     apply_encore(lm, first, hp, ctx)
     prior = ctx.state[EDITED_KEYS][lm.arch.down_proj(1)].clone()
-    K = compute_keys(lm, second, [1], ctx.templates(lm, hp), hp.fact_token).k_star[1].T  # m x n
+    K = editor_keys(lm, second, [1], ctx, hp).k_star[1].T  # m x n
     W = edited_weight(lm.model, lm.arch, 1).clone()
     result = apply_encore(lm, second, hp, ctx)
     delta = edited_weight(lm.model, lm.arch, 1) - W
@@ -106,7 +105,7 @@ def test_edited_keys_accumulate_and_a_resumed_run_is_exact(alg, tiny_gpt2, tmp_p
     start = snapshot(lm.model, names)
 
     def keys(ctx, requests):  # the edited model's keys: those the next edits must preserve
-        k = compute_keys(lm, requests, hp.layers, ctx.templates(lm, hp), hp.fact_token).k_star
+        k = editor_keys(lm, requests, hp.layers, ctx, hp).k_star
         return {layer: k[layer].T for layer in hp.layers}
 
     ctx = context(tmp_path)

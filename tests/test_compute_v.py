@@ -18,7 +18,10 @@ def requests():
     return [make_request(r) for r in REQUESTS]
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(fact_token="last"), dict(layers=[3])])
+# layers=[3]: the edited layer is the loss layer, so the delta reaches only its own position's
+# logits; with the fact token at the prompt's end those predict the target (at the subject, the
+# loss would be flat at delta = 0 and both paths would only follow rounding noise).
+@pytest.mark.parametrize("kw", [dict(), dict(fact_token="last"), dict(layers=[3], fact_token="last")])
 def test_fast_path_equals_straightforward_path(tiny, kw):
     hp = tiny_hparams(v_num_grad_steps=6, **kw)
     templates = EditContext().templates(tiny, hp)
@@ -112,11 +115,13 @@ def test_chunked_batches_equal_one_batch(tiny):
     chunked = compute_values(tiny, requests(), 1, templates, hp, chunk_size=2)
     assert_same_values(chunked, whole)
     assert chunked.steps == whole.steps
-    keys = compute_keys(tiny, requests(), [1, 2], templates, hp.fact_token, site=tiny.arch.layer(2))
-    keys_chunked = compute_keys(tiny, requests(), [1, 2], templates, hp.fact_token, site=tiny.arch.layer(2), chunk_size=1)
+    groups = [1, len(templates) - 1]  # MEMIT's template groups
+    keys = compute_keys(tiny, requests(), [1, 2], templates, hp.fact_token, site=tiny.arch.layer(2), groups=groups)
+    keys_chunked = compute_keys(tiny, requests(), [1, 2], templates, hp.fact_token, site=tiny.arch.layer(2), chunk_size=1, groups=groups)
     for layer in (1, 2):
         torch.testing.assert_close(keys_chunked.k_star[layer], keys.k_star[layer], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(keys_chunked.site_output, keys.site_output, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(keys_chunked.site_mean, keys.site_mean, rtol=1e-10, atol=1e-12)
 
 
 def test_bfloat16_value_optimisation_reaches_the_same_loss(tiny):

@@ -12,10 +12,10 @@ from util.requests import make_request
 from util.solve import Covariance, solve_update
 
 
-@pytest.mark.parametrize("original", [False, True])
-def test_rome_update_maps_key_to_value(tiny64, tmp_path, original):
+@pytest.mark.parametrize("original, target", [(False, "bare"), (False, "templated"), (True, "bare")])
+def test_rome_update_maps_key_to_value(tiny64, tmp_path, original, target):
     lm = tiny64
-    hp = tiny_hparams(original_implementation=original)
+    hp = tiny_hparams(original_implementation=original, rrome_target=target)
     ctx = context(tmp_path)
     request = make_request(REQUESTS[0])
     templates = ctx.templates(lm, hp)
@@ -27,7 +27,9 @@ def test_rome_update_maps_key_to_value(tiny64, tmp_path, original):
     # Editing layer 1's down projection does not change layer 1's keys.
     torch.testing.assert_close(after.k_star[1], before.k_star[1], rtol=1e-12, atol=1e-12)
     k = (before.k_bare if original else before.k_star)[1][0]
-    v_star = W @ k + result.value_deltas[0].double()
+    # v* = W k_bare + delta (the output at the bare prompt plus the optimised delta), reached at
+    # k = k_bare (ROME) or k = k* (r-ROME); "templated" r-ROME asks W' k* = W k* + delta instead.
+    v_star = W @ (k if target == "templated" else before.k_bare[1][0]) + result.value_deltas[0].double()
     assert rel(W_new @ k, v_star) < 1e-5
     delta = W_new - W
     assert torch.linalg.matrix_rank(delta).item() == 1

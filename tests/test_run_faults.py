@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import experiments.run as run_module
-from experiments.checkpoint import RunFolder, read_jsonl
+from experiments.checkpoint import JsonlStream, RunFolder, read_jsonl
 from experiments.run import run
 from experiments.run_config import RunError
 from tests.helpers import run_options, tiny_hparams
@@ -158,3 +158,13 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(options, 
     assert run(again, fresh(tokenizer)) == path
     assert json.loads((path / "summary.json").read_text())["status"] == "complete"
     assert contents(path) == contents(reference)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="Linux /dev/full: every write fails with ENOSPC")
+def test_a_full_disk_while_streaming_is_one_line_with_the_path_and_errno():
+    stream = JsonlStream(Path("/dev/full"))
+    with pytest.raises(RunError) as failure:
+        stream.write({"n_edits": 1})
+    message = str(failure.value)
+    assert message.startswith("cannot write /dev/full: ") and f"(errno {errno.ENOSPC})" in message and "\n" not in message
+    stream.close()  # its unflushed line is dropped, not raised again

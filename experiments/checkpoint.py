@@ -69,11 +69,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except OSError:
         tmp.unlink(missing_ok=True)
         raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself survives a power cut
-    finally:
-        os.close(folder)
+    try:  # the rename itself survives a power cut; it has happened either way, so only warn
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except OSError as err:
+        log.warning("%s written, but its folder could not be synced: %s", path, err)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

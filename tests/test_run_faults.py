@@ -168,3 +168,13 @@ def test_a_full_disk_while_streaming_is_one_line_with_the_path_and_errno():
     message = str(failure.value)
     assert message.startswith("cannot write /dev/full: ") and f"(errno {errno.ENOSPC})" in message and "\n" not in message
     stream.close()  # its unflushed line is dropped, not raised again
+
+
+def test_a_plot_that_cannot_be_written_is_one_line_with_the_path(tmp_path):
+    from experiments.plots import write_plots
+
+    for name in ("edits", "probes"):
+        (tmp_path / f"{name}.jsonl").write_text("")
+    (tmp_path / "downstream.partial.png").mkdir()  # the temporary name is taken by a folder: EISDIR
+    with pytest.raises(RunError, match=rf"cannot write {tmp_path / 'downstream.png'}: .*\(errno {errno.EISDIR}\)"):
+        write_plots(tmp_path)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from rome.editor import EditContext, EditResult, edit_layers
 from rome.hparams import EditHyperParams
+from util.hparams import POSITIVE, out_of_range
 from util.models import LoadedModel
 from util.requests import EditRequest
 
@@ -25,9 +26,7 @@ class AlphaEditHyperParams(EditHyperParams):
     def validate(self) -> str | None:
         if not self.mom2_adjustment:
             return "AlphaEdit projects onto the null space of C0: key 'mom2_adjustment' must be true"
-        if self.nullspace_threshold <= 0 or self.L2 <= 0:
-            return f"keys 'nullspace_threshold' and 'L2' must be positive, got {self.nullspace_threshold} and {self.L2}"
-        return super().validate()
+        return out_of_range(self, {"nullspace_threshold": POSITIVE, "L2": POSITIVE}) or super().validate()
 
 
 def apply_alphaedit(lm: LoadedModel, requests: list[EditRequest], hparams: AlphaEditHyperParams, ctx: EditContext) -> EditResult:

@@ -43,6 +43,8 @@ def read_structured(path: Path) -> Any:
 def read_record_list(path: Path) -> list[dict]:
     """A file whose top level is a list of objects."""
     data = read_structured(path)
+    if data is None or data == []:
+        raise DataError(f"{path}: the file holds no records: nothing to edit")
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a list of records at the top level, got {type(data).__name__}")
     for index, record in enumerate(data):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from rome.editor import EditContext, EditResult, edit_layers
 from rome.hparams import EditHyperParams
+from util.hparams import NON_NEGATIVE, out_of_range
 from util.models import LoadedModel
 from util.requests import EditRequest
 
@@ -18,6 +19,9 @@ from util.requests import EditRequest
 @dataclass(frozen=True)
 class EMMETHyperParams(EditHyperParams):
     emmet_lambda: float = 0.1  # mu; used only when more than one request is edited at once
+
+    def validate(self) -> str | None:
+        return out_of_range(self, {"emmet_lambda": NON_NEGATIVE}) or super().validate()
 
 
 def apply_emmet(lm: LoadedModel, requests: list[EditRequest], hparams: EMMETHyperParams, ctx: EditContext) -> EditResult:

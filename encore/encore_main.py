@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from rome.editor import EditContext, EditResult, edit_layers
 from rome.hparams import EditHyperParams
+from util.hparams import NON_NEGATIVE, out_of_range
 from util.models import LoadedModel
 from util.requests import EditRequest
 
@@ -24,9 +25,7 @@ class ENCOREHyperParams(EditHyperParams):
     update_norm_lambda: float = 10.0  # mu, the Frobenius-norm term mu I
 
     def validate(self) -> str | None:
-        if self.update_norm_lambda < 0:
-            return f"key 'update_norm_lambda' must be >= 0, got {self.update_norm_lambda}"
-        return super().validate()
+        return out_of_range(self, {"update_norm_lambda": NON_NEGATIVE}) or super().validate()
 
 
 def apply_encore(lm: LoadedModel, requests: list[EditRequest], hparams: ENCOREHyperParams, ctx: EditContext) -> EditResult:

@@ -3,51 +3,93 @@
     results/<ALG>/run_NNN/
         config.json                    what was run (written once)
         edits.jsonl probes.jsonl cases.jsonl   streams, one flushed line per record
-        checkpoint/state.json          the commit point: position, stream sizes, run state
-        checkpoint/weights_<n>.safetensors   the edited matrices after n edits (only those)
-        checkpoint/context_<n>.safetensors   tensors of EditContext.state, if any
+        checkpoint/state.json          the commit point: position, stream sizes, run state, manifest
+        checkpoint/weights_<n>_<sha>.safetensors   the edited matrices after n edits (only those)
+        checkpoint/context_<n>_<sha>.safetensors   tensors of EditContext.state, if any
+    results/<ALG>/.run_NNN.lock        held by the one process writing the run (experiments/runlock.py)
 
-A checkpoint is committed by atomically replacing state.json, which names its weight file; files
-of older checkpoints are removed afterwards. A crash at any moment leaves either the old or the
-new checkpoint whole. On resume every stream is cut back to its size at the checkpoint, so lines
-written after it (and a half-written last line) disappear and are produced again.
+A checkpoint is committed by atomically replacing state.json (temporary name, fsync, rename),
+which names its weight files and records their sizes and SHA-256 (the manifest); files of older
+checkpoints are removed afterwards. A crash at any moment leaves either the old or the new
+checkpoint whole, and a failed write (full disk, no permission) leaves the old one in place.
+
+Continuing checks the checkpoint before trusting it (`RunFolder.verify`): a missing or damaged
+state.json or weight file, or a stream shorter than recorded, ends in one line and changes
+nothing. Lines written after the checkpoint by a session that crashed (its state says "running")
+are cut on resume and produced again; after a session that ended cleanly there can be none.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 
 from experiments.run_config import RunError
+from experiments.runlock import RunLock
+from util.paths import sha256_file
+
+log = logging.getLogger(__name__)
 
 STREAMS = ("edits", "probes", "cases")
 RUN_NAME = re.compile(r"run_(\d{3,})$")
+CHECKPOINT_KEYS = ("position", "n_edits", "sizes", "files", "state")
+
+
+@contextmanager
+def writing(path: Path, consequence: str) -> Iterator[None]:
+    """An OSError (ENOSPC, EACCES, EROFS...) while writing `path` becomes one line naming the path
+    and the errno, and what it means for the run."""
+    try:
+        yield
+    except OSError as err:
+        raise RunError(f"cannot write {path}: {err.strerror or err} (errno {err.errno}); {consequence}") from None
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Temporary name, fsync, rename, fsync of the folder: `path` is the old file or the new one,
+    never a part; on failure the temporary file is removed and the OSError re-raised."""
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        with tmp.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # the rename itself survives a power cut; it has happened either way, so only warn
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except OSError as err:
+        log.warning("%s written, but its folder could not be synced: %s", path, err)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    with tmp.open("w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    with writing(path, "the previous version of the file is unchanged"):
+        atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n")
 
 
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
 
 
 def jsonable(value: Any) -> Any:
@@ -68,11 +110,14 @@ class JsonlStream:
 
     def __init__(self, path: Path):
         self.path = path
-        self._handle = path.open("a", encoding="utf-8")
+        with writing(path, "the run cannot write its results there"):
+            self._handle = path.open("a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(jsonable(record), allow_nan=False) + "\n")
-        self._handle.flush()
+        line = json.dumps(jsonable(record), allow_nan=False) + "\n"
+        with writing(self.path, "lines after the last checkpoint are cut when the run is continued"):
+            self._handle.write(line)
+            self._handle.flush()
 
     def size(self) -> int:
         self._handle.flush()
@@ -84,11 +129,15 @@ class JsonlStream:
         self._handle.seek(size)
 
     def sync(self) -> None:
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
+        with writing(self.path, "the previous checkpoint is intact"):
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
 
     def close(self) -> None:
-        self._handle.close()
+        try:
+            self._handle.close()
+        except OSError as err:  # the buffer could not be flushed (full disk): already reported by write()
+            log.warning("closing %s: %s", self.path, err)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -97,6 +146,10 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return []
     lines = path.read_text(encoding="utf-8").split("\n")
     return [json.loads(line) for line in lines[:-1] if line.strip()]  # lines[-1]: "" or a cut line
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass
@@ -114,21 +167,27 @@ class RunFolder:
         self.path = path
         self.checkpoints = path / "checkpoint"
         self.streams: dict[str, JsonlStream] = {}
+        self._lock: RunLock | None = None
 
     @classmethod
     def create(cls, results_dir: str | Path, alg_name: str) -> "RunFolder":
-        """The next free results/<ALG>/run_NNN (created exclusively, so parallel runs never share one)."""
+        """The next free results/<ALG>/run_NNN (created exclusively, so parallel runs never share
+        one), locked for this process."""
         root = Path(results_dir) / alg_name
-        root.mkdir(parents=True, exist_ok=True)
-        taken = [int(m.group(1)) for p in root.iterdir() if (m := RUN_NAME.match(p.name))]
-        number = max(taken, default=0) + 1
-        while True:
-            path = root / f"run_{number:03d}"
-            try:
-                path.mkdir()
-                return cls(path)
-            except FileExistsError:
-                number += 1
+        with writing(root, "no run folder could be created"):
+            root.mkdir(parents=True, exist_ok=True)
+            taken = [int(m.group(1)) for p in root.iterdir() if (m := RUN_NAME.match(p.name))]
+            number = max(taken, default=0) + 1
+            while True:
+                path = root / f"run_{number:03d}"
+                try:
+                    path.mkdir()
+                    break
+                except FileExistsError:
+                    number += 1
+        folder = cls(path)
+        folder.lock()
+        return folder
 
     @classmethod
     def existing(cls, results_dir: str | Path, alg_name: str, name: str) -> "RunFolder":
@@ -137,11 +196,23 @@ class RunFolder:
             raise RunError(f"--continue_from_run {name}: {path / 'config.json'} does not exist")
         return cls(path)
 
+    def lock(self) -> None:
+        """Become the run's one writer (or fail in one line naming the holder)."""
+        if self._lock is None:
+            self._lock = RunLock.acquire(self.path)
+
     def file(self, name: str) -> Path:
         return self.path / name
 
     def read_config(self) -> dict[str, Any]:
-        return json.loads((self.path / "config.json").read_text())
+        path = self.path / "config.json"
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise RunError(f"{path}: cannot be read ({err}); this run cannot be continued: restore the file or start a new run") from None
+        if not isinstance(config, dict) or not isinstance(config.get("options"), dict):
+            raise RunError(f"{path}: not a run configuration (no 'options'); restore the file or start a new run")
+        return config
 
     def open_streams(self) -> None:
         for name in STREAMS:
@@ -158,29 +229,120 @@ class RunFolder:
         for stream in self.streams.values():
             stream.close()
         self.streams.clear()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def save_checkpoint(self, ckpt: Checkpoint) -> None:
-        self.checkpoints.mkdir(exist_ok=True)
+        """Write the checkpoint's files, then commit it by replacing state.json. An I/O error ends
+        in one line; the previous checkpoint (state.json and the files it names) stays valid."""
+        consequence = f"the previous checkpoint is intact: fix the cause and continue with --continue_from_run {self.path.name}"
+        with writing(self.checkpoints, consequence):
+            self.checkpoints.mkdir(exist_ok=True)
         for stream in self.streams.values():
             stream.sync()
         tag = f"{ckpt.n_edits:06d}_{ckpt.position:06d}"
-        atomic_save_tensors(self.checkpoints / f"weights_{tag}.safetensors", ckpt.weights)
-        files = {"weights": f"weights_{tag}.safetensors"}
-        if ckpt.context:
-            atomic_save_tensors(self.checkpoints / f"context_{tag}.safetensors", ckpt.context)
-            files["context"] = f"context_{tag}.safetensors"
-        state = {"position": ckpt.position, "n_edits": ckpt.n_edits, "sizes": ckpt.sizes, "files": files, "state": ckpt.state}
-        atomic_write_json(self.checkpoints / "state.json", state)
+        files, blobs, manifest = {}, {}, {}
+        for kind, tensors in (("weights", ckpt.weights), ("context", ckpt.context)):
+            if kind == "weights" or tensors:
+                data = tensor_bytes(tensors)
+                digest = sha256_bytes(data)
+                # the digest in the name: a committed file is never overwritten with other bytes
+                files[kind] = name = f"{kind}_{tag}_{digest[:12]}.safetensors"
+                blobs[name], manifest[name] = data, {"bytes": len(data), "sha256": digest}
+        state = {"position": ckpt.position, "n_edits": ckpt.n_edits, "sizes": ckpt.sizes, "files": files,
+                 "manifest": manifest, "state": ckpt.state}
+        committed = self._committed_files()
+        written = []
+        try:
+            for name, data in blobs.items():
+                path = self.checkpoints / name
+                if name not in committed:
+                    with writing(path, consequence):
+                        atomic_write_bytes(path, data)
+                    written.append(path)
+            text = json.dumps(jsonable(state), indent=2, allow_nan=False) + "\n"
+            with writing(self.checkpoints / "state.json", consequence):
+                atomic_write_bytes(self.checkpoints / "state.json", text.encode("utf-8"))
+        except RunError:
+            for path in written:  # never named by a committed state.json
+                path.unlink(missing_ok=True)
+            raise
         for old in self.checkpoints.glob("*.safetensors"):
             if old.name not in files.values():
                 old.unlink()
 
-    def load_checkpoint(self) -> Checkpoint | None:
+    def _committed_files(self) -> set[str]:
+        """The files the current state.json names."""
+        try:
+            return set(json.loads((self.checkpoints / "state.json").read_text(encoding="utf-8"))["files"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return set()
+
+    def verify(self) -> dict[str, Any]:
+        """The checkpoint's state.json, after checking that it and every file it describes are whole;
+        one line naming the file otherwise. Reads only."""
         path = self.checkpoints / "state.json"
+        cannot = "this run cannot be continued; start a new run or restore the file"
         if not path.is_file():
-            return None
-        data = json.loads(path.read_text())
+            raise RunError(f"{path} missing: {cannot}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise RunError(f"{path} is damaged ({err}): {cannot}") from None
+        if not isinstance(data, dict) or any(key not in data for key in CHECKPOINT_KEYS):
+            raise RunError(f"{path} is damaged (it lacks one of {', '.join(CHECKPOINT_KEYS)}): {cannot}")
+        manifest = data.get("manifest")
+        if manifest is None:
+            log.warning("%s predates checkpoint manifests: its files are checked for presence only", path)
+        for name in data["files"].values():
+            self._verify_file(self.checkpoints / name, (manifest or {}).get(name), cannot)
+        clean_end = data["state"].get("status") != "running"
+        for name in STREAMS:
+            self._verify_stream(self.path / f"{name}.jsonl", data["sizes"].get(name, 0), clean_end)
+        return data
+
+    @staticmethod
+    def _verify_file(path: Path, entry: dict[str, Any] | None, cannot: str) -> None:
+        if not path.is_file():
+            raise RunError(f"{path} missing: {cannot}")
+        if entry is None:
+            return
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise RunError(f"{path} holds {size} bytes, the checkpoint recorded {entry['bytes']}: {cannot}")
+        if sha256_file(path) != entry["sha256"]:
+            raise RunError(f"{path} differs from the checkpoint's SHA-256: {cannot}")
+
+    @staticmethod
+    def _verify_stream(path: Path, recorded: int, clean_end: bool) -> None:
+        size = path.stat().st_size if path.is_file() else None
+        restore = "this run cannot be continued; restore the file or start a new run"
+        if size is None:
+            if recorded:
+                raise RunError(f"{path} missing (the checkpoint recorded {recorded} bytes): {restore}")
+            return
+        if size < recorded:
+            raise RunError(f"{path} holds {size} bytes, fewer than the {recorded} the checkpoint recorded: {restore}")
+        if size > recorded and clean_end:
+            raise RunError(f"{path} holds {size} bytes, more than the {recorded} recorded by a checkpoint that ended "
+                           f"its session cleanly (written by another process?): {restore}")
+        if recorded:
+            with path.open("rb") as handle:
+                handle.seek(recorded - 1)
+                if handle.read(1) != b"\n":
+                    raise RunError(f"{path} does not end a line at the {recorded} bytes the checkpoint recorded: {restore}")
+
+    def load_checkpoint(self, data: dict[str, Any]) -> Checkpoint:
+        """The checkpoint `verify` returned, with its tensors."""
         files = data["files"]
-        weights = load_file(str(self.checkpoints / files["weights"]))
-        context = load_file(str(self.checkpoints / files["context"])) if "context" in files else {}
+        weights = self._tensors(files["weights"])
+        context = self._tensors(files["context"]) if "context" in files else {}
         return Checkpoint(data["position"], data["n_edits"], data["sizes"], weights, context, data["state"])
+
+    def _tensors(self, name: str) -> dict[str, torch.Tensor]:
+        path = self.checkpoints / name
+        try:
+            return load(path.read_bytes())
+        except (OSError, SafetensorError) as err:
+            raise RunError(f"{path} cannot be read ({err}): this run cannot be continued; start a new run or restore the file") from None

@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import json
 import os
-import signal
 from typing import Sequence
 
 from experiments.checkpoint import RunFolder
@@ -124,12 +123,8 @@ def options_from_argv(argv: Sequence[str] | None = None) -> RunOptions:
     return options.validate()
 
 
-def interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM (schedulers, kill) ends like Ctrl-C: rolled back and checkpointed
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, interrupt)
+    # SIGTERM ends like Ctrl-C (rolled back and checkpointed): run_cli raises util.cli.Terminated
     path = run(options_from_argv(argv))
     summary = json.loads((path / "summary.json").read_text())
     print(markdown_table([summary]), end="")

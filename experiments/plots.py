@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from experiments.checkpoint import read_jsonl
+from experiments.checkpoint import read_jsonl, writing
 from experiments.report import mean_probe_accuracy
 
 SCORES = ("ES", "PS", "NS", "S")
@@ -34,8 +34,9 @@ def _finish(fig, ax_list, path: Path, title: str) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".partial.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    with writing(path, "plots are drawn again from the streams whenever a run ends"):
+        fig.savefig(tmp, dpi=110)
+        tmp.replace(path)
 
 
 def plot_downstream(plt, rows: list[dict[str, Any]], disabling: list[int], path: Path, title: str) -> None:

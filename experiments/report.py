@@ -52,6 +52,7 @@ def build_summary(path: Path, status: str) -> dict[str, Any]:
         "batch_size": config["batch_size"], "layers": config["hparams"]["layers"], "seed": config["seed"],
         "git_commit": config["git_commit"],
         "status": status, "n_edits": n_edits, "n_cases": config["n_cases"],
+        "n_skipped": len(config.get("skipped_cases", {}).get("case_ids", [])),  # records asking for no change
         "current": summarize([case_result(r) for r in current_rows]),
         "retained": {k: v for k, v in retention[-1].items() if k not in ("kind", "seconds")} if retention else None,
         "probes": {t: first_last(of_kind(rows, "probe", t), ("accuracy", "macro_f1", "mcc")) for t in tasks},
@@ -184,6 +185,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
               f"consistency: {change(gen, 'consistency')}; max ||Delta||: {fmt(summary['max_delta_norm'])}, "
               f"final ||W - W0||: {fmt(summary['final_drift_norm'])}", "", f"Disabling edits: {summary['n_disabling']}"]
     lines += [f"- after {d['n_edits']} edits (cases {d['case_ids']}): {'; '.join(d['reasons'])}" for d in summary["disabling"]]
+    if summary.get("n_skipped"):
+        lines += ["", f"Records skipped because target_new equals target_true: {summary['n_skipped']}"]
     sec = summary["seconds"]
     lines += ["", f"Time: editing {sec['edit']:.0f} s, per-edit evaluation {sec['evaluate']:.0f} s, periodic evaluation "
               f"{sec['periodic']:.0f} s; git {summary['git_commit'][:12]}, seed {summary['seed']}", ""]

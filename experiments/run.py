@@ -61,7 +61,9 @@ def execute(s: Session) -> None:
         return
     s.status = "running"
     stop_at = s.n_edits + s.options.stop_after if s.options.stop_after else None
-    if not s.baseline_done:
+    if s.baseline_done:  # continued: say in the checkpoint that lines may now follow it (see RunFolder.verify)
+        save_checkpoint(s)
+    else:
         guarded(s, baseline)
         save_checkpoint(s)
     bar = tqdm(total=len(s.cases), initial=s.n_edits, unit="edit", desc=f"{s.options.alg_name} {s.options.mode}")

@@ -6,7 +6,6 @@ folder is created, so a typo never leaves an empty results/<ALG>/run_NNN behind.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import math
 import os
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 import transformers
 
-from data.cases import case_file, load_cases
+from data.cases import NO_OP, case_file, select_cases
 from data.records import CaseRecord
 from experiments.checkpoint import Checkpoint, RunFolder, atomic_write_json
 from experiments.evals import EvalSuite
@@ -31,6 +30,7 @@ from util.api import Algorithm, algorithm, load_algorithm_hparams
 from util.corpus import local_corpus
 from util.hparams import build_hparams, to_dict
 from util.models import LoadedModel, load_model
+from util.paths import sha256_file
 from util.state import state_from_tensors, state_to_tensors
 
 log = logging.getLogger(__name__)
@@ -106,14 +106,6 @@ def split_context_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor],
         raise RunError(f"EditContext.state cannot be checkpointed: {err}") from None
 
 
-def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def build_config(options: RunOptions, hparams: EditHyperParams, lm: LoadedModel, health: UpdateHealth, files: dict[str, str], n_cases: int) -> dict[str, Any]:
     corpus = options.corpus or os.environ.get("KEDIT_CORPUS")
     return {
@@ -122,7 +114,7 @@ def build_config(options: RunOptions, hparams: EditHyperParams, lm: LoadedModel,
         "options": options.to_dict(), "hparams_class": type(hparams).__name__, "hparams": to_dict(hparams),
         "git_commit": git_commit(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__},
-        "data": {name: {"path": str(path), "sha256": sha256(path)} for name, path in files.items()},
+        "data": {name: {"path": str(path), "sha256": sha256_file(path)} for name, path in files.items()},
         "corpus": {"path": corpus, "ident": local_corpus(corpus).ident} if corpus else None,
         "edited_params": health.names, "weights0_sha256": health.digest(),
     }
@@ -157,28 +149,47 @@ def open_session(options: RunOptions, lm: LoadedModel | None = None, hparams: Ed
     """A new run (folder and config.json), or the run named by options.continue_from_run at its
     last checkpoint. `lm`/`hparams` given (tests, notebooks) replace loading them."""
     options.validate()
-    folder, stored = None, None
-    if options.continue_from_run:
-        folder = RunFolder.existing(options.results_dir, options.alg_name, options.continue_from_run)
+    if not options.continue_from_run:
+        return start_session(options, lm, hparams, None, None)
+    folder = RunFolder.existing(options.results_dir, options.alg_name, options.continue_from_run)
+    folder.lock()  # before reading anything: another process may be writing the run
+    try:
         stored = folder.read_config()
+        committed = folder.verify()  # a damaged checkpoint ends here, before any file is touched
+        return start_session(options, lm, hparams, folder, (stored, committed))
+    except BaseException:
+        folder.close()
+        raise
+
+
+def start_session(options: RunOptions, lm: LoadedModel | None, hparams: EditHyperParams | None,
+                  folder: RunFolder | None, continued: tuple[dict[str, Any], dict[str, Any]] | None) -> Session:
+    stored, committed = continued if continued else (None, None)
     hparams = resolve_hparams(options, hparams, stored, folder.path if folder else None)
-    cases = load_cases(options.ds_name, options.data_dir, options.dataset_size_limit, options.custom_path)
+    selection = select_cases(options.ds_name, options.data_dir, options.dataset_size_limit, options.custom_path)
+    cases = selection.cases
     lm = lm or load_model(options.model_name, options.dtype, options.device)
     hparams.check_model(lm.model.config.num_hidden_layers)
     suite = EvalSuite(lm, options)
     health = UpdateHealth(lm.model, [lm.arch.weight_name(layer) for layer in hparams.layers], options.health)
     files = {"cases": str(case_file(options.ds_name, options.data_dir, options.custom_path)), **suite.data_files()}
     config = build_config(options, hparams, lm, health, files, len(cases))
+    config["skipped_cases"] = {"reason": NO_OP, "case_ids": selection.skipped}
     ctx = prepared_context(options, lm, hparams)
     if stored is None:
         folder = RunFolder.create(options.results_dir, options.alg_name)
-        atomic_write_json(folder.file("config.json"), config)
+        try:
+            atomic_write_json(folder.file("config.json"), config)
+        except BaseException:
+            folder.close()
+            raise
         log.info("run folder %s", folder.path)
     else:
         check_continuable(options, stored, config, folder.path)
     session = Session(options, lm, hparams, algorithm(options.alg_name), cases, folder, suite, ctx, health)
     folder.open_streams()
-    restore(session, folder.load_checkpoint())
+    if committed is not None:
+        restore(session, folder.load_checkpoint(committed))
     session.sessions.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "at_edits": session.n_edits, "device": options.device})
     return session
 
@@ -195,15 +206,16 @@ def prepared_context(options: RunOptions, lm: LoadedModel, hparams: EditHyperPar
     return ctx
 
 
-def restore(session: Session, ckpt: Checkpoint | None) -> None:
-    if ckpt is None:  # nothing committed yet: start over in this folder
-        session.folder.cut_streams({})
-        return
+def restore(session: Session, ckpt: Checkpoint) -> None:
     load_weights(session.lm.model, ckpt.weights)
     session.ctx.state = state_from_tensors(ckpt.context, ckpt.state["context_values"])
     session.health.load_state_dict(ckpt.state["health"])
     session.position, session.n_edits = ckpt.position, ckpt.n_edits
     session.status, session.baseline_done = ckpt.state["status"], ckpt.state["baseline_done"]
     session.sessions = ckpt.state["sessions"]
+    cut = {name: size - ckpt.sizes.get(name, 0) for name, size in session.folder.sizes().items() if size > ckpt.sizes.get(name, 0)}
+    if cut:  # lines of a session that crashed after the checkpoint (verify() allows them only then)
+        log.warning("dropping lines written after the checkpoint by a session that did not end cleanly: %s",
+                    ", ".join(f"{name}.jsonl {n} bytes" for name, n in cut.items()))
     session.folder.cut_streams(ckpt.sizes)
     log.info("continuing %s after %d edits (%d batches)", session.folder.path, ckpt.n_edits, ckpt.position)

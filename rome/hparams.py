@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from util.hparams import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, out_of_range
 from util.tokens import FactToken
 
 # Where the KL term reads the "{} is a" prompts' next-token distribution: at the fact token (the
@@ -50,16 +51,23 @@ class EditHyperParams:
     def validate(self) -> str | None:
         if not self.layers:
             return "key 'layers' must list at least one layer"
+        problem = out_of_range(self, {
+            "layers": NON_NEGATIVE, "v_num_grad_steps": AT_LEAST_ONE, "v_lr": POSITIVE, "v_loss_layer": NON_NEGATIVE,
+            "v_weight_decay": NON_NEGATIVE, "clamp_norm_factor": POSITIVE, "kl_factor": NON_NEGATIVE,
+            "mom2_n_samples": AT_LEAST_ONE, "mom2_sample_tokens": AT_LEAST_ONE, "mom2_update_weight": POSITIVE,
+            "v_loss_threshold": NON_NEGATIVE, "v_argmax_stop_steps": NON_NEGATIVE,
+        })
+        if problem:
+            return problem
         if sorted(self.layers) != self.layers or len(set(self.layers)) != len(self.layers):
             return f"key 'layers' must be strictly increasing, got {self.layers}"
-        if self.v_loss_layer < self.layers[-1]:
-            return f"key 'v_loss_layer' ({self.v_loss_layer}) must not be below the last edited layer ({self.layers[-1]})"
+        if self.v_loss_layer < self.layers[-1]:  # the layer is the likelier typo: name it first
+            return (f"key 'layers': layer {self.layers[-1]} lies past the layer the loss is read at "
+                    f"(v_loss_layer {self.v_loss_layer}, the model's last layer in the shipped hparams)")
         if any(len(pair) != 2 or min(pair) < 1 for pair in self.context_template_length_params):
             return "key 'context_template_length_params' must be a list of [length, count] pairs of positive ints"
         if any(p.count("{}") != 1 for p in self.kl_prompts):
             return "key 'kl_prompts': every prompt needs exactly one '{}' for the subject"
-        if self.v_argmax_stop_steps < 0:
-            return f"key 'v_argmax_stop_steps' must be >= 0 (0 = off), got {self.v_argmax_stop_steps}"
         if self.mom2_dtype not in ("float32", "float16", "bfloat16", "float64"):
             return f"key 'mom2_dtype' must be a torch float dtype name, got {self.mom2_dtype!r}"
         return None
@@ -68,10 +76,11 @@ class EditHyperParams:
         """Layer indices must exist in the model the hparams are used with."""
         from util.errors import HparamsError
 
-        if max(self.layers) >= n_layers or min(self.layers) < 0 or self.v_loss_layer >= n_layers:
-            raise HparamsError(
-                f"{source}: layers {self.layers} / v_loss_layer {self.v_loss_layer} do not exist in a model with {n_layers} layers"
-            )
+        missing = [layer for layer in self.layers if not 0 <= layer < n_layers]
+        if missing:
+            raise HparamsError(f"{source}: key 'layers': layer {missing[0]} does not exist in a model with {n_layers} layers (0-{n_layers - 1})")
+        if self.v_loss_layer >= n_layers:
+            raise HparamsError(f"{source}: key 'v_loss_layer': layer {self.v_loss_layer} does not exist in a model with {n_layers} layers (0-{n_layers - 1})")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ os.environ.setdefault("KEDIT_MODEL_CACHE", str(model_cache_dir()))
 @pytest.fixture(scope="session")
 def tokenizer():
     """The embedded model's real tokenizer (cached with its dequantised copy)."""
-    tok = AutoTokenizer.from_pretrained(dequantised_folder("smollm2-135m"))
+    tok = AutoTokenizer.from_pretrained(dequantised_folder("smollm2-135m"), trust_remote_code=False)
     prepare_tokenizer(tok)
     return tok
 

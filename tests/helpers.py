@@ -56,3 +56,26 @@ REQUESTS = [
     {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": "English", "case_id": 2},
     {"prompt": "{} is located in the city of", "subject": "Eiffel Tower", "target_new": "Rome", "case_id": 3},
 ]
+
+
+PROBE_WORDS = "good bad film great awful fine plot actor".split()
+
+
+def run_options(folder: Path) -> "RunOptions":
+    """Options of a small evaluate run on the tiny Llama: 5 demo edits, one probe task, data and
+    corpus written under `folder`, results in folder/results."""
+    from experiments.run_config import RunOptions
+    from util.paths import PROJECT_ROOT
+
+    data = folder / "data"
+    (data / "glue").mkdir(parents=True)
+    (data / "wiki").mkdir()
+    items = [{"sentence": " ".join(PROBE_WORDS[(i + j) % 8] for j in range(6)), "label": i % 2} for i in range(16)]
+    (data / "glue" / "sst2.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+    (data / "wiki" / "wikitext-2-raw-test.txt").write_text(" = Valkyria = \n" + "The river flows through the old city . " * 100)
+    return RunOptions(
+        model_name="tiny-llama", ds_name="custom", custom_path=str(PROJECT_ROOT / "data" / "demo_edits.yaml"),
+        dataset_size_limit=5, sequential=True, downstream_eval_steps=2, downstream_tasks=("sst2",),
+        number_of_few_shots=2, number_of_tests=4, generation_test_interval=2, generation_prompts=2, generation_tokens=6,
+        perplexity_tokens=96, corpus=str(write_corpus(folder)), data_dir=str(data), results_dir=str(folder / "results"),
+    )

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from data.cases import load_cases, read_cases
+from data.cases import load_cases, read_cases, select_cases
 from data.download import DataFile, downloads_dir, locate
 from util import corpus
 from util.errors import DataError, KeditError, RequestError
@@ -56,8 +56,11 @@ def test_flat_counterfact_loads_with_templated_prompts(shared_data, ds_name, cou
 
 
 def test_zsre_loads_mend_layout(shared_data):
-    cases = load_cases("zsre", data_dir=shared_data)
-    assert len(cases) == 1037 and [c.case_id for c in cases] == list(range(1037))
+    selection = select_cases("zsre", data_dir=shared_data)
+    cases = selection.cases
+    assert len(selection.skipped) == 29  # alt == answers[0]: no edit to make (see select_cases)
+    assert sorted([c.case_id for c in cases] + selection.skipped) == list(range(1037))
+    assert all(c.request.target_new != c.request.target_true for c in cases)
     first = cases[0]
     assert first.request.prompt == "When was the inception of {}?"
     assert (first.request.target_new, first.request.target_true) == ("2006", "1998")  # alt, answers[0]
@@ -69,7 +72,7 @@ def test_zsre_loads_mend_layout(shared_data):
 def test_limit_takes_the_first_records(shared_data):
     full = load_cases("cf", data_dir=shared_data)
     assert load_cases("cf", data_dir=shared_data, limit=5) == full[:5]
-    assert len(load_cases("zsre", data_dir=shared_data, limit=5000)) == 1037
+    assert len(load_cases("zsre", data_dir=shared_data, limit=5000)) == 1037 - 29
     with pytest.raises(DataError, match="limit"):
         load_cases("cf", data_dir=shared_data, limit=0)
 
@@ -178,6 +181,9 @@ CUSTOM_OK = "- prompt: 'The capital of {} is'\n  subject: France\n  target_new: 
     ("bad.yaml", CUSTOM_OK.replace("{} is", "France is").replace("France\n", "Spain\n"), "record 0: prompt", RequestError),
     ("bad.yaml", CUSTOM_OK + "  case_id: x7\n  neighborhood: [{prompt: a}]\n", "case x7: neighborhood[0]: missing field 'answer'", DataError),
     ("bad.yaml", "prompt: x\n", "expected a list of records", DataError),
+    ("empty.yaml", "", "holds no records", DataError),
+    ("empty.json", "[]", "holds no records", DataError),
+    ("noop.yaml", CUSTOM_OK + "  target_true: Rome\n", "no usable records (1 skipped because target_new equals target_true)", DataError),
 ])
 def test_bad_custom_file_is_one_line(tmp_path, name, text, fragment, error):
     path = tmp_path / name
@@ -185,6 +191,14 @@ def test_bad_custom_file_is_one_line(tmp_path, name, text, fragment, error):
     with pytest.raises(error) as err:
         load_cases("custom", custom_path=path)
     assert "\n" not in str(err.value) and str(err.value).startswith(str(path)) and fragment in str(err.value)
+
+
+def test_records_asking_for_no_change_are_skipped_and_counted(tmp_path):
+    path = tmp_path / "edits.yaml"
+    path.write_text(CUSTOM_OK + "  target_true: Rome\n" + CUSTOM_OK.replace("France", "Spain") + "  target_true: Madrid\n"
+                    + CUSTOM_OK.replace("France", "Italy") + "  target_true: Rome\n" + CUSTOM_OK.replace("France", "Peru"))
+    selection = select_cases("custom", custom_path=path, limit=2)
+    assert [c.request.subject for c in selection.cases] == ["Spain", "Peru"] and selection.skipped == [0, 2]
 
 
 def test_unknown_dataset_and_missing_custom_path():

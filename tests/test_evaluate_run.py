@@ -14,13 +14,9 @@ from experiments.checkpoint import read_jsonl
 from experiments.run import run
 from experiments.run_config import HealthThresholds, RunError, RunOptions
 from tests.conftest import tiny_llama_model
-from tests.helpers import tiny_hparams, write_corpus
+from tests.helpers import run_options, tiny_hparams
 from util.arch import arch_for
 from util.models import LoadedModel
-from util.paths import PROJECT_ROOT
-
-WORDS = "good bad film great awful fine plot actor".split()
-
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -33,18 +29,7 @@ def one_thread():
 
 @pytest.fixture
 def options(tmp_path) -> RunOptions:
-    data = tmp_path / "data"
-    (data / "glue").mkdir(parents=True)
-    (data / "wiki").mkdir()
-    items = [{"sentence": " ".join(WORDS[(i + j) % 8] for j in range(6)), "label": i % 2} for i in range(16)]
-    (data / "glue" / "sst2.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
-    (data / "wiki" / "wikitext-2-raw-test.txt").write_text(" = Valkyria = \n" + "The river flows through the old city . " * 100)
-    return RunOptions(
-        model_name="tiny-llama", ds_name="custom", custom_path=str(PROJECT_ROOT / "data" / "demo_edits.yaml"),
-        dataset_size_limit=5, sequential=True, downstream_eval_steps=2, downstream_tasks=("sst2",),
-        number_of_few_shots=2, number_of_tests=4, generation_test_interval=2, generation_prompts=2, generation_tokens=6,
-        perplexity_tokens=96, corpus=str(write_corpus(tmp_path)), data_dir=str(data), results_dir=str(tmp_path / "results"),
-    )
+    return run_options(tmp_path)
 
 
 def fresh(tokenizer) -> LoadedModel:

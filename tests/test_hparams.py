@@ -4,6 +4,7 @@ from typing import Literal
 import pytest
 
 from util.errors import HparamsError
+from util.api import load_algorithm_hparams
 from util.hparams import load_hparams, parse_override
 
 
@@ -68,3 +69,48 @@ def test_set_overrides_are_typed_and_checked(tmp_path):
         load_hparams(Example, path, ["layers=four"])
     with pytest.raises(HparamsError, match="expected key=value"):
         parse_override("v_lr")
+
+
+SMOLLM = "smollm2-135m.yaml"
+
+
+@pytest.mark.parametrize("alg, override, key, allowed", [
+    ("R-ROME", "v_lr=.nan", "v_lr", "> 0"),
+    ("R-ROME", "v_lr=0", "v_lr", "> 0"),
+    ("R-ROME", "v_lr=-0.5", "v_lr", "> 0"),
+    ("R-ROME", "v_num_grad_steps=0", "v_num_grad_steps", ">= 1"),
+    ("R-ROME", "mom2_update_weight=-1", "mom2_update_weight", "> 0"),
+    ("R-ROME", "clamp_norm_factor=0", "clamp_norm_factor", "> 0"),
+    ("R-ROME", "kl_factor=-1", "kl_factor", ">= 0"),
+    ("R-ROME", "v_weight_decay=-1", "v_weight_decay", ">= 0"),
+    ("R-ROME", "mom2_n_samples=0", "mom2_n_samples", ">= 1"),
+    ("R-ROME", "mom2_sample_tokens=0", "mom2_sample_tokens", ">= 1"),
+    ("R-ROME", "v_loss_threshold=-1", "v_loss_threshold", ">= 0"),
+    ("R-ROME", "layers=[-1]", "layers", ">= 0"),
+    ("EMMET", "emmet_lambda=-1e-3", "emmet_lambda", ">= 0"),
+    ("AlphaEdit", "L2=-1", "L2", "> 0"),
+    ("ENCORE", "update_norm_lambda=-1", "update_norm_lambda", ">= 0"),
+])
+def test_out_of_range_values_name_the_key_and_the_range(alg, override, key, allowed):
+    with pytest.raises(HparamsError) as err:
+        load_algorithm_hparams(alg, SMOLLM, [override])
+    message = str(err.value)
+    assert f"key '{key}' must be a finite number {allowed}" in message and "\n" not in message
+
+
+def test_numbers_read_as_yaml_1_2(tmp_path):
+    hp = load_algorithm_hparams("EMMET", SMOLLM, ["emmet_lambda=1e-9", "mom2_n_samples=1E5", "v_lr=.5"])
+    assert hp.emmet_lambda == 1e-9 and hp.mom2_n_samples == 100000 and isinstance(hp.mom2_n_samples, int) and hp.v_lr == 0.5
+    path = write(tmp_path, GOOD.replace("0.5", "5e-1"))
+    assert load_hparams(Example, path).v_lr == 0.5
+    with pytest.raises(HparamsError, match="key 'mom2_n_samples' must be int"):
+        load_algorithm_hparams("EMMET", SMOLLM, ["mom2_n_samples=1.5"])
+
+
+def test_a_layer_past_the_model_names_the_layer():
+    with pytest.raises(HparamsError) as err:
+        load_algorithm_hparams("R-ROME", SMOLLM, ["layers=[99]"])
+    assert str(err.value).split(": ", 1)[1].startswith("key 'layers': layer 99")
+    hp = load_algorithm_hparams("MEMIT", SMOLLM, ["layers=[2, 40]", "v_loss_layer=40"])
+    with pytest.raises(HparamsError, match=r"key 'layers': layer 40 does not exist in a model with 30 layers \(0-29\)"):
+        hp.check_model(30)

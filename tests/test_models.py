@@ -1,9 +1,15 @@
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from util.arch import ARCHITECTURES, arch_for, edited_weight, to_stored
 from util.errors import ModelLoadError
 from util.models import load_model
+from util.paths import PROJECT_ROOT
 
 
 def test_architecture_table_resolves_by_model_type(tiny_gpt2, tiny_llama):
@@ -37,6 +43,24 @@ def test_unknown_hub_name_offline_is_one_line(monkeypatch):
         load_model("no-such-org/no-such-model")
     assert "unknown model 'no-such-org/no-such-model'" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_model_folder_with_its_own_code_is_refused_without_running_it(tmp_path):
+    """Asked on stdin whether to run a folder's code, a piped "y" must not make it run."""
+    folder = tmp_path / "custom_model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "customnet", "architectures": ["CustomModel"],
+        "auto_map": {"AutoConfig": "configuration_custom.CustomConfig", "AutoModelForCausalLM": "modeling_custom.CustomModel"}}))
+    code = ("import pathlib\npathlib.Path(__file__).with_name('CODE_RAN').write_text('yes')\n"
+            "from transformers import PretrainedConfig\n\n\nclass CustomConfig(PretrainedConfig):\n    model_type = 'customnet'\n")
+    for name in ("configuration_custom.py", "modeling_custom.py"):
+        (folder / name).write_text(code)
+    script = f"from util.cli import run_cli\nfrom util.models import load_model\nrun_cli(lambda: load_model({str(folder)!r}))\n"
+    result = subprocess.run([sys.executable, "-c", script], input="y\ny\n", capture_output=True, text=True, timeout=300,
+                            cwd=PROJECT_ROOT, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    assert not (folder / "CODE_RAN").exists()
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "trust_remote_code=False" in result.stderr, result.stderr
 
 
 @pytest.mark.slow

@@ -59,6 +59,26 @@ def test_cache_key_includes_token_count_and_dtype(tiny_llama, corpus_file):
     assert cache.path(a.key) != cache.path(b.key) and b.count == 96
 
 
+def test_corpora_with_equal_names_and_sizes_but_other_text_have_other_keys(tmp_path, tiny_llama):
+    one, two = tmp_path / "one" / "wiki", tmp_path / "two" / "wiki"
+    for folder, text in ((one, "The river flows north."), (two, "The river flows south.")):
+        folder.mkdir(parents=True)
+        (folder / "a.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    assert (one / "a.jsonl").stat().st_size == (two / "a.jsonl").stat().st_size
+    assert local_corpus(one).ident != local_corpus(two).ident
+    assert local_corpus(one).ident == local_corpus(one).ident  # the second time from the hash cache
+    cache = StatsCache()
+    key = {c: cache.second_moments(tiny_llama, [1], local_corpus(c), n_samples=1, sample_tokens=4, progress=False)[1].key
+           for c in (one, two)}
+    assert cache.path(key[one]) != cache.path(key[two])
+
+
+def test_invalid_utf8_in_a_jsonl_corpus_reads_as_replacement_characters(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"text": "caf\xe9 au lait"}\n')
+    assert list(local_corpus(path).texts()) == ["caf\ufffd au lait"]
+
+
 def test_bad_corpus_paths(tmp_path, tiny_llama):
     with pytest.raises(CorpusError, match="does not exist"):
         local_corpus(tmp_path / "missing")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import signal
 import sys
 from typing import Callable
 
@@ -32,18 +33,36 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (schedulers, kill), raised where Ctrl-C would be: a run rolls back and checkpoints
+    the same way, and the process then exits with 128 + 15 as a shell expects."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+def raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def run_cli(main: Callable[[], int | None]) -> None:
-    """Run `main`; a `KeditError` (bad file, key, record, flag) ends in one line and exit code 2."""
+    """Run `main`; a `KeditError` (bad file, key, record, flag) ends in one line and exit code 2,
+    Ctrl-C in exit code 130 and SIGTERM in 143, each after the run has checkpointed."""
     keep_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         code = main()
     except KeditError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
+    except Terminated:
+        print("terminated (SIGTERM)", file=sys.stderr)
+        code = Terminated.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        code = 128 + signal.SIGINT
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     sys.exit(code or 0)

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 
 from util.errors import CorpusError
-from util.paths import cache_dir, slug
+from util.paths import cache_dir, sha256_file, slug
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def read_texts(files: list[Path]) -> Iterator[str]:
         if path.suffix == ".txt":
             yield path.read_text(encoding="utf-8", errors="replace")
             continue
-        with path.open(encoding="utf-8") as handle:
+        with path.open(encoding="utf-8", errors="replace") as handle:  # invalid UTF-8 as in .txt: U+FFFD
             for number, line in enumerate(handle, 1):
                 if not line.strip():
                     continue
@@ -68,12 +68,30 @@ def read_texts(files: list[Path]) -> Iterator[str]:
                 yield text
 
 
+def content_hash(path: Path) -> str:
+    """SHA-256 of a file's bytes, remembered in the cache under (path, size, mtime) so that a large
+    corpus is read once, not at every run."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()
+    memo = cache_dir() / "file_hashes" / key
+    if memo.is_file():
+        return memo.read_text().strip()
+    digest = sha256_file(path)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(f"{key}.{os.getpid()}.partial")
+    tmp.write_text(digest)
+    os.replace(tmp, memo)
+    return digest
+
+
 def local_corpus(path: str | Path) -> Corpus:
+    """A local corpus, identified by its files' names and contents: two corpora with the same file
+    names and sizes but different text never share cached statistics."""
     files = local_files(Path(path).expanduser().resolve())
-    digest = hashlib.sha1()
+    digest = hashlib.sha256()
     for file in files:
-        digest.update(f"{file.name}:{file.stat().st_size};".encode())
-    ident = f"local-{slug(Path(path).name)}-{digest.hexdigest()[:10]}"
+        digest.update(f"{file.name}:{content_hash(file)};".encode())
+    ident = f"local-{slug(Path(path).name)}-{digest.hexdigest()[:16]}"
     return Corpus("local", ident, lambda: read_texts(files))
 
 

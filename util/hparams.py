@@ -1,21 +1,76 @@
 """Hparams: frozen dataclasses loaded from YAML, validated on load.
 
-An unknown key, a missing key or a value of the wrong type fails with one line naming the file
-and the key. `--set key=value` overrides are parsed as YAML scalars and checked the same way.
+An unknown key, a missing key, a value of the wrong type or outside its range (`Range`, checked
+by each class's validate()) fails with one line naming the file and the key. `--set key=value`
+overrides are parsed as YAML scalars and checked the same way. Numbers read as YAML 1.2 does:
+`1e-9`, `1E5` and `.5` are numbers (PyYAML's YAML 1.1 rules read the first two as strings).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, TypeVar
+from typing import Any, Iterable, Mapping, TypeVar
 
 import yaml
 
 from util.errors import HparamsError
 
 T = TypeVar("T")
+
+
+class NumberLoader(yaml.SafeLoader):
+    """safe_load plus YAML 1.2 floats: an exponent without a dot (1e-9, 1E5) makes a number."""
+
+
+NumberLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=NumberLoader)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric hparam: low < x (or low <= x) and x <= high, finite."""
+
+    low: float | None = None
+    high: float | None = None
+    low_included: bool = True
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = self.low is None or (value >= self.low if self.low_included else value > self.low)
+        return above and (self.high is None or value <= self.high)
+
+    def __str__(self) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>=' if self.low_included else '>'} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"<= {self.high:g}")
+        return "a finite number " + " and ".join(parts) if parts else "a finite number"
+
+
+POSITIVE, NON_NEGATIVE, AT_LEAST_ONE = Range(0, low_included=False), Range(0), Range(1)
+
+
+def out_of_range(hparams: Any, ranges: Mapping[str, Range]) -> str | None:
+    """The first key whose value (or any element of its list value) lies outside its Range."""
+    for key, allowed in ranges.items():
+        value = getattr(hparams, key)
+        if any(v not in allowed for v in (value if isinstance(value, list) else [value])):
+            return f"key '{key}' must be {allowed}{' (each element)' if isinstance(value, list) else ''}, got {value!r}"
+    return None
 
 
 def _type_name(tp: Any) -> str:
@@ -47,8 +102,8 @@ def _check(value: Any, tp: Any) -> bool:
         return value is None
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is int:  # 1E5 is read as a float: a whole number is an int
+        return not isinstance(value, bool) and (isinstance(value, int) or (isinstance(value, float) and value.is_integer()))
     return isinstance(value, tp)
 
 
@@ -56,6 +111,8 @@ def _coerce(value: Any, tp: Any) -> Any:
     """Ints where floats are declared become floats; lists declared as tuples become tuples."""
     if tp is float and isinstance(value, int):
         return float(value)
+    if tp is int and isinstance(value, float):
+        return int(value)
     if typing.get_origin(tp) is list and isinstance(value, list):
         (inner,) = typing.get_args(tp)
         return [_coerce(v, inner) for v in value]
@@ -68,7 +125,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise HparamsError(f"--set '{text}': expected key=value")
     try:
-        value = yaml.safe_load(raw)
+        value = load_yaml(raw)
     except yaml.YAMLError:
         raise HparamsError(f"--set '{text}': value is not valid YAML") from None
     return key.strip(), value
@@ -109,7 +166,7 @@ def load_hparams(cls: type[T], path: str | Path, overrides: Iterable[str] = ()) 
     if not path.is_file():
         raise HparamsError(f"hparams file '{path}' does not exist")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""

@@ -60,8 +60,8 @@ def dequantised_folder(name: str) -> Path:
 
     folder, file_name = embedded_gguf(name)
     log.info("dequantising %s from %s (once; cached in %s)", name, file_name, target)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, dtype=torch.float32, trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=file_name, trust_remote_code=False)
     tmp = target.with_name(target.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
     save_model(model, str(tmp / "model.safetensors"))
@@ -97,20 +97,24 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu") -> Loaded
         raise ModelLoadError(f"unknown device '{device}'; choose from {', '.join(DEVICES)}")
     source = resolve_source(name)
     try:
-        AutoConfig.from_pretrained(source)
+        # Never run code shipped with a model (transformers would ask on stdin, and "y" piped in runs it).
+        AutoConfig.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError) as err:
+        if "trust_remote_code" in str(err):
+            raise ModelLoadError(f"model '{name}' ships its own code, which this harness does not run "
+                                 f"(trust_remote_code=False); use a model transformers supports natively") from None
         raise ModelLoadError(
             f"unknown model '{name}': not an embedded name ({', '.join(EMBEDDED)}), "
             f"not a local folder, and not loadable from the Hugging Face hub ({str(err).splitlines()[0]})"
         ) from None
-    kwargs = {"dtype": DTYPES[dtype]}
+    kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": False}
     if device == "auto":
         kwargs["device_map"] = "auto"
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if device == "cuda":
         model = model.to("cuda")
     model.eval().requires_grad_(False)
-    tok = AutoTokenizer.from_pretrained(source)
+    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     prepare_tokenizer(tok)
     return LoadedModel(model, tok, arch_for(model), name)
 

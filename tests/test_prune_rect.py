@@ -90,5 +90,9 @@ def test_registry_and_hparams_files():
         for model in ("smollm2-135m", "gpt2-xl", "EleutherAI_gpt-j-6B", "Llama-3-8B", "Meta-Llama-3-8B-Instruct"):
             assert type(load_algorithm_hparams(alg, model)) is ALGORITHMS[alg].hparams_class
     assert load_algorithm_hparams("RECT", "Llama-3-8B").rect_top_percent == 40
+    for alg in ALGORITHMS:  # Instruct hparams for every editor: the base model's (= the AlphaEdit release's) values
+        instruct = load_algorithm_hparams(alg, "Meta-Llama-3-8B-Instruct")
+        instruct.check_model(32)
+        assert instruct == load_algorithm_hparams(alg, "Llama-3-8B"), alg
     with pytest.raises(HparamsError, match="rect_top_percent"):
         tiny_hparams(RECTHyperParams, rect_top_percent=0)

@@ -60,10 +60,11 @@ def provenance(run: Path, config: dict[str, Any], n_edits: int) -> dict[str, Any
     return {"run": str(run.resolve()), "n_edits": n_edits, **{k: config.get(k) for k in keys}}
 
 
-def save_run_model(lm: LoadedModel, run: Path, n_edits: int) -> Path:
-    """The model in memory at the end of a run session (evaluate.py --save_model)."""
+def save_run_model(lm: LoadedModel, run: Path, n_edits: int, out: str | Path | None = None) -> Path:
+    """`lm`, holding `run`'s edits after `n_edits`, into `out` (default <run>/model_<n_edits>);
+    evaluate.py --save_model calls it with the model in memory at the end of a session."""
     config = json.loads((run / "config.json").read_text())
-    return save_model_folder(lm, run / f"model_{n_edits:06d}", provenance(run, config, n_edits))
+    return save_model_folder(lm, Path(out) if out else run / f"model_{n_edits:06d}", provenance(run, config, n_edits))
 
 
 def export_run(run: str | Path, out: str | Path | None = None, at: int | None = None,
@@ -85,8 +86,7 @@ def export_run(run: str | Path, out: str | Path | None = None, at: int | None = 
     with torch.no_grad():
         for name in names:
             lm.model.get_parameter(name).copy_(weights[name])
-    target = Path(out) if out else run / f"model_{n_edits:06d}"
-    return save_model_folder(lm, target, provenance(run, config, n_edits))
+    return save_run_model(lm, run, n_edits, out)
 
 
 def main() -> int:

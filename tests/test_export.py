@@ -85,3 +85,13 @@ def test_embedded_model_export_keeps_an_edited_fact(embedded, shared_data, tmp_p
         restore(embedded.model, edit.originals)
     result = evaluate_cases(loaded(folder), records)[0]
     assert result.rewrite[0].argmax, "the exported model's top answer to 'The capital of France is' is Rome"
+
+
+def test_export_cli_ends_in_one_line_on_a_folder_that_is_no_run(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(PROJECT_ROOT / "experiments" / "export.py"), str(tmp_path)],
+                         capture_output=True, text=True, cwd=PROJECT_ROOT, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    assert out.returncode == 2 and out.stderr.strip() == f"error: {tmp_path}: not a run folder (no config.json)"

@@ -71,6 +71,8 @@ def build_parser() -> Parser:
     where.add_argument("--results_dir", default=DEFAULTS.results_dir)
     where.add_argument("--continue_from_run", default=None, metavar="run_NNN", help="continue this run from its last checkpoint")
     where.add_argument("--stop_after", type=int, default=None, metavar="N", help="end this session after N more edits (checkpointed)")
+    where.add_argument("--save_model", action="store_true",
+                       help="at the end, write the edited model to run_NNN/model_<edits> (a Hugging Face folder; see experiments/export.py)")
     where.add_argument("--device", default=DEFAULTS.device, help="cpu, cuda or auto")
     where.add_argument("--dtype", default=DEFAULTS.dtype, help="float32, float16, bfloat16 or float64")
     where.add_argument("--value_dtype", default=DEFAULTS.value_dtype,
@@ -112,7 +114,7 @@ def continued(cli: RunOptions, explicit: set[str]) -> RunOptions:
     stored = RunOptions.from_dict(folder.read_config()["options"])
     fields = {"entropy_ratio": "health", "norm_jump": "health", "skip_generation_tests": "generation_test_interval"}
     given = {fields.get(name, name) for name in explicit}
-    keep = {"continue_from_run", "results_dir", "stop_after"} | given
+    keep = {"continue_from_run", "results_dir", "stop_after", "save_model"} | given
     return dataclasses.replace(stored, **{name: getattr(cli, name) for name in keep})
 
 

@@ -1,11 +1,19 @@
-"""Compute (or load from cache) the key second-moment statistics C0 of one or more layers.
+"""Compute (or load from cache) the key second-moment statistics C0 of one or more layers;
+share them as files (util/stats_share.py).
 
     python experiments/key_stats.py --model_name smollm2-135m --layers 4 --n_samples 200
+    python experiments/key_stats.py --model_name smollm2-135m --layers 2,3,4,5,6 --export stats/smollm2 [--nullspace_threshold 0.02]
+    python experiments/key_stats.py --model_name smollm2-135m --import stats/smollm2
+
+--export writes C0 (and with --nullspace_threshold AlphaEdit's null-space basis) as safetensors
+with a JSON manifest; --import checks that manifest against --model_name and puts the matrices in
+this machine's statistics cache, where runs with the same corpus, token count and dtype find them.
 """
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -13,6 +21,7 @@ from util.cli import run_cli
 from util.corpus import resolve_corpus
 from util.models import load_model
 from util.stats import StatsCache
+from util.stats_share import export_stats, import_stats, read_manifest
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -26,6 +35,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", help="forward dtype (statistics accumulate in float64)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model-sampled fallback corpus")
+    share = parser.add_mutually_exclusive_group()
+    share.add_argument("--export", metavar="DIR", help="write the statistics and a manifest to DIR")
+    share.add_argument("--import", dest="import_dir", metavar="DIR",
+                       help="check DIR's manifest against --model_name and add its statistics to the cache")
+    parser.add_argument("--nullspace_threshold", type=float, default=None,
+                        help="with --export: also AlphaEdit's null-space basis (eigenvalues of C0 below this)")
     return parser.parse_args(argv)
 
 
@@ -39,8 +54,24 @@ def describe(layer: int, mom2: torch.Tensor, count: int) -> str:
     )
 
 
+def import_main(args: argparse.Namespace) -> int:
+    lm = load_model(args.model_name, device=args.device)
+    cache = StatsCache()
+    keys = import_stats(lm, args.import_dir, cache)
+    manifest = read_manifest(Path(args.import_dir))
+    print(f"imported C0 of {len(keys)} layer(s) of {manifest['model']} for {lm.name}: checked against its weights")
+    for key in keys:
+        print(f"  cache: {cache.path(key)}")
+    print(f"runs use them with a corpus whose ident is {manifest['corpus']} ({manifest['corpus_kind']}) and hparams "
+          f"mom2_n_samples * mom2_sample_tokens = {manifest['n_tokens']} ({manifest['n_samples']} x {manifest['sample_tokens']}), "
+          f"mom2_dtype {manifest['dtype']}")
+    return 0
+
+
 def main() -> int:
     args = parse_args()
+    if args.import_dir:
+        return import_main(args)
     layers = [int(x) for x in args.layers.split(",")]
     lm = load_model(args.model_name, device=args.device)
     corpus = resolve_corpus(args.corpus, lm.model, lm.tok, lm.name, args.n_samples * args.sample_tokens, args.seed)
@@ -53,6 +84,10 @@ def main() -> int:
     for layer, moment in moments.items():
         print(describe(layer, moment.mom2, moment.count))
         print(f"  cache: {cache.path(moment.key)}")
+    if args.export:
+        out = export_stats(lm, layers, corpus, args.n_samples, args.sample_tokens, args.dtype, args.export, cache,
+                           args.nullspace_threshold)
+        print(f"exported to {out} (manifest.json, key_stats.safetensors)")
     return 0
 
 

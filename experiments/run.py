@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data.records import CaseRecord
+from experiments.export import save_run_model
 from experiments.plots import write_plots
 from experiments.report import write_summary
 from experiments.run_config import RunOptions
@@ -112,6 +113,8 @@ def save_checkpoint(s: Session) -> None:
 def finish(s: Session) -> None:
     write_summary(s.folder.path, s.status)
     write_plots(s.folder.path)
+    if s.options.save_model and s.status in ("complete", "paused", "collapsed"):
+        log.info("edited model written to %s", save_run_model(s.lm, s.folder.path, s.n_edits))
 
 
 def baseline(s: Session) -> None:

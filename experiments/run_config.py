@@ -18,7 +18,7 @@ from util.errors import KeditError
 from util.paths import PROJECT_ROOT
 
 MODES = ("batched", "sequential", "sequential-batched")
-SESSION_FIELDS = ("continue_from_run", "results_dir", "device", "data_dir", "stop_after")
+SESSION_FIELDS = ("continue_from_run", "results_dir", "device", "data_dir", "stop_after", "save_model")
 
 
 class RunError(KeditError):
@@ -70,6 +70,7 @@ class RunOptions:
     device: str = "cpu"
     data_dir: str | None = None
     stop_after: int | None = None  # end this session cleanly (with a checkpoint) after this many edits
+    save_model: bool = False  # write the edited model as a HF folder when the session ends (experiments/export.py)
 
     @property
     def mode(self) -> str:
@@ -103,6 +104,8 @@ class RunOptions:
             raise RunError(f"--value_dtype must be float32, bfloat16 or float16, got {self.value_dtype!r}")
         if self.value_compile and self.value_dtype == "float32":
             raise RunError("--value_compile applies to mixed-precision values: add --value_dtype bfloat16")
+        if self.save_model and not self.sequential:
+            raise RunError("--save_model needs --sequential: a batched run undoes every batch, leaving no edited model")
         if self.stop_after is not None and self.stop_after < 1:
             raise RunError(f"--stop_after must be at least 1, got {self.stop_after}")
         return self

@@ -18,6 +18,8 @@ from alphaedit.alphaedit_main import AlphaEditHyperParams, apply_alphaedit
 from emmet.emmet_main import EMMETHyperParams, apply_emmet
 from encore.encore_main import ENCOREHyperParams, apply_encore
 from memit.memit_main import MEMITHyperParams, apply_memit
+from prune.prune_main import PRUNEHyperParams, apply_prune
+from rect.rect_main import RECTHyperParams, apply_rect
 from rome.editor import EditContext, EditResult
 from rome.hparams import EditHyperParams, ROMEHyperParams
 from rome.rome_main import apply_rome
@@ -43,6 +45,8 @@ ALGORITHMS: dict[str, Algorithm] = {
     "EMMET": Algorithm("EMMET", EMMETHyperParams, apply_emmet),
     "AlphaEdit": Algorithm("AlphaEdit", AlphaEditHyperParams, apply_alphaedit),
     "ENCORE": Algorithm("ENCORE", ENCOREHyperParams, apply_encore),
+    "PRUNE": Algorithm("PRUNE", PRUNEHyperParams, apply_prune),
+    "RECT": Algorithm("RECT", RECTHyperParams, apply_rect),
 }
 
 

@@ -141,7 +141,7 @@ class StatsCache:
             log.info("key statistics: %d tokens at %.0f tokens/s", count, rate)
             for layer in missing:
                 moment = SecondMoment(sums[layer] / count, count, keys[layer])
-                self._store(moment)
+                self.store(moment)
                 result[layer] = moment
         return result
 
@@ -156,7 +156,7 @@ class StatsCache:
         self._memory[key] = moment
         return moment
 
-    def _store(self, moment: SecondMoment) -> None:
+    def store(self, moment: SecondMoment) -> None:
         path = self.path(moment.key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".partial")

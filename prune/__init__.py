@@ -1,0 +1,1 @@
+"""PRUNE: MEMIT with the large singular values of the run's accumulated update restrained."""

@@ -1,0 +1,1 @@
+"""RECT: MEMIT keeping only the largest relative changes of each edited matrix."""

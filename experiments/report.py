@@ -228,7 +228,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     lines = [f"# {summary['alg_name']} on {summary['model']}: {summary['mode']}, {summary['n_edits']} edits ({summary['status']})", "",
              f"Protocol `{spec.name}` (every number below): {spec.description}.", "", markdown_table([summary]),
              "AlphaEdit's Table 1 columns under this protocol (after the last edit, over every edited fact):", "",
-             paper_markdown({summary["run"]: summary})]
+             paper_markdown({summary["run"]: summary}), *(f"- {name}: {text}" for name, text in spec.definitions.items()), ""]
     if summary["probes"]:
         lines += ["Probes (before the first edit → last evaluation):", "", "| task | accuracy | macro F1 | weighted F1 | MCC |",
                   "|---|---|---|---|---|"]

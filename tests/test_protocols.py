@@ -113,12 +113,15 @@ def test_protocol_defaults_apply_to_flags_not_given():
 
 def test_every_number_of_an_alphaedit_run_names_its_protocol(options, tokenizer, tmp_path):
     options = dataclasses.replace(options, protocol="alphaedit", number_of_few_shots=0, generation_test_interval=4)
+    sst2 = tmp_path / "data" / "glue" / "sst2.jsonl"
+    labels = [i % 2 for i in range(10)] + [1, 1, 0, 1, 0, 0]  # test items: the first 4 differ from a seeded 4
+    sst2.write_text("".join(json.dumps({"sentence": f"a film number {i}", "label": label}) + "\n" for i, label in enumerate(labels)))
     path = run(options, fresh(tokenizer), tiny_hparams())
     rows = [json.loads(line) for line in (path / "probes.jsonl").read_text().splitlines()]
     assert {r["kind"] for r in rows} == {"probe", "perplexity", "retention", "generation"}
     assert all(r["protocol"] == "alphaedit" for r in rows)
     probe = next(r for r in rows if r["kind"] == "probe")  # the first 4 test items in file order (items 10-13)
-    assert probe["gold"] == [i % 2 for i in range(10, 14)] and probe["n_shots"] == 0
+    assert probe["gold"] == [1, 1, 0, 1] and probe["n_shots"] == 0
     final = [r for r in rows if r["kind"] == "generation"][-1]
     assert final["n_edits"] == 5 and final["scope"] == "all" and len(final["samples"]) == 5  # every edited fact
     summary = json.loads((path / "summary.json").read_text())
@@ -130,6 +133,7 @@ def test_every_number_of_an_alphaedit_run_names_its_protocol(options, tokenizer,
     assert summary["paper"]["||W - W0||"] == summary["final_drift_norm"] > 0
     text = (path / "summary.md").read_text()
     assert "Protocol `alphaedit`" in text and "| Efficacy | Generalization | Specificity | Fluency | Consistency |" in text
+    assert "- probes: zero-shot in AlphaEdit's wording" in text
     row = next(csv.DictReader(io.StringIO(csv_text([summary]))))
     assert row["protocol"] == "alphaedit" and float(row["Fluency"]) == pytest.approx(summary["paper"]["Fluency"])
     curve = paper_curve(path)

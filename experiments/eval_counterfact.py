@@ -27,6 +27,7 @@ class PromptScore:
     nll_new: float | None  # mean per-token NLL of target_new; None on neighbourhood prompts without target_true
     nll_true: float | None  # of the true answer (target_true, or the neighbourhood prompt's own answer)
     argmax: bool  # the expected answer is the argmax at every token: target_new on rewrite/paraphrase, the true answer on neighbourhood
+    token_acc: float | None = None  # fraction of the expected answer's tokens that are the argmax (teacher-forced)
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,10 @@ class CaseResult:
     neighborhood: tuple[PromptScore, ...]
 
     def metrics(self) -> dict[str, float]:
-        """Per case: <section>_success (fraction succeeding), <section>_magnitude, <section>_acc.
-        Comparisons are NaN when the record has no true answer or no prompts of a section."""
+        """Per case: <section>_success (fraction succeeding), <section>_magnitude, <section>_acc
+        (every token the argmax) and <section>_token_acc (mean over prompts of the fraction of
+        tokens that are the argmax, zsRE's accuracy in MEND/ROME/AlphaEdit). Comparisons are NaN
+        when the record has no true answer or no prompts of a section."""
         out: dict[str, float] = {}
         for section in SECTIONS:
             scores = getattr(self, section)
@@ -49,6 +52,7 @@ class CaseResult:
             out[f"{section}_success"] = prefers(new, true)
             out[f"{section}_magnitude"] = prob_gap(new, true)
             out[f"{section}_acc"] = float(sum(s.argmax for s in scores) / len(scores)) if scores else math.nan
+            out[f"{section}_token_acc"] = mean([s.token_acc for s in scores if s.token_acc is not None])
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,6 +97,7 @@ def evaluate_cases(lm: LoadedModel, records: Sequence[CaseRecord], batch_size: i
                 nll_new=scores[new].nll if new is not None else None,
                 nll_true=scores[true].nll if true is not None else None,
                 argmax=scores[expected].argmax,
+                token_acc=scores[expected].token_accuracy,
             ))
         results.append(CaseResult(record.case_id, *(tuple(by_section[s]) for s in SECTIONS)))
     return results

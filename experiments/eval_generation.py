@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import math
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -90,11 +91,15 @@ def generate(
     top_k: int | None = 5,
     seed: int = 0,
     batch_size: int = 16,
+    total_length: int | None = None,
 ) -> list[str]:
     """Continuations (without the prompt) of each prompt: top-k sampling (seeded; the global RNG
-    is left as it was) or greedy with top_k=None. Prompts are batched by length."""
+    is left as it was) or greedy with top_k=None. Prompts are batched by length. With
+    total_length, each prompt continues until prompt + continuation hold that many tokens
+    (ROME's generate_fast, max_out_len) instead of for max_new_tokens."""
     tok, device = lm.tok, input_device(lm.model)
     encoded = [tok(p)["input_ids"] for p in prompts]
+    budget = [total_length - len(e) if total_length else max_new_tokens for e in encoded]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     out: list[str] = [""] * len(prompts)
     sampling = {"do_sample": True, "top_k": top_k, "top_p": 1.0, "temperature": 1.0} if top_k else {"do_sample": False}
@@ -103,13 +108,23 @@ def generate(
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             ids, mask = left_pad([encoded[i] for i in rows], tok.pad_token_id)
+            longest = max(budget[i] for i in rows)
+            if longest < 1:
+                continue  # prompts already as long as total_length: nothing to add
             generated = lm.model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=longest,
                 pad_token_id=tok.pad_token_id, **sampling,
             )
             for row, index in enumerate(rows):
-                out[index] = tok.decode(generated[row, ids.shape[1]:], skip_special_tokens=True)
+                new = generated[row, ids.shape[1] : ids.shape[1] + max(budget[index], 0)]
+                out[index] = tok.decode(new, skip_special_tokens=True)
     return out
+
+
+def alphaedit_text(text: str) -> str:
+    """The clean-up AlphaEdit's (ROME's) generate_fast applies before scoring: Unicode NFKD and
+    blank lines turned into spaces."""
+    return unicodedata.normalize("NFKD", text).replace("\n\n", " ")
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,15 +147,19 @@ def evaluate_generation(
     top_k: int | None = 5,
     seed: int = 0,
     batch_size: int = 16,
+    total_length: int | None = None,
+    clean: Callable[[str], str] | None = None,
 ) -> list[GenerationResult]:
     """Generate from every record's generation prompts (all records batched together) and score
-    fluency and consistency against the record's attribute prompts."""
+    fluency and consistency against the record's attribute prompts. `clean` is applied to each
+    text (prompt + continuation) before scoring; total_length as in `generate`."""
     prompts = [p for r in records for p in r.generation_prompts]
-    continuations = generate(lm, prompts, max_new_tokens, top_k, seed, batch_size)
+    continuations = generate(lm, prompts, max_new_tokens, top_k, seed, batch_size, total_length)
+    clean = clean or (lambda text: text)
     results, at = [], 0
     for record in records:
         n = len(record.generation_prompts)
-        texts = tuple(p + c for p, c in zip(record.generation_prompts, continuations[at : at + n]))
+        texts = tuple(clean(p + c) for p, c in zip(record.generation_prompts, continuations[at : at + n]))
         at += n
         references = record.attribute_prompts
         consistency = tfidf.similarity(" ".join(texts), " ".join(references)) if tfidf and references and texts else None

@@ -1,7 +1,8 @@
 """The measurements of a run, loaded once and applied to the model at each evaluation point.
 
-Every method returns JSON-ready rows ("kind" says which measurement) with wall-clock times under
-"seconds", the one field that differs between otherwise identical runs.
+Every method returns JSON-ready rows ("kind" says which measurement, "protocol" under which
+definitions, experiments/protocols.py) with wall-clock times under "seconds", the one field that
+differs between otherwise identical runs.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from data.records import CaseRecord
 from experiments.eval_counterfact import CaseResult, evaluate_cases, summarize
 from experiments.eval_generation import TfIdf, evaluate_generation, summarize_generation
 from experiments.eval_perplexity import perplexity
-from experiments.eval_probes import evaluate_probe
+from experiments.protocols import protocol
 from experiments.run_config import RunOptions
 from util.corpus import local_corpus
 from util.models import LoadedModel
@@ -36,8 +37,11 @@ def with_generation_prompts(record: CaseRecord) -> CaseRecord:
     return dataclasses.replace(record, generation_prompts=(record.request.text, *record.paraphrase_prompts))
 
 
-def prompt_budget(records: Sequence[CaseRecord], budget: int) -> list[CaseRecord]:
-    """The first records of `records` with their generation prompts, `budget` prompts in all."""
+def prompt_budget(records: Sequence[CaseRecord], budget: int | None) -> list[CaseRecord]:
+    """The first records of `records` with their generation prompts, `budget` prompts in all
+    (None: every prompt of every record)."""
+    if budget is None:
+        return [with_generation_prompts(record) for record in records]
     chosen = []
     for record in records:
         if budget <= 0:
@@ -71,13 +75,20 @@ def corpus_tfidf(corpus_path: str | None) -> TfIdf | None:
 class EvalSuite:
     def __init__(self, lm: LoadedModel, options: RunOptions):
         self.lm, self.options = lm, options
-        self.probes: list[ProbeSet] = [
-            load_probe(task, options.data_dir, options.number_of_tests, options.seed) for task in options.downstream_tasks
-        ]
+        self.protocol = protocol(options.protocol)
+        self.probes: list[ProbeSet] = [self.load_probe(task) for task in options.downstream_tasks]
         self.wikitext: Path | None = find_local(WIKITEXT, options.data_dir)
         if self.wikitext is None:
             log.warning("%s not found (--data_dir, $KEDIT_DATA_DIR, data/downloads): perplexity is skipped", WIKITEXT.names[0])
         self.tfidf = corpus_tfidf(options.corpus) if options.generation_test_interval else None
+
+    def load_probe(self, task: str) -> ProbeSet:
+        """The protocol's test items: a seeded sample, or the first n in file order."""
+        n = self.options.number_of_tests
+        if self.protocol.probe_items == "first":
+            probe = load_probe(task, self.options.data_dir)
+            return dataclasses.replace(probe, test=probe.test[:n])
+        return load_probe(task, self.options.data_dir, n, self.options.seed)
 
     def data_files(self) -> dict[str, str]:
         files = {f"probe:{p.name}": p.source for p in self.probes}
@@ -87,14 +98,14 @@ class EvalSuite:
 
     def counterfact(self, records: Sequence[CaseRecord]) -> tuple[dict[str, Any], list[CaseResult]]:
         results = evaluate_cases(self.lm, records)
-        return summarize(results), results
+        return {"protocol": self.protocol.name, **summarize(results)}, results
 
     def probe_rows(self, n_edits: int) -> list[dict[str, Any]]:
         rows = []
         for probe in self.probes:
             start = time.perf_counter()
-            result = evaluate_probe(self.lm, probe, self.options.number_of_few_shots, self.options.seed)
-            row = {"kind": "probe", "n_edits": n_edits, **result.to_dict(), "n_items": len(result.gold)}
+            result = self.protocol.score_probe(self.lm, probe, self.options)
+            row = {"kind": "probe", "protocol": self.protocol.name, "n_edits": n_edits, **result.to_dict(), "n_items": len(result.gold)}
             rows.append({**row, "seconds": time.perf_counter() - start})
         return rows
 
@@ -103,17 +114,20 @@ class EvalSuite:
             return None
         start = time.perf_counter()
         result = perplexity(self.lm, self.wikitext, n_tokens=self.options.perplexity_tokens)
-        return {"kind": "perplexity", "n_edits": n_edits, **result.to_dict(), "seconds": time.perf_counter() - start}
+        return {"kind": "perplexity", "protocol": self.protocol.name, "n_edits": n_edits, **result.to_dict(),
+                "seconds": time.perf_counter() - start}
 
-    def generation_row(self, records: Sequence[CaseRecord], n_edits: int) -> dict[str, Any]:
+    def generation_row(self, records: Sequence[CaseRecord], n_edits: int, every_prompt: bool = False) -> dict[str, Any]:
         """Fluency and consistency of continuations of generation prompts of the first records
-        (options.generation_prompts in all); the sampling seed follows the position, so a
-        resumed run draws the same texts."""
+        (options.generation_prompts in all, or all of them with every_prompt); the sampling seed
+        follows the position, so a resumed run draws the same texts."""
         start = time.perf_counter()
-        records = prompt_budget(records, self.options.generation_prompts)
+        records = prompt_budget(records, None if every_prompt else self.options.generation_prompts)
         results = evaluate_generation(
-            self.lm, records, self.tfidf, max_new_tokens=self.options.generation_tokens, seed=self.options.seed + n_edits
+            self.lm, records, self.tfidf, max_new_tokens=self.options.generation_tokens, seed=self.options.seed + n_edits,
+            total_length=self.protocol.generation_length, clean=self.protocol.clean_text,
         )
         summary = summarize_generation(results)
         samples = [{"case_id": r.case_id, "texts": list(r.texts), "fluency": r.fluency, "consistency": r.consistency} for r in results]
-        return {"kind": "generation", "n_edits": n_edits, **summary, "samples": samples, "seconds": time.perf_counter() - start}
+        return {"kind": "generation", "protocol": self.protocol.name, "n_edits": n_edits, "scope": "all" if every_prompt else "latest",
+                **summary, "samples": samples, "seconds": time.perf_counter() - start}

@@ -19,6 +19,7 @@ from typing import Sequence
 from experiments.checkpoint import RunFolder
 from experiments.report import markdown_table
 from experiments.run import run
+from experiments.protocols import PROTOCOLS, protocol
 from experiments.run_config import HealthThresholds, RunError, RunOptions
 from util.api import ALGORITHMS
 from util.cli import run_cli
@@ -46,6 +47,8 @@ def build_parser() -> Parser:
     what.add_argument("--num_edits", type=int, default=DEFAULTS.num_edits, help="batch size B")
     what.add_argument("--sequential", action="store_true", help="apply batches cumulatively")
     evals = p.add_argument_group("what to measure")
+    evals.add_argument("--protocol", default=DEFAULTS.protocol,
+                       help=f"how the numbers are defined: {', '.join(PROTOCOLS)} (its defaults apply to the flags not given; see README)")
     evals.add_argument("--downstream_eval_steps", type=int, default=DEFAULTS.downstream_eval_steps,
                        help="K: retention, probes, perplexity and a checkpoint every K edits (0: only before and at the end)")
     evals.add_argument("--downstream_tasks", default=",".join(DEFAULTS.downstream_tasks),
@@ -118,10 +121,20 @@ def continued(cli: RunOptions, explicit: set[str]) -> RunOptions:
     return dataclasses.replace(stored, **{name: getattr(cli, name) for name in keep})
 
 
+def with_protocol_defaults(options: RunOptions, explicit: set[str]) -> RunOptions:
+    """The protocol's settings for the options not given on the command line."""
+    if options.protocol not in PROTOCOLS:
+        return options  # validate() names the choices
+    defaults = protocol(options.protocol).option_defaults
+    return dataclasses.replace(options, **{name: value for name, value in defaults.items() if name not in explicit})
+
+
 def options_from_argv(argv: Sequence[str] | None = None) -> RunOptions:
     options = to_options(build_parser().parse_args(argv))
     if options.continue_from_run:
         options = continued(options, explicit_flags(argv))
+    else:
+        options = with_protocol_defaults(options, explicit_flags(argv))
     return options.validate()
 
 

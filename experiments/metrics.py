@@ -52,16 +52,29 @@ def accuracy(predicted: Sequence[int], gold: Sequence[int]) -> float:
 def macro_f1(predicted: Sequence[int], gold: Sequence[int]) -> float:
     """Unweighted mean F1 over the classes that occur in gold or predictions (as sklearn); a class
     never predicted correctly scores 0."""
+    labels, scores, _ = _class_f1(predicted, gold)
+    return float(np.mean(scores)) if labels.size else math.nan
+
+
+def weighted_f1(predicted: Sequence[int], gold: Sequence[int]) -> float:
+    """F1 per class weighted by its count in gold (sklearn's average='weighted', AlphaEdit's GLUE
+    score); a prediction outside the gold classes (e.g. -1, no answer) only costs recall."""
+    labels, scores, support = _class_f1(predicted, gold)
+    return float(np.sum(scores * support) / np.sum(support)) if labels.size else math.nan
+
+
+def _class_f1(predicted: Sequence[int], gold: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(classes in gold or predictions, F1 of each, gold count of each)."""
     p, g = _labels(predicted, gold)
-    if not p.size:
-        return math.nan
-    scores = []
-    for label in np.union1d(p, g):
+    labels = np.union1d(p, g)
+    scores, support = [], []
+    for label in labels:
         tp = np.sum((p == label) & (g == label))
         fp = np.sum((p == label) & (g != label))
         fn = np.sum((p != label) & (g == label))
         scores.append(2 * tp / (2 * tp + fp + fn))  # > 0 denominator: the label occurs somewhere
-    return float(np.mean(scores))
+        support.append(np.sum(g == label))
+    return labels, np.array(scores, dtype=float), np.array(support, dtype=float)
 
 
 def mcc(predicted: Sequence[int], gold: Sequence[int]) -> float:

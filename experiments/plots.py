@@ -155,3 +155,32 @@ def write_comparison(runs: dict[str, Path], out: Path, title: str) -> Path:
     finally:
         plt.close("all")
     return out
+
+
+def write_paper_columns(runs: dict[str, Path], out: Path, title: str) -> Path:
+    """One panel per column of AlphaEdit's Table 1 (under each run's protocol), perplexity and
+    ||W - W0||, each against the number of edits, one line per run (label -> run folder)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from experiments.protocols import COLUMNS
+    from experiments.report import paper_curve
+
+    panels = (*COLUMNS, "perplexity", "||W - W0||")
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7.5))
+    try:
+        curves = {label: paper_curve(path) for label, path in runs.items()}
+        for ax, column in zip(axes.flat, panels):
+            for i, (label, curve) in enumerate(curves.items()):
+                points = [(row["edits"], row[column]) for row in curve if row[column] is not None]
+                if points:
+                    ax.plot(*zip(*points), marker="o", color=f"C{i}", label=label)
+            ax.set_ylabel(column)
+        axes.flat[len(panels) - 1].set_yscale("symlog")  # ||W - W0|| starts at 0 and grows by orders
+        axes.flat[len(panels)].axis("off")
+        _finish(fig, list(axes.flat)[: len(panels)], out, title)
+    finally:
+        plt.close("all")
+    return out

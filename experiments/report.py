@@ -3,7 +3,9 @@ and the table rows that summary.md and experiments/summarize.py print.
 
 Columns follow the papers' tables: ES/PS/NS/S right after each edit ("current", averaged over all
 edits) and over all facts at the end ("retained"), downstream probes and perplexity before the
-first edit vs at the last evaluation, and the number of disabling edits.
+first edit vs at the last evaluation, and the number of disabling edits. Every block of numbers
+carries the protocol that defined it ("protocol", experiments/protocols.py), and "paper" holds
+AlphaEdit's Table 1 columns under the run's protocol.
 """
 from __future__ import annotations
 
@@ -14,8 +16,10 @@ from typing import Any, Sequence
 
 from experiments.checkpoint import atomic_write_json, atomic_write_text, read_jsonl
 from experiments.eval_counterfact import SECTIONS, CaseResult, PromptScore, summarize
+from experiments.protocols import COLUMNS, paper_columns, protocol
 
 SCORES = ("ES", "PS", "NS", "S")
+PROBE_METRICS = ("accuracy", "macro_f1", "weighted_f1", "mcc")
 
 
 def case_result(row: dict[str, Any]) -> CaseResult:
@@ -24,10 +28,16 @@ def case_result(row: dict[str, Any]) -> CaseResult:
     return CaseResult(row["case_id"], *sections)
 
 
-def first_last(rows: list[dict[str, Any]], keys: Sequence[str]) -> dict[str, Any] | None:
+def first_last(rows: list[dict[str, Any]], keys: Sequence[str], name: str) -> dict[str, Any] | None:
     if not rows:
         return None
-    return {end: {"n_edits": row["n_edits"], **{k: row.get(k) for k in keys}} for end, row in (("first", rows[0]), ("last", rows[-1]))}
+    ends = {end: {"n_edits": row["n_edits"], **{k: row.get(k) for k in keys}} for end, row in (("first", rows[0]), ("last", rows[-1]))}
+    return {"protocol": name, **ends}
+
+
+def run_protocol(config: dict[str, Any]) -> str:
+    """The protocol of a run (runs from before protocols were named used kedit's)."""
+    return config.get("options", {}).get("protocol", "kedit")
 
 
 def of_kind(rows: list[dict[str, Any]], kind: str, task: str | None = None) -> list[dict[str, Any]]:
@@ -45,21 +55,28 @@ def build_summary(path: Path, status: str) -> dict[str, Any]:
     seconds["periodic"] = sum(r["seconds"] for r in rows)
     total = sum(seconds.values())
     n_edits = edits[-1]["n_edits"] if edits else 0
+    name = run_protocol(config)
+    generation = of_kind(rows, "generation")
+    final_drift = edits[-1]["health"]["drift_norm"] if edits else None
+    ppl = of_kind(rows, "perplexity")
     disabling = [{"batch": e["batch"], "n_edits": e["n_edits"], "case_ids": e["case_ids"], "reasons": e["disabling"]}
                  for e in edits if e["disabling"]]
     return {
         "run": path.name, "alg_name": config["alg_name"], "model": config["model"], "mode": config["mode"],
         "batch_size": config["batch_size"], "layers": config["hparams"]["layers"], "seed": config["seed"],
         "git_commit": config["git_commit"],
-        "status": status, "n_edits": n_edits, "n_cases": config["n_cases"],
+        "status": status, "n_edits": n_edits, "n_cases": config["n_cases"], "protocol": name,
         "n_skipped": len(config.get("skipped_cases", {}).get("case_ids", [])),  # records asking for no change
-        "current": summarize([case_result(r) for r in current_rows]),
-        "retained": {k: v for k, v in retention[-1].items() if k not in ("kind", "seconds")} if retention else None,
-        "probes": {t: first_last(of_kind(rows, "probe", t), ("accuracy", "macro_f1", "mcc")) for t in tasks},
-        "perplexity": first_last(of_kind(rows, "perplexity"), ("perplexity",)),
-        "generation": first_last(of_kind(rows, "generation"), ("fluency", "consistency")),
+        "current": {"protocol": name, **summarize([case_result(r) for r in current_rows])},
+        "retained": {"protocol": name, **{k: v for k, v in retention[-1].items() if k not in ("kind", "seconds")}} if retention else None,
+        "probes": {t: first_last(of_kind(rows, "probe", t), (*PROBE_METRICS, "invalid"), name) for t in tasks},
+        "perplexity": first_last(ppl, ("perplexity",), name),
+        "generation": first_last(generation, ("fluency", "consistency", "scope"), name),
+        "paper": {"protocol": name, "n_edits": n_edits,
+                  **paper_columns(name, retention[-1] if retention else None, generation[-1] if generation else None),
+                  "perplexity": ppl[-1]["perplexity"] if ppl else None, "||W - W0||": final_drift},
         "max_delta_norm": max((e["health"]["delta_norm"] for e in edits), default=None),
-        "final_drift_norm": edits[-1]["health"]["drift_norm"] if edits else None,
+        "final_drift_norm": final_drift,
         "disabling": disabling, "n_disabling": len(disabling),
         "seconds": seconds, "edits_per_second": n_edits / seconds["edit"] if seconds["edit"] else None,
         "seconds_per_edit_all_in": total / n_edits if n_edits else None,
@@ -77,7 +94,7 @@ def fmt(value: Any, digits: int = 3) -> str:
 def change(pair: dict[str, Any] | None, key: str, digits: int = 3) -> str:
     if not pair:
         return "-"
-    return f"{fmt(pair['first'][key], digits)} → {fmt(pair['last'][key], digits)}"
+    return f"{fmt(pair['first'].get(key), digits)} → {fmt(pair['last'].get(key), digits)}"
 
 
 def layer_text(layers: list[int] | None) -> str:
@@ -87,15 +104,18 @@ def layer_text(layers: list[int] | None) -> str:
 
 
 def table_row(summary: dict[str, Any], tasks: Sequence[str]) -> dict[str, str]:
-    """One Markdown row; probe cells read "before → after" (accuracy)."""
+    """One Markdown row; probe cells read "before → after" in the protocol's probe score
+    (kedit: "acc", accuracy; alphaedit: "f1", weighted F1)."""
     current, retained = summary["current"] or {}, summary["retained"] or {}
+    spec = protocol(summary.get("protocol", "kedit"))
     row = {key: fmt(summary[key]) for key in ("alg_name", "model", "mode", "batch_size", "n_edits")}
     row["layers"] = layer_text(summary.get("layers"))
     row.update({f"{k} cur": fmt(current.get(k)) for k in SCORES})
     row.update({f"{k} ret": fmt(retained.get(k)) for k in SCORES})
-    row.update({f"{t} acc": change(summary["probes"].get(t), "accuracy") for t in tasks})
+    row.update({f"{t} {spec.probe_label}": change(summary["probes"].get(t), spec.probe_score) for t in tasks})
     row["ppl"] = change(summary["perplexity"], "perplexity", 2)
     row["disabling"] = str(summary["n_disabling"])
+    row["protocol"] = spec.name
     row["status"] = summary["status"]
     row["run"] = summary["run"]
     return row
@@ -107,15 +127,19 @@ def csv_row(summary: dict[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
     row: dict[str, Any] = {key: summary[key] for key in ("run", "alg_name", "model", "mode", "batch_size", "n_edits", "status")}
     row["layers"] = layer_text(summary.get("layers"))
     row["seed"] = summary.get("seed")
+    row["protocol"] = summary.get("protocol", "kedit")  # defines every number of the row
     row.update({f"{k}_current": current.get(k) for k in SCORES})
     row.update({f"{k}_retained": retained.get(k) for k in SCORES})
     for task in tasks:
         pair = summary["probes"].get(task)
-        for metric in ("accuracy", "macro_f1", "mcc"):
+        for metric in PROBE_METRICS:
             for end in ("first", "last"):
-                row[f"{task}_{metric}_{end}"] = pair[end][metric] if pair else None
+                row[f"{task}_{metric}_{end}"] = pair[end].get(metric) if pair else None
     for end in ("first", "last"):
         row[f"perplexity_{end}"] = summary["perplexity"][end]["perplexity"] if summary["perplexity"] else None
+    paper = summary.get("paper") or {}
+    row.update({column: paper.get(column) for column in COLUMNS})
+    row["final_drift_norm"] = summary.get("final_drift_norm")
     row["n_disabling"] = summary["n_disabling"]
     return row
 
@@ -129,10 +153,37 @@ def markdown_table(summaries: Sequence[dict[str, Any]]) -> str:
     rows = [table_row(s, tasks) for s in summaries]
     if not rows:
         return "(no runs)\n"
-    header = list(rows[0])
+    header = list(dict.fromkeys(h for row in rows for h in row))  # runs of two protocols: both probe columns
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row[h] for h in header) + " |" for row in rows]
+    lines += ["| " + " | ".join(row.get(h, "-") for h in header) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def paper_markdown(summaries: dict[str, dict[str, Any]]) -> str:
+    """AlphaEdit's Table 1 columns plus perplexity and ||W - W0||, one row per run (label ->
+    summary), each number under the protocol named in its row."""
+    lines = ["| run | protocol | edits | " + " | ".join(COLUMNS) + " | ppl | \\|W - W0\\| |", "|" + "---|" * (len(COLUMNS) + 5)]
+    for label, summary in summaries.items():
+        paper = summary.get("paper") or {}
+        cells = [label, paper.get("protocol", "-"), fmt(paper.get("n_edits")), *(fmt(paper.get(c), 2) for c in COLUMNS),
+                 fmt(paper.get("perplexity"), 2), fmt(paper.get("||W - W0||"), 1)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def paper_curve(path: Path) -> list[dict[str, Any]]:
+    """A run's paper columns at each evaluation step (retention, generation and perplexity rows of
+    that step; ||W - W0|| after it), under the run's protocol."""
+    name = run_protocol(json.loads((path / "config.json").read_text()))
+    edits, rows = read_jsonl(path / "edits.jsonl"), read_jsonl(path / "probes.jsonl")
+    by_step = {kind: {r["n_edits"]: r for r in of_kind(rows, kind)} for kind in ("retention", "generation", "perplexity")}
+    curve = []
+    for n in sorted(set().union(*by_step.values())):
+        done = [e for e in edits if e["n_edits"] <= n]
+        curve.append({"edits": n, **paper_columns(name, by_step["retention"].get(n), by_step["generation"].get(n)),
+                      "perplexity": by_step["perplexity"].get(n, {}).get("perplexity"),
+                      "||W - W0||": done[-1]["health"]["drift_norm"] if done else 0.0})
+    return curve
 
 
 def mean_probe_accuracy(rows: list[dict[str, Any]]) -> list[tuple[int, float]]:
@@ -174,12 +225,17 @@ def curve_markdown(runs: dict[str, Path]) -> str:
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
+    spec = protocol(summary.get("protocol", "kedit"))
     lines = [f"# {summary['alg_name']} on {summary['model']}: {summary['mode']}, {summary['n_edits']} edits ({summary['status']})", "",
-             markdown_table([summary])]
+             f"Protocol `{spec.name}` (every number below): {spec.description}.", "", markdown_table([summary]),
+             "AlphaEdit's Table 1 columns under this protocol (after the last edit, over every edited fact):", "",
+             paper_markdown({summary["run"]: summary}), *(f"- {name}: {text}" for name, text in spec.definitions.items()), ""]
     if summary["probes"]:
-        lines += ["Probes (before the first edit → last evaluation):", "", "| task | accuracy | macro F1 | MCC |", "|---|---|---|---|"]
+        lines += ["Probes (before the first edit → last evaluation):", "", "| task | accuracy | macro F1 | weighted F1 | MCC |",
+                  "|---|---|---|---|---|"]
     for task, pair in summary["probes"].items():
-        lines.append(f"| {task} | {change(pair, 'accuracy')} | {change(pair, 'macro_f1')} | {change(pair, 'mcc')} |")
+        cells = " | ".join(change(pair, metric) for metric in PROBE_METRICS)
+        lines.append(f"| {task} | {cells} |")
     gen = summary["generation"]
     lines += ["", f"Perplexity: {change(summary['perplexity'], 'perplexity', 2)}; generation fluency: {change(gen, 'fluency')}, "
               f"consistency: {change(gen, 'consistency')}; max ||Delta||: {fmt(summary['max_delta_norm'])}, "

@@ -148,8 +148,11 @@ def process_batch(s: Session) -> BatchOutcome:
     start = time.perf_counter()
     current, results = s.suite.counterfact(records)
     generation = None
-    if crossed(before, after, options.generation_test_interval) or (options.generation_test_interval and after == len(s.cases)):
-        generation = s.suite.generation_row(s.applied(index)[::-1], after)
+    last = after == len(s.cases)
+    if crossed(before, after, options.generation_test_interval) or (options.generation_test_interval and last):
+        # Under a protocol that scores generation over every edited fact (alphaedit), the last one does.
+        every = last and s.suite.protocol.final_generation_all
+        generation = s.suite.generation_row(s.applied(index)[::-1], after, every_prompt=every)
         s.folder.streams["probes"].write(generation)
     reasons = s.health.reasons(health["delta_norm"], generation["fluency"] if generation else None)
     s.health.record(health["delta_norm"])

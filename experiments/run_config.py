@@ -13,6 +13,7 @@ from typing import Any
 
 from data.cases import dataset_for
 from data.probes import FEW_SHOT_POOL, PROBE_TASKS
+from experiments.protocols import PROTOCOLS
 from util.api import algorithm
 from util.errors import KeditError
 from util.paths import PROJECT_ROOT
@@ -63,6 +64,7 @@ class RunOptions:
     dtype: str = "float32"
     value_dtype: str = "float32"  # "bfloat16": mixed-precision value optimisation (rome/compute_v.py)
     value_compile: bool = False  # torch.compile the replayed Llama layers (mixed-precision values only)
+    protocol: str = "kedit"  # how the numbers are defined (experiments/protocols.py)
     health: HealthThresholds = field(default_factory=HealthThresholds)
     # session fields
     continue_from_run: str | None = None
@@ -106,6 +108,8 @@ class RunOptions:
             raise RunError("--value_compile applies to mixed-precision values: add --value_dtype bfloat16")
         if self.save_model and not self.sequential:
             raise RunError("--save_model needs --sequential: a batched run undoes every batch, leaving no edited model")
+        if self.protocol not in PROTOCOLS:
+            raise RunError(f"--protocol {self.protocol!r}: choose from {', '.join(PROTOCOLS)}")
         if self.stop_after is not None and self.stop_after < 1:
             raise RunError(f"--stop_after must be at least 1, got {self.stop_after}")
         return self

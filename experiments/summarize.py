@@ -6,8 +6,10 @@
 
 Columns: algorithm, model, mode, batch size, edits; ES/PS/NS/S right after each edit ("cur",
 averaged over edits) and over all facts at the last evaluation ("ret"); probe accuracy and
-perplexity before the first edit → at the last evaluation; disabling edits; status.
-The CSV holds the same numbers unformatted, with accuracy, macro F1 and MCC first and last.
+perplexity before the first edit → at the last evaluation; disabling edits; the protocol that
+defined the row's numbers (experiments/protocols.py); status. The CSV holds the same numbers
+unformatted, with accuracy, macro and weighted F1 and MCC first and last, and AlphaEdit's Table 1
+columns (Efficacy ... Consistency) under the row's protocol.
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ def csv_text(summaries: Sequence[dict[str, Any]]) -> str:
     rows = [csv_row(s, tasks) for s in summaries]
     out = io.StringIO()
     if rows:
-        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(out, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
         writer.writeheader()
         writer.writerows(rows)
     return out.getvalue()

@@ -192,8 +192,8 @@ def test_summarize_table_and_csv(hand_made_run, tmp_path, capsys):
     assert "ES cur" in header and "sst2 acc" in header and "| ROME | m | sequential | 1 | 3 |" in row
     assert md_path.read_text() == out
     lines = csv_path.read_text().strip().split("\n")
-    assert lines[0].startswith("run,alg_name,model,mode,batch_size,n_edits,status,layers,seed,ES_current")
-    assert "sst2_accuracy_first" in lines[0] and lines[1].startswith("run_001,ROME,m,sequential,1,3,complete,4,0,")
+    assert lines[0].startswith("run,alg_name,model,mode,batch_size,n_edits,status,layers,seed,protocol,ES_current")
+    assert "sst2_accuracy_first" in lines[0] and lines[1].startswith("run_001,ROME,m,sequential,1,3,complete,4,0,kedit,")
 
 
 def test_generation_prompt_budget_takes_prompts_from_the_first_records():

@@ -56,3 +56,23 @@ def test_lifelong_study_shows_the_forget_runs_without_repeating_them(tmp_path):
     args, extra = reproduce.parse_args(["--study", "lifelong", "--results_dir", str(tmp_path), "--docs_dir", str(tmp_path / "docs")])
     assert [label for label, _ in reproduce.commands("lifelong", args, extra)] == ["AlphaEdit", "ENCORE"]
     assert reproduce.REUSED["lifelong"] == [("forget", "MEMIT"), ("forget", "EMMET")]
+
+
+@pytest.mark.parametrize("alg", reproduce.ALPHAEDIT_EDITORS)
+def test_alphaedit_study_is_the_papers_protocol(alg):
+    from experiments.evaluate import options_from_argv
+    from util.api import ALGORITHMS
+
+    args, extra = reproduce.parse_args(["--study", "alphaedit"])
+    commands = dict(reproduce.commands("alphaedit", args, extra))
+    assert list(commands) == list(reproduce.ALPHAEDIT_EDITORS)
+    if alg not in ALGORITHMS:
+        pytest.skip(f"{alg} is not registered in util/api.py yet")
+    options = options_from_argv(commands[alg][2:-2])  # the evaluate.py flags, without --results_dir
+    assert (options.alg_name, options.protocol, options.mode, options.num_edits) == (alg, "alphaedit", "sequential-batched", 100)
+    assert (options.ds_name, options.dataset_size_limit, options.value_dtype) == ("cf", 2000, "bfloat16")
+    assert (options.number_of_few_shots, options.number_of_tests, len(options.downstream_tasks)) == (0, 100, 6)
+    assert options.downstream_eval_steps == 500 and commands[alg][-2] == "--results_dir"
+    args, extra = reproduce.parse_args(["--study", "alphaedit", "--edits", "2", "--eval_every", "1"])
+    small = dict(reproduce.commands("alphaedit", args, extra))[alg]
+    assert small[small.index("--dataset_size_limit") + 1] == "2" and small[small.index("--downstream_eval_steps") + 1] == "1"

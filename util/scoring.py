@@ -35,6 +35,12 @@ class ContinuationScore:
     token_logprobs: tuple[float, ...]  # log P(token | everything before it), teacher-forced
     nll: float  # mean per-token negative log-likelihood
     argmax: bool  # every continuation token is the model's top prediction
+    token_argmax: tuple[bool, ...] = ()  # per token: it is the top prediction (teacher-forced)
+
+    @property
+    def token_accuracy(self) -> float:
+        """Fraction of continuation tokens that are the top prediction (zsRE's per-token accuracy)."""
+        return sum(self.token_argmax) / len(self.token_argmax)
 
     @property
     def logprob(self) -> float:
@@ -93,10 +99,9 @@ def score_continuations(
                 at = torch.tensor([where[(row, p)] for p in pair.positions], device=logits.device)
                 targets = torch.tensor(pair.targets, device=logits.device)
                 token_lp = logprobs[at, targets]
+                hits = (top[at] == targets).tolist()
                 results[index] = ContinuationScore(
-                    token_logprobs=tuple(token_lp.tolist()),
-                    nll=float(-token_lp.mean()),
-                    argmax=bool((top[at] == targets).all()),
+                    token_logprobs=tuple(token_lp.tolist()), nll=float(-token_lp.mean()), argmax=all(hits), token_argmax=tuple(hits)
                 )
     return results  # type: ignore[return-value]
 

@@ -3,7 +3,8 @@
     minimise tr(Delta C Delta^T)  subject to  (W + Delta) K = V,   C = lambda C0,
     Delta = R (K^T C^-1 K + mu I)^-1 K^T C^-1   (mu = emmet_lambda, for conditioning at batch > 1)
 
-with MEMIT's values and residual spreading. One edit at one layer is exactly r-ROME.
+with MEMIT's values and residual spreading. One edit at one layer is exactly r-ROME when both average
+keys alike and take the residual at the bare prompt (key_average, rrome_target).
 """
 from __future__ import annotations
 

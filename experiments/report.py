@@ -118,6 +118,7 @@ def table_row(summary: dict[str, Any], tasks: Sequence[str]) -> dict[str, str]:
     row["protocol"] = spec.name
     row["status"] = summary["status"]
     row["run"] = summary["run"]
+    row["commit"] = (summary.get("git_commit") or "-")[:7]  # the code that produced the row
     return row
 
 

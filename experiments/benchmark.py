@@ -27,7 +27,7 @@ from data.cases import load_cases
 from experiments.bench_eval import bench_counterfact, bench_probe, timed
 from rome.compute_v import compute_values
 from rome.editor import EditContext
-from util.api import ALGORITHMS, load_algorithm_hparams
+from editors import ALGORITHMS, load_algorithm_hparams
 from util.cli import run_cli
 from util.corpus import local_corpus, read_texts, local_files
 from util.deltas import restore

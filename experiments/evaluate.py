@@ -21,7 +21,7 @@ from experiments.report import markdown_table
 from experiments.run import run
 from experiments.protocols import PROTOCOLS, protocol
 from experiments.run_config import HealthThresholds, RunError, RunOptions
-from util.api import ALGORITHMS
+from editors import ALGORITHMS
 from util.cli import run_cli
 
 DEFAULTS = RunOptions()

@@ -12,7 +12,7 @@ import time
 from data.cases import load_cases
 from experiments.eval_counterfact import evaluate_cases, summarize
 from rome.editor import EditContext
-from util.api import algorithm, load_algorithm_hparams
+from editors import algorithm, load_algorithm_hparams
 from util.cli import run_cli
 from util.deltas import restore
 from util.errors import KeditError

@@ -14,7 +14,7 @@ from typing import Any
 from data.cases import dataset_for
 from data.probes import FEW_SHOT_POOL, PROBE_TASKS
 from experiments.protocols import PROTOCOLS
-from util.api import algorithm
+from editors import algorithm
 from util.errors import KeditError
 from util.paths import PROJECT_ROOT
 

@@ -26,7 +26,7 @@ from experiments.health import UpdateHealth
 from experiments.run_config import RunError, RunOptions, git_commit
 from rome.editor import EditContext
 from rome.hparams import EditHyperParams
-from util.api import Algorithm, algorithm, load_algorithm_hparams
+from editors import Algorithm, algorithm, load_algorithm_hparams
 from util.corpus import local_corpus
 from util.hparams import build_hparams, to_dict
 from util.models import LoadedModel, load_model

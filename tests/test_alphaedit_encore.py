@@ -8,7 +8,7 @@ from encore.encore_main import ENCOREHyperParams, apply_encore
 from rome.compute_v import compute_values
 from rome.editor import EDITED_KEYS
 from tests.helpers import REQUESTS, context, editor_keys, rel, tiny_hparams
-from util.api import ALGORITHMS, load_algorithm_hparams
+from editors import ALGORITHMS, load_algorithm_hparams
 from util.arch import edited_weight
 from util.deltas import restore, snapshot
 from util.errors import HparamsError, SolverError

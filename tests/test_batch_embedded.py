@@ -11,7 +11,7 @@ import pytest
 from data.cases import load_cases
 from experiments.eval_counterfact import evaluate_cases, summarize
 from rome.editor import EditContext
-from util.api import ALGORITHMS, load_algorithm_hparams
+from editors import ALGORITHMS, load_algorithm_hparams
 from util.deltas import restore
 
 N_RECORDS = int(os.environ.get("KEDIT_BATCH_RECORDS", "16"))

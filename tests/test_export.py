@@ -71,7 +71,7 @@ def test_embedded_model_export_keeps_an_edited_fact(embedded, shared_data, tmp_p
     """R-ROME makes the embedded model say "Rome" for France's capital; the saved folder does too."""
     from experiments.export import save_model_folder
     from rome.editor import EditContext
-    from util.api import ALGORITHMS, load_algorithm_hparams
+    from editors import ALGORITHMS, load_algorithm_hparams
     from util.deltas import restore
 
     records = load_cases("custom", limit=1, custom_path=PROJECT_ROOT / "data" / "demo_edits.yaml")

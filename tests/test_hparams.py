@@ -4,7 +4,7 @@ from typing import Literal
 import pytest
 
 from util.errors import HparamsError
-from util.api import load_algorithm_hparams
+from editors import load_algorithm_hparams
 from util.hparams import load_hparams, parse_override
 
 

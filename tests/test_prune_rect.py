@@ -8,7 +8,7 @@ from memit.memit_main import MEMITHyperParams, apply_memit
 from prune.prune_main import PRUNE_STATE, PRUNEHyperParams, apply_prune, restrain
 from rect.rect_main import RECTHyperParams, apply_rect, top_relative_mask
 from tests.helpers import REQUESTS, context, tiny_hparams
-from util.api import ALGORITHMS, load_algorithm_hparams
+from editors import ALGORITHMS, load_algorithm_hparams
 from util.deltas import restore, snapshot
 from util.errors import HparamsError
 from util.requests import make_request

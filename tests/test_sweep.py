@@ -61,13 +61,13 @@ def test_lifelong_study_shows_the_forget_runs_without_repeating_them(tmp_path):
 @pytest.mark.parametrize("alg", reproduce.ALPHAEDIT_EDITORS)
 def test_alphaedit_study_is_the_papers_protocol(alg):
     from experiments.evaluate import options_from_argv
-    from util.api import ALGORITHMS
+    from editors import ALGORITHMS
 
     args, extra = reproduce.parse_args(["--study", "alphaedit"])
     commands = dict(reproduce.commands("alphaedit", args, extra))
     assert list(commands) == list(reproduce.ALPHAEDIT_EDITORS)
     if alg not in ALGORITHMS:
-        pytest.skip(f"{alg} is not registered in util/api.py yet")
+        pytest.skip(f"{alg} is not registered in editors.py yet")
     options = options_from_argv(commands[alg][2:-2])  # the evaluate.py flags, without --results_dir
     assert (options.alg_name, options.protocol, options.mode, options.num_edits) == (alg, "alphaedit", "sequential-batched", 100)
     assert (options.ds_name, options.dataset_size_limit, options.value_dtype) == ("cf", 2000, "bfloat16")

@@ -1,6 +1,7 @@
-"""The algorithm registry and a small Python API for notebooks.
+"""The algorithm registry and a small Python API for notebooks. It sits above the editor packages
+it lists (none of them imports it), so util/ stays below every editor.
 
-    from util.api import edit
+    from editors import edit
     result = edit(model, tok, [{"prompt": "{} plays the sport of", "subject": "LeBron James",
                                 "target_new": "football"}], "hparams/R-ROME/smollm2-135m.yaml")
     result.deltas                 # {parameter name: change}, already applied to `model`

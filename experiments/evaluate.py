@@ -21,8 +21,11 @@ from experiments.report import markdown_table
 from experiments.run import run
 from experiments.protocols import PROTOCOLS, protocol
 from experiments.run_config import HealthThresholds, RunError, RunOptions
+from data.cases import DATASETS
+from data.probes import PROBE_TASKS
 from editors import ALGORITHMS
 from util.cli import run_cli
+from util.models import DTYPES
 
 DEFAULTS = RunOptions()
 HEALTH = HealthThresholds()
@@ -41,7 +44,7 @@ def build_parser() -> Parser:
     what.add_argument("--hparams_fname", default=None,
                       help="file in hparams/<ALG>/ or a path (default: <model name, / as _>.yaml)")
     what.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override one hparam (repeatable)")
-    what.add_argument("--ds_name", default=DEFAULTS.ds_name, help="cf, flat_cf, zsre or custom")
+    what.add_argument("--ds_name", default=DEFAULTS.ds_name, help=", ".join(DATASETS))
     what.add_argument("--custom_path", default=None, help="YAML/JSON list of requests for --ds_name custom")
     what.add_argument("--dataset_size_limit", type=int, default=DEFAULTS.dataset_size_limit, help="number of facts to edit")
     what.add_argument("--num_edits", type=int, default=DEFAULTS.num_edits, help="batch size B")
@@ -52,7 +55,7 @@ def build_parser() -> Parser:
     evals.add_argument("--downstream_eval_steps", type=int, default=DEFAULTS.downstream_eval_steps,
                        help="K: retention, probes, perplexity and a checkpoint every K edits (0: only before and at the end)")
     evals.add_argument("--downstream_tasks", default=",".join(DEFAULTS.downstream_tasks),
-                       help="comma-separated: sst2,mrpc,cola,rte,mmlu,nli ('none' for no probes)")
+                       help=f"comma-separated: {','.join(PROBE_TASKS)} ('none' for no probes)")
     evals.add_argument("--number_of_few_shots", type=int, default=DEFAULTS.number_of_few_shots)
     evals.add_argument("--number_of_tests", type=int, default=DEFAULTS.number_of_tests, help="test items per probe task (seeded sample)")
     evals.add_argument("--generation_test_interval", type=int, default=DEFAULTS.generation_test_interval,
@@ -77,7 +80,7 @@ def build_parser() -> Parser:
     where.add_argument("--save_model", action="store_true",
                        help="at the end, write the edited model to run_NNN/model_<edits> (a Hugging Face folder; see experiments/export.py)")
     where.add_argument("--device", default=DEFAULTS.device, help="cpu, cuda or auto")
-    where.add_argument("--dtype", default=DEFAULTS.dtype, help="float32, float16, bfloat16 or float64")
+    where.add_argument("--dtype", default=DEFAULTS.dtype, help=", ".join(DTYPES))
     where.add_argument("--value_dtype", default=DEFAULTS.value_dtype,
                        help="bfloat16: value optimisation in mixed precision (~3x faster on CPUs with avx512_bf16; values close to float32's)")
     where.add_argument("--value_compile", action="store_true",

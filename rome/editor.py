@@ -25,6 +25,7 @@ from rome.templates import context_templates, template_groups
 from util.arch import edited_weight, to_stored
 from util.corpus import Corpus, resolve_corpus
 from util.deltas import Deltas, apply_deltas, snapshot
+from util.errors import ModelLoadError
 from util.models import DTYPES, LoadedModel
 from util.requests import EditRequest
 from util.solve import Covariance, nullspace_basis, solve_update
@@ -75,21 +76,25 @@ class EditContext:
         return {layer: moment.mom2 for layer, moment in moments.items()}
 
     def covariance(self, lm: LoadedModel, layer: int, hparams: EditHyperParams) -> Covariance:
-        """C = mom2_update_weight * C0 (or I without mom2 adjustment), factorised once per run."""
-        dim = edited_weight(lm.model, lm.arch, layer).shape[1]
+        """C = mom2_update_weight * C0 (or I without mom2 adjustment) on the edited weight's device,
+        copied there and factorised once per run."""
+        weight = edited_weight(lm.model, lm.arch, layer)
         if not hparams.mom2_adjustment:
-            return Covariance(dim, layer=lm.arch.down_proj(layer))
-        key = (lm.name, layer, hparams.mom2_update_weight, hparams.mom2_n_samples, hparams.mom2_sample_tokens, hparams.mom2_dtype)
+            return Covariance(weight.shape[1], layer=lm.arch.down_proj(layer))
+        key = (lm.name, layer, hparams.mom2_update_weight, hparams.mom2_n_samples, hparams.mom2_sample_tokens,
+               hparams.mom2_dtype, weight.device)
         if key not in self._covariances:
-            mom2 = self.second_moments(lm, hparams)[layer]
-            self._covariances[key] = Covariance(dim, mom2, hparams.mom2_update_weight, layer=lm.arch.down_proj(layer))
+            mom2 = self.second_moments(lm, hparams)[layer].to(weight.device)
+            self._covariances[key] = Covariance(weight.shape[1], mom2, hparams.mom2_update_weight, layer=lm.arch.down_proj(layer))
         return self._covariances[key]
 
     def nullspace(self, lm: LoadedModel, layer: int, hparams: EditHyperParams, threshold: float) -> torch.Tensor:
-        """AlphaEdit's null-space basis U of C0 at `layer` (P = U U^T), computed once per run."""
-        key = (lm.name, layer, threshold, hparams.mom2_n_samples, hparams.mom2_sample_tokens, hparams.mom2_dtype)
+        """AlphaEdit's null-space basis U of C0 at `layer` (P = U U^T), computed once per run on the
+        edited weight's device (an eigendecomposition of m x m: seconds on a GPU, minutes on a CPU)."""
+        device = edited_weight(lm.model, lm.arch, layer).device
+        key = (lm.name, layer, threshold, hparams.mom2_n_samples, hparams.mom2_sample_tokens, hparams.mom2_dtype, device)
         if key not in self._nullspaces:
-            self._nullspaces[key] = nullspace_basis(self.second_moments(lm, hparams)[layer], threshold)
+            self._nullspaces[key] = nullspace_basis(self.second_moments(lm, hparams)[layer].to(device), threshold)
         return self._nullspaces[key]
 
     def edited_keys(self, lm: LoadedModel, layer: int) -> torch.Tensor | None:
@@ -97,11 +102,12 @@ class EditContext:
         return self.state.get(EDITED_KEYS, {}).get(lm.arch.down_proj(layer))
 
     def remember_keys(self, lm: LoadedModel, layer: int, keys: torch.Tensor) -> None:
-        """Add K K^T of this edit's keys (m x n) to the run's K_p K_p^T at `layer`."""
+        """Add K K^T of this edit's keys (m x n) to the run's K_p K_p^T at `layer`, kept on the keys'
+        device (the edited weight's); a sum restored from a checkpoint moves there once."""
         grams = self.state.setdefault(EDITED_KEYS, {})
         name = lm.arch.down_proj(layer)
         gram = keys.double() @ keys.double().T
-        grams[name] = gram if name not in grams else grams[name] + gram
+        grams[name] = gram if name not in grams else grams[name].to(gram.device) + gram
 
 
 @dataclass
@@ -141,6 +147,7 @@ def edit_layers(
     if constraint == "nullspace" and nullspace_threshold is None:
         raise ValueError("the nullspace constraint needs nullspace_threshold")
     hparams.check_model(lm.model.config.num_hidden_layers)
+    check_editable(lm, hparams.layers)
     templates = ctx.templates(lm, hparams)
     groups = template_groups(hparams.context_template_length_params, hparams.key_average)
     layers = hparams.layers
@@ -169,10 +176,10 @@ def edit_layers(
             basis=ctx.nullspace(lm, layer, hparams, nullspace_threshold) if constraint == "nullspace" else None,
         )
         layer_records.append({**_layer_record(layer, delta, weight, k_constraint, residual, info.seconds), **info.extras})
-        solved_keys.append(k_constraint.cpu())
-        stored = to_stored(lm.arch, delta).to("cpu", lm.model.get_parameter(names[i]).dtype)
-        apply_deltas(lm.model, {names[i]: stored})
-        deltas[names[i]] = stored
+        solved_keys.append(k_constraint)
+        stored = to_stored(lm.arch, delta).to(lm.model.get_parameter(names[i]).dtype)
+        apply_deltas(lm.model, {names[i]: stored})  # on the weight's device: no round trip through the host
+        deltas[names[i]] = stored.cpu()
     if remember_keys:
         for layer, keys in zip(layers, solved_keys):
             ctx.remember_keys(lm, layer, keys)
@@ -182,6 +189,18 @@ def edit_layers(
         for j, r in enumerate(requests)
     ]
     return EditResult(deltas, originals, request_records, layer_records, values.delta)
+
+
+def check_editable(lm: LoadedModel, layers: list[int]) -> None:
+    """Refuse, before any work, a layer whose weight accelerate has offloaded (a 'meta' tensor:
+    the values live in host memory or on disk and are streamed in per forward, so an in-place
+    update would be lost or fail deep in torch)."""
+    for layer in layers:
+        if edited_weight(lm.model, lm.arch, layer).device.type == "meta":
+            raise ModelLoadError(
+                f"layer {lm.arch.weight_name(layer)} is offloaded by accelerate (a 'meta' weight) and cannot be edited "
+                f"in place; load the model with --device cuda or cpu, or on more GPU memory so that the edited layers stay on a device"
+            )
 
 
 def _layer_record(layer: int, delta: torch.Tensor, weight: torch.Tensor, keys: torch.Tensor, residual: torch.Tensor, seconds: float) -> dict:

@@ -69,3 +69,37 @@ def test_embedded_model_completes_paris(embedded):
     out = embedded.model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=embedded.tok.pad_token_id)
     assert embedded.tok.decode(out[0, ids.shape[1]:]).startswith(" Paris")
     assert embedded.model.dtype == torch.float32 and embedded.arch.down_proj(3) == "model.layers.3.mlp.down_proj"
+
+
+def test_a_cuda_load_places_the_weights_on_the_device_while_loading(tiny_llama, tmp_path, monkeypatch):
+    """device="cuda" asks from_pretrained for a device map (weights read straight onto the GPU),
+    never a host load followed by .to("cuda"). Without a GPU the recorded request is checked and
+    the load itself is carried out on the CPU."""
+    import transformers
+
+    tiny_llama.model.save_pretrained(tmp_path / "m")
+    tiny_llama.tok.save_pretrained(tmp_path / "m")
+    real = transformers.AutoModelForCausalLM.from_pretrained.__func__
+    asked, moved = [], []
+
+    def recording(cls, source, **kwargs):
+        asked.append(kwargs.get("device_map"))
+        return real(cls, source, **{**kwargs, "device_map": {"": "cpu"}})
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(recording))
+    real_to = torch.nn.Module.to
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moved.append((a, k)) or real_to(self, *a, **k))
+    lm = load_model(str(tmp_path / "m"), device="cuda")
+    assert asked == [{"": "cuda"}] and moved == []
+    assert lm.arch.down_proj(0) == "model.layers.0.mlp.down_proj"
+    torch.testing.assert_close(edited_weight(lm.model, lm.arch, 1), edited_weight(tiny_llama.model, tiny_llama.arch, 1), rtol=0, atol=0)
+
+
+def test_random_models_by_shape_name():
+    lm = load_model("random:tiny", dtype="float64")
+    assert lm.model.config.model_type == "llama" and lm.model.config.num_hidden_layers == 4
+    assert lm.model.dtype == torch.float64 and lm.model.config.vocab_size == len(lm.tok) == 49152
+    again = load_model("random:tiny", dtype="float64")
+    assert torch.equal(edited_weight(lm.model, lm.arch, 2), edited_weight(again.model, again.arch, 2)), "seeded"
+    with pytest.raises(ModelLoadError, match="unknown random model shape 'llama-9'"):
+        load_model("random:llama-9")

@@ -1,9 +1,10 @@
 """Key second-moment statistics C0 = E[k k^T] of the edited projection's inputs, per layer.
 
 One forward pass over packed token windows serves every requested layer and stops after the
-deepest one. Per batch the keys' Gram matrix is formed in float32 and added to a float64 running
-sum on the model's device, copied to the host once at the end (a copy per batch held a GPU to a
-few thousand tokens/s). On a GPU the batch is sized from its free memory. Results are cached on disk, keyed by everything they depend on (model,
+deepest one. Per batch the keys' Gram matrix is formed in float32 (float64 for float64
+statistics) and added to a float64 running sum on the model's device, copied to the host once at
+the end (a copy per batch held a GPU to a few thousand tokens/s). On a GPU the batch is sized
+from its free memory. Results are cached on disk, keyed by everything they depend on (model,
 layer module, corpus, token count, forward dtype), and held in memory by the `StatsCache` object
 the caller owns.
 """
@@ -65,6 +66,7 @@ def accumulate_second_moments(
     use_autocast = forward_dtype in (torch.bfloat16, torch.float16) and forward_dtype != next(lm.model.parameters()).dtype
     if forward_dtype == torch.bfloat16 and not fast_bfloat16(device):
         log.warning("bfloat16 statistics requested, but this device has no native bfloat16 matmul: expect it to be slow")
+    gram_dtype = torch.float64 if forward_dtype == torch.float64 else torch.float32  # float64 statistics end to end
     count = 0
     start = time.perf_counter()
     bar = tqdm(total=n_windows, desc="key statistics", unit="window", disable=not progress)
@@ -77,7 +79,7 @@ def accumulate_second_moments(
             with torch.autocast(device.type, dtype=forward_dtype, enabled=use_autocast):
                 lm.model(input_ids=ids, use_cache=False)
         for layer, name in modules.items():
-            keys = traces[name].input.reshape(-1, traces[name].input.shape[-1]).float()
+            keys = traces[name].input.reshape(-1, traces[name].input.shape[-1]).to(gram_dtype)
             gram = (keys.T @ keys).double()
             sums[layer] = gram if layer not in sums else sums[layer].add_(gram)
         count += ids.numel()

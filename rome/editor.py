@@ -49,6 +49,10 @@ class EditContext:
     # with a mixed-precision value_dtype on Llama models: torch.compile the replayed layers
     # (rome.compute_v._llama_layer; compiled in the first calls of a process, up to ~1.5 min on a 2-core CPU)
     value_compile: bool = False
+    # requests per padded key forward and per value optimisation batch: bound an edit's activation
+    # memory at large batches (results equal to one chunk's up to rounding)
+    key_chunk_size: int = 256
+    value_chunk_size: int = 64
     state: dict[str, Any] = field(default_factory=dict)  # per-run editor state, checkpointed
     _templates: dict = field(default_factory=dict, repr=False)
     _covariances: dict = field(default_factory=dict, repr=False)
@@ -154,14 +158,15 @@ def edit_layers(
     site_module = lm.arch.down_proj(layers[-1]) if site == "mlp" else lm.arch.layer(layers[-1])
     autocast = None if ctx.value_dtype == "float32" else DTYPES[ctx.value_dtype]
     values = compute_values(lm, requests, layers[-1], templates, hparams, site=site, fast=ctx.fast, autocast=autocast,
-                            compiled=ctx.value_compile)
+                            compiled=ctx.value_compile, chunk_size=ctx.value_chunk_size)
     targets = values.target
     names = [lm.arch.weight_name(layer) for layer in layers]
     originals = snapshot(lm.model, names)
     deltas: Deltas = {}
     layer_records, solved_keys = [], []
     for i, layer in enumerate(layers):
-        keys = compute_keys(lm, requests, [layer], templates, hparams.fact_token, site=site_module, groups=groups)
+        keys = compute_keys(lm, requests, [layer], templates, hparams.fact_token, site=site_module, groups=groups,
+                            chunk_size=ctx.key_chunk_size)
         weight = edited_weight(lm.model, lm.arch, layer).double()
         device = weight.device  # solve where the matrix lives (a GPU under a device map), in float64
         k_star = keys.k_star[layer].to(device, torch.float64).T  # m x n

@@ -14,6 +14,7 @@ from alphaedit.alphaedit_main import AlphaEditHyperParams
 from rome.editor import EditContext
 from tests.helpers import REQUESTS, context, tiny_hparams
 from util.api import ALGORITHMS
+from util.deltas import restore
 from util.errors import ModelLoadError
 from util.requests import make_request
 from util.solve import Covariance, nullspace_basis, solve_update
@@ -87,3 +88,30 @@ def test_an_offloaded_weight_is_refused_up_front_naming_the_layer(alg, tiny_gpt2
     with pytest.raises(ModelLoadError, match=r"layer transformer\.h\.1\.mlp\.c_proj\.weight is offloaded.*--device") as err:
         ALGORITHMS[alg].apply(lm, [make_request(REQUESTS[0])], hp, context(tmp_path))
     assert "\n" not in str(err.value)
+
+
+def test_edits_in_small_chunks_equal_one_chunk(tiny64, tmp_path, monkeypatch):
+    """EditContext's chunk sizes bound an edit's memory (keys and values a few requests at a
+    time); one request per chunk gives the update of one chunk of all."""
+    import rome.compute_u
+    import rome.compute_v
+
+    sizes = []  # the chunks' sizes, seen where compute_keys / compute_values call themselves per chunk
+
+    def recording(name, real):
+        def call(lm, requests, *args, **kwargs):
+            sizes.append((name, len(requests)))
+            return real(lm, requests, *args, **kwargs)
+        return call
+
+    for module, name in ((rome.compute_u, "compute_keys"), (rome.compute_v, "compute_values")):
+        monkeypatch.setattr(module, name, recording(name, getattr(module, name)))
+    hp = tiny_hparams(ALGORITHMS["EMMET"].hparams_class, layers=[1, 2], mom2_update_weight=10.0, emmet_lambda=0.1, v_num_grad_steps=4)
+    requests = [make_request(r) for r in REQUESTS]
+    whole = ALGORITHMS["EMMET"].apply(tiny64, requests, hp, context(tmp_path))
+
+    restore(tiny64.model, whole.originals)
+    chunked = ALGORITHMS["EMMET"].apply(tiny64, requests, hp, context(tmp_path, key_chunk_size=1, value_chunk_size=1))
+    assert sorted(set(sizes)) == [("compute_keys", 1), ("compute_values", 1)] and len(sizes) == 3 * 3  # keys at 2 layers, values
+    for name, delta in whole.deltas.items():
+        torch.testing.assert_close(chunked.deltas[name], delta, rtol=1e-9, atol=1e-12 * delta.abs().max().item())

@@ -207,6 +207,8 @@ def main() -> int:
     parser.add_argument("--hparams", default="smollm2-135m.yaml", help="hparams file per editor (device report)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="hparams override (device report)")
     parser.add_argument("--algs", default="R-ROME,EMMET,MEMIT,AlphaEdit,ENCORE", help="editors of the device report")
+    parser.add_argument("--key_chunk_size", type=int, default=256, help="requests per key forward (device report; bounds memory)")
+    parser.add_argument("--value_chunk_size", type=int, default=64, help="requests per value optimisation batch (device report; bounds memory)")
     args = parser.parse_args()
     if args.device != "cpu" or args.model_name != "smollm2-135m":
         return device_main(args)
@@ -262,7 +264,8 @@ def device_main(args) -> int:
     lm = load_model(args.model_name, args.dtype, args.device)
     batches = [int(b) for b in args.batches.split(",")]
     records = load_cases("cf", args.data_dir, limit=max(batches))
-    ctx_args = {"corpus_path": str(Path(args.data_dir) / "wiki"), "value_dtype": args.value_dtype, "value_compile": args.value_compile}
+    ctx_args = {"corpus_path": str(Path(args.data_dir) / "wiki"), "value_dtype": args.value_dtype, "value_compile": args.value_compile,
+                "key_chunk_size": args.key_chunk_size, "value_chunk_size": args.value_chunk_size}
     device_report(lm, records, args.algs.split(","), batches, args.hparams, args.overrides, ctx_args["corpus_path"],
                   args.stats_windows, args.dtype, ctx_args)
     return 0

@@ -11,7 +11,7 @@ TINY = ["--set", "layers=[1]", "--set", "v_loss_layer=3", "--set", "v_num_grad_s
 
 def test_device_report_on_a_random_shape(shared_data, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["benchmark.py", "--model_name", "random:tiny", "--device", "cpu", "--algs", "R-ROME,AlphaEdit",
-                                      "--batches", "1,2", "--stats_windows", "2", "--data_dir", str(shared_data), *TINY])
+                                      "--batches", "1,2", "--stats_windows", "2", "--value_chunk_size", "1", "--data_dir", str(shared_data), *TINY])
     assert benchmark.main() == 0
     out = capsys.readouterr().out
     assert re.search(r"random:tiny \(0\.\d+ B parameters, torch\.float32\) on CPU; measured bf16 matmul peak \d+ GFLOP/s", out)

@@ -8,7 +8,7 @@ import torch
 
 from util.arch import ARCHITECTURES, arch_for, edited_weight, to_stored
 from util.errors import ModelLoadError
-from util.models import load_model
+from util.models import load_model, random_config
 from util.paths import PROJECT_ROOT
 
 
@@ -103,3 +103,15 @@ def test_random_models_by_shape_name():
     assert torch.equal(edited_weight(lm.model, lm.arch, 2), edited_weight(again.model, again.arch, 2)), "seeded"
     with pytest.raises(ModelLoadError, match="unknown random model shape 'llama-9'"):
         load_model("random:llama-9")
+
+
+def test_the_llama_3_8b_shape_has_its_parameter_count(tokenizer):
+    """random:llama-3-8b built on 'meta' (no memory): Llama-3-8B's 8.03 B parameters less the
+    embedding and unembedding rows of the vocabulary it does not have (128256 -> 49152)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(random_config("random:llama-3-8b", tokenizer))
+    expected = 8_030_261_248 - 2 * (128_256 - 49_152) * 4096
+    assert sum(p.numel() for p in model.parameters()) == expected
+    assert model.get_parameter("model.layers.31.mlp.down_proj.weight").shape == (4096, 14336)

@@ -139,17 +139,22 @@ def placement(device: str) -> dict:
     return {}
 
 
-def random_model(name: str, dtype: str = "float32", device: str = "cpu", seed: int = 0) -> LoadedModel:
-    """`random:<shape>` (RANDOM_SHAPES): random weights, initialised on the device itself."""
+def random_config(name: str, tok: PreTrainedTokenizerBase):
+    """The Llama config of `random:<shape>`, its vocabulary and special tokens from `tok`."""
     from transformers import LlamaConfig
 
     shape = name[len(RANDOM_PREFIX):]
     if shape not in RANDOM_SHAPES:
         raise ModelLoadError(f"unknown random model shape '{shape}'; choose from {', '.join(RANDOM_SHAPES)}")
+    return LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id, **RANDOM_SHAPES[shape])
+
+
+def random_model(name: str, dtype: str = "float32", device: str = "cpu", seed: int = 0) -> LoadedModel:
+    """`random:<shape>` (RANDOM_SHAPES): random weights, initialised on the device itself."""
     tok = AutoTokenizer.from_pretrained(dequantised_folder("smollm2-135m"), trust_remote_code=False)
     prepare_tokenizer(tok)
-    config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, **RANDOM_SHAPES[shape])
+    config = random_config(name, tok)
     target = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     torch.manual_seed(seed)
     with torch.device(target):

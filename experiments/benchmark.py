@@ -3,6 +3,9 @@
     python experiments/benchmark.py --data_dir ../shared/data            # all phases (~1-2 h)
     python experiments/benchmark.py --phases rome,stats --batches 16     # a subset
     (phases: rome, values8 (8 requests batched vs separate), batch, stats, eval)
+    python experiments/benchmark.py --device cuda --model_name random:llama-3-8b --dtype bfloat16 --hparams Llama-3-8B.yaml
+    (on a device or a random:<shape> model: s/edit per editor and batch, statistics tokens/s, peak
+    memory and GPU utilisation against the bf16 matmul peak; see experiments/bench_device.py)
 
 Straightforward paths: value optimisation through the full model with full logits, one request
 at a time (the papers' harness; for large batches timed on a few requests and scaled, marked
@@ -24,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from data.cases import load_cases
+from experiments.bench_device import device_report
 from experiments.bench_eval import bench_counterfact, bench_probe, timed
 from rome.compute_v import compute_values
 from rome.editor import EditContext
@@ -197,7 +201,17 @@ def main() -> int:
     parser.add_argument("--stats_windows", type=int, default=32)
     parser.add_argument("--value_dtype", default="float32", help="dtype of the fast value optimisation (bfloat16: mixed precision)")
     parser.add_argument("--value_compile", action="store_true", help="torch.compile the replayed layers (with --value_dtype bfloat16)")
+    parser.add_argument("--model_name", default="smollm2-135m", help="a model name, or random:<shape> (util/models.py RANDOM_SHAPES)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", help="the model's dtype (device report)")
+    parser.add_argument("--hparams", default="smollm2-135m.yaml", help="hparams file per editor (device report)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="hparams override (device report)")
+    parser.add_argument("--algs", default="R-ROME,EMMET,MEMIT,AlphaEdit,ENCORE", help="editors of the device report")
+    parser.add_argument("--key_chunk_size", type=int, default=256, help="requests per key forward (device report; bounds memory)")
+    parser.add_argument("--value_chunk_size", type=int, default=64, help="requests per value optimisation batch (device report; bounds memory)")
     args = parser.parse_args()
+    if args.device != "cpu" or args.model_name != "smollm2-135m":
+        return device_main(args)
     if args.value_compile and args.value_dtype == "float32":
         parser.error("--value_compile applies to mixed-precision values: add --value_dtype bfloat16")
     phases = set(args.phases.split(","))
@@ -242,6 +256,18 @@ def main() -> int:
         for task in ("sst2", "mmlu"):
             pr = bench_probe(lm, args.data_dir, task, 30, 3)
             print(row(f"probe {task} (3-shot)", pr["fast"], pr["slow"], "s/item", f"same labels {pr['agree']:.0%}"), flush=True)
+    return 0
+
+
+def device_main(args) -> int:
+    """The device report (experiments/bench_device.py) for --device / --model_name."""
+    lm = load_model(args.model_name, args.dtype, args.device)
+    batches = [int(b) for b in args.batches.split(",")]
+    records = load_cases("cf", args.data_dir, limit=max(batches))
+    ctx_args = {"corpus_path": str(Path(args.data_dir) / "wiki"), "value_dtype": args.value_dtype, "value_compile": args.value_compile,
+                "key_chunk_size": args.key_chunk_size, "value_chunk_size": args.value_chunk_size}
+    device_report(lm, records, args.algs.split(","), batches, args.hparams, args.overrides, ctx_args["corpus_path"],
+                  args.stats_windows, args.dtype, ctx_args)
     return 0
 
 

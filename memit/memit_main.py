@@ -53,5 +53,5 @@ def apply_memit_transformed(lm: LoadedModel, requests: list[EditRequest], hparam
         record.update(fields, memit_delta_norm=record["delta_norm"], delta_norm=record["delta_norm"] * scale,
                       delta_rel=record["delta_rel"] * scale)
     apply_deltas(lm.model, deltas)
-    result.deltas = deltas
+    result.deltas = {name: delta.cpu() for name, delta in deltas.items()}  # the result's deltas live on the host
     return result

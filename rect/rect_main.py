@@ -43,7 +43,8 @@ def top_relative_mask(delta: torch.Tensor, weight: torch.Tensor, percent: float)
 
 def apply_rect(lm: LoadedModel, requests: list[EditRequest], hparams: RECTHyperParams, ctx: EditContext) -> EditResult:
     def transform(name: str, delta: torch.Tensor, before: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        mask = top_relative_mask(delta, before.to(delta.device), hparams.rect_top_percent)
+        delta = delta.to(before.device)  # ranked where the weight lives
+        mask = top_relative_mask(delta, before, hparams.rect_top_percent)
         return delta * mask, {"rect_kept": int(mask.sum())}
 
     return apply_memit_transformed(lm, requests, hparams, ctx, transform)

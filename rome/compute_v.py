@@ -594,13 +594,16 @@ def compute_values(
         if kl_reference is None:  # first step: delta = 0, the original distribution
             kl_reference = dict(zip(view.kl_original.tolist(), kl_lp.detach()))
         loss, prob = _loss(hparams, batch, view, target_lp, kl_lp, kl_reference, delta_stack, ref_norm[view.requests].to(device), len(members))
-        on_top = _targets_on_top(view, target_lp, len(members)).tolist() if hparams.v_argmax_stop_steps else [False] * len(members)
+        on_top = _targets_on_top(view, target_lp, len(members)) if hparams.v_argmax_stop_steps else torch.zeros_like(prob, dtype=torch.bool)
+        # One host sync per step for the stopping rules (not one per request): float64 holds
+        # float32 values exactly, so these are the numbers .item() would give.
+        losses, probs, tops = torch.stack([loss.detach().double(), prob.double(), on_top.double()]).tolist()
         live = [False] * len(members)
         for k, i in enumerate(members):
             if i not in active:
                 continue
-            final_loss[i], target_prob[i] = loss[k].item(), prob[k].item()
-            argmax_steps[i] += on_top[k]
+            final_loss[i], target_prob[i] = losses[k], probs[k]
+            argmax_steps[i] += bool(tops[k])
             live[k] = not (final_loss[i] < hparams.v_loss_threshold or step == hparams.v_num_grad_steps - 1
                            or 0 < hparams.v_argmax_stop_steps <= argmax_steps[i])
         if not any(live):
@@ -620,11 +623,17 @@ def compute_values(
             elif fast:
                 stack = _GroupedStack(lm, layer, hparams.v_loss_layer, batch, view.rows, autocast, stack.replay)
         with torch.no_grad():
-            for i in active:
+            # ||delta|| <= clamp_norm_factor ||reference||, decided on the device (no sync per request):
+            # a factor of exactly 1 leaves the deltas within the limit bitwise unchanged.
+            order = sorted(active)
+            for i in order:
                 steps[i] += 1
-                limit = hparams.clamp_norm_factor * ref_norm[i]
-                if deltas[i].norm() > limit:
-                    deltas[i].mul_(limit / deltas[i].norm())
+            if order:
+                norms = torch.stack([deltas[i].norm() for i in order])
+                limits = hparams.clamp_norm_factor * ref_norm[order].to(norms.device)
+                scales = torch.where(norms > limits, limits / norms, torch.ones_like(limits))
+                for j, i in enumerate(order):
+                    deltas[i].mul_(scales[j])
 
     delta = torch.stack([d.detach().cpu() for d in deltas])
     reference = reference.cpu()

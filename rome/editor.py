@@ -25,6 +25,7 @@ from rome.templates import context_templates, template_groups
 from util.arch import edited_weight, to_stored
 from util.corpus import Corpus, resolve_corpus
 from util.deltas import Deltas, apply_deltas, snapshot
+from util.errors import ModelLoadError
 from util.models import DTYPES, LoadedModel
 from util.requests import EditRequest
 from util.solve import Covariance, nullspace_basis, solve_update
@@ -48,6 +49,10 @@ class EditContext:
     # with a mixed-precision value_dtype on Llama models: torch.compile the replayed layers
     # (rome.compute_v._llama_layer; compiled in the first calls of a process, up to ~1.5 min on a 2-core CPU)
     value_compile: bool = False
+    # requests per padded key forward and per value optimisation batch: bound an edit's activation
+    # memory at large batches (results equal to one chunk's up to rounding)
+    key_chunk_size: int = 256
+    value_chunk_size: int = 64
     state: dict[str, Any] = field(default_factory=dict)  # per-run editor state, checkpointed
     _templates: dict = field(default_factory=dict, repr=False)
     _covariances: dict = field(default_factory=dict, repr=False)
@@ -75,21 +80,25 @@ class EditContext:
         return {layer: moment.mom2 for layer, moment in moments.items()}
 
     def covariance(self, lm: LoadedModel, layer: int, hparams: EditHyperParams) -> Covariance:
-        """C = mom2_update_weight * C0 (or I without mom2 adjustment), factorised once per run."""
-        dim = edited_weight(lm.model, lm.arch, layer).shape[1]
+        """C = mom2_update_weight * C0 (or I without mom2 adjustment) on the edited weight's device,
+        copied there and factorised once per run."""
+        weight = edited_weight(lm.model, lm.arch, layer)
         if not hparams.mom2_adjustment:
-            return Covariance(dim, layer=lm.arch.down_proj(layer))
-        key = (lm.name, layer, hparams.mom2_update_weight, hparams.mom2_n_samples, hparams.mom2_sample_tokens, hparams.mom2_dtype)
+            return Covariance(weight.shape[1], layer=lm.arch.down_proj(layer))
+        key = (lm.name, layer, hparams.mom2_update_weight, hparams.mom2_n_samples, hparams.mom2_sample_tokens,
+               hparams.mom2_dtype, weight.device)
         if key not in self._covariances:
-            mom2 = self.second_moments(lm, hparams)[layer]
-            self._covariances[key] = Covariance(dim, mom2, hparams.mom2_update_weight, layer=lm.arch.down_proj(layer))
+            mom2 = self.second_moments(lm, hparams)[layer].to(weight.device)
+            self._covariances[key] = Covariance(weight.shape[1], mom2, hparams.mom2_update_weight, layer=lm.arch.down_proj(layer))
         return self._covariances[key]
 
     def nullspace(self, lm: LoadedModel, layer: int, hparams: EditHyperParams, threshold: float) -> torch.Tensor:
-        """AlphaEdit's null-space basis U of C0 at `layer` (P = U U^T), computed once per run."""
-        key = (lm.name, layer, threshold, hparams.mom2_n_samples, hparams.mom2_sample_tokens, hparams.mom2_dtype)
+        """AlphaEdit's null-space basis U of C0 at `layer` (P = U U^T), computed once per run on the
+        edited weight's device (an eigendecomposition of m x m: seconds on a GPU, minutes on a CPU)."""
+        device = edited_weight(lm.model, lm.arch, layer).device
+        key = (lm.name, layer, threshold, hparams.mom2_n_samples, hparams.mom2_sample_tokens, hparams.mom2_dtype, device)
         if key not in self._nullspaces:
-            self._nullspaces[key] = nullspace_basis(self.second_moments(lm, hparams)[layer], threshold)
+            self._nullspaces[key] = nullspace_basis(self.second_moments(lm, hparams)[layer].to(device), threshold)
         return self._nullspaces[key]
 
     def edited_keys(self, lm: LoadedModel, layer: int) -> torch.Tensor | None:
@@ -97,11 +106,12 @@ class EditContext:
         return self.state.get(EDITED_KEYS, {}).get(lm.arch.down_proj(layer))
 
     def remember_keys(self, lm: LoadedModel, layer: int, keys: torch.Tensor) -> None:
-        """Add K K^T of this edit's keys (m x n) to the run's K_p K_p^T at `layer`."""
+        """Add K K^T of this edit's keys (m x n) to the run's K_p K_p^T at `layer`, kept on the keys'
+        device (the edited weight's); a sum restored from a checkpoint moves there once."""
         grams = self.state.setdefault(EDITED_KEYS, {})
         name = lm.arch.down_proj(layer)
         gram = keys.double() @ keys.double().T
-        grams[name] = gram if name not in grams else grams[name] + gram
+        grams[name] = gram if name not in grams else grams[name].to(gram.device) + gram
 
 
 @dataclass
@@ -141,20 +151,22 @@ def edit_layers(
     if constraint == "nullspace" and nullspace_threshold is None:
         raise ValueError("the nullspace constraint needs nullspace_threshold")
     hparams.check_model(lm.model.config.num_hidden_layers)
+    check_editable(lm, hparams.layers)
     templates = ctx.templates(lm, hparams)
     groups = template_groups(hparams.context_template_length_params, hparams.key_average)
     layers = hparams.layers
     site_module = lm.arch.down_proj(layers[-1]) if site == "mlp" else lm.arch.layer(layers[-1])
     autocast = None if ctx.value_dtype == "float32" else DTYPES[ctx.value_dtype]
     values = compute_values(lm, requests, layers[-1], templates, hparams, site=site, fast=ctx.fast, autocast=autocast,
-                            compiled=ctx.value_compile)
+                            compiled=ctx.value_compile, chunk_size=ctx.value_chunk_size)
     targets = values.target
     names = [lm.arch.weight_name(layer) for layer in layers]
     originals = snapshot(lm.model, names)
     deltas: Deltas = {}
     layer_records, solved_keys = [], []
     for i, layer in enumerate(layers):
-        keys = compute_keys(lm, requests, [layer], templates, hparams.fact_token, site=site_module, groups=groups)
+        keys = compute_keys(lm, requests, [layer], templates, hparams.fact_token, site=site_module, groups=groups,
+                            chunk_size=ctx.key_chunk_size)
         weight = edited_weight(lm.model, lm.arch, layer).double()
         device = weight.device  # solve where the matrix lives (a GPU under a device map), in float64
         k_star = keys.k_star[layer].to(device, torch.float64).T  # m x n
@@ -169,10 +181,10 @@ def edit_layers(
             basis=ctx.nullspace(lm, layer, hparams, nullspace_threshold) if constraint == "nullspace" else None,
         )
         layer_records.append({**_layer_record(layer, delta, weight, k_constraint, residual, info.seconds), **info.extras})
-        solved_keys.append(k_constraint.cpu())
-        stored = to_stored(lm.arch, delta).to("cpu", lm.model.get_parameter(names[i]).dtype)
-        apply_deltas(lm.model, {names[i]: stored})
-        deltas[names[i]] = stored
+        solved_keys.append(k_constraint)
+        stored = to_stored(lm.arch, delta).to(lm.model.get_parameter(names[i]).dtype)
+        apply_deltas(lm.model, {names[i]: stored})  # on the weight's device: no round trip through the host
+        deltas[names[i]] = stored.cpu()
     if remember_keys:
         for layer, keys in zip(layers, solved_keys):
             ctx.remember_keys(lm, layer, keys)
@@ -182,6 +194,18 @@ def edit_layers(
         for j, r in enumerate(requests)
     ]
     return EditResult(deltas, originals, request_records, layer_records, values.delta)
+
+
+def check_editable(lm: LoadedModel, layers: list[int]) -> None:
+    """Refuse, before any work, a layer whose weight accelerate has offloaded (a 'meta' tensor:
+    the values live in host memory or on disk and are streamed in per forward, so an in-place
+    update would be lost or fail deep in torch)."""
+    for layer in layers:
+        if edited_weight(lm.model, lm.arch, layer).device.type == "meta":
+            raise ModelLoadError(
+                f"layer {lm.arch.weight_name(layer)} is offloaded by accelerate (a 'meta' weight) and cannot be edited "
+                f"in place; load the model with --device cuda or cpu, or on more GPU memory so that the edited layers stay on a device"
+            )
 
 
 def _layer_record(layer: int, delta: torch.Tensor, weight: torch.Tensor, keys: torch.Tensor, residual: torch.Tensor, seconds: float) -> dict:

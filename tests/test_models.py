@@ -8,7 +8,7 @@ import torch
 
 from util.arch import ARCHITECTURES, arch_for, edited_weight, to_stored
 from util.errors import ModelLoadError
-from util.models import load_model
+from util.models import load_model, random_config
 from util.paths import PROJECT_ROOT
 
 
@@ -69,3 +69,49 @@ def test_embedded_model_completes_paris(embedded):
     out = embedded.model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=embedded.tok.pad_token_id)
     assert embedded.tok.decode(out[0, ids.shape[1]:]).startswith(" Paris")
     assert embedded.model.dtype == torch.float32 and embedded.arch.down_proj(3) == "model.layers.3.mlp.down_proj"
+
+
+def test_a_cuda_load_places_the_weights_on_the_device_while_loading(tiny_llama, tmp_path, monkeypatch):
+    """device="cuda" asks from_pretrained for a device map (weights read straight onto the GPU),
+    never a host load followed by .to("cuda"). Without a GPU the recorded request is checked and
+    the load itself is carried out on the CPU."""
+    import transformers
+
+    tiny_llama.model.save_pretrained(tmp_path / "m")
+    tiny_llama.tok.save_pretrained(tmp_path / "m")
+    real = transformers.AutoModelForCausalLM.from_pretrained.__func__
+    asked, moved = [], []
+
+    def recording(cls, source, **kwargs):
+        asked.append(kwargs.get("device_map"))
+        return real(cls, source, **{**kwargs, "device_map": {"": "cpu"}})
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(recording))
+    real_to = torch.nn.Module.to
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moved.append((a, k)) or real_to(self, *a, **k))
+    lm = load_model(str(tmp_path / "m"), device="cuda")
+    assert asked == [{"": "cuda"}] and moved == []
+    assert lm.arch.down_proj(0) == "model.layers.0.mlp.down_proj"
+    torch.testing.assert_close(edited_weight(lm.model, lm.arch, 1), edited_weight(tiny_llama.model, tiny_llama.arch, 1), rtol=0, atol=0)
+
+
+def test_random_models_by_shape_name():
+    lm = load_model("random:tiny", dtype="float64")
+    assert lm.model.config.model_type == "llama" and lm.model.config.num_hidden_layers == 4
+    assert lm.model.dtype == torch.float64 and lm.model.config.vocab_size == len(lm.tok) == 49152
+    again = load_model("random:tiny", dtype="float64")
+    assert torch.equal(edited_weight(lm.model, lm.arch, 2), edited_weight(again.model, again.arch, 2)), "seeded"
+    with pytest.raises(ModelLoadError, match="unknown random model shape 'llama-9'"):
+        load_model("random:llama-9")
+
+
+def test_the_llama_3_8b_shape_has_its_parameter_count(tokenizer):
+    """random:llama-3-8b built on 'meta' (no memory): Llama-3-8B's 8.03 B parameters less the
+    embedding and unembedding rows of the vocabulary it does not have (128256 -> 49152)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(random_config("random:llama-3-8b", tokenizer))
+    expected = 8_030_261_248 - 2 * (128_256 - 49_152) * 4096
+    assert sum(p.numel() for p in model.parameters()) == expected
+    assert model.get_parameter("model.layers.31.mlp.down_proj.weight").shape == (4096, 14336)

@@ -6,7 +6,7 @@ import torch
 
 from util.corpus import local_corpus, resolve_corpus, token_windows
 from util.errors import CorpusError
-from util.stats import StatsCache
+from util.stats import CPU_BATCH_TOKENS, StatsCache, accumulate_second_moments, batch_tokens_for
 
 
 @pytest.fixture
@@ -114,3 +114,20 @@ def test_embedded_statistics_on_wikipedia_are_psd(embedded, shared_data):
     moment = StatsCache().second_moments(embedded, [4], corpus, n_samples=16, sample_tokens=256, progress=False)[4]
     eig = torch.linalg.eigvalsh(moment.mom2)
     assert moment.mom2.shape == (1536, 1536) and eig.min() > 0
+
+
+def test_statistics_accumulate_on_the_device_and_batches_do_not_change_them(tiny_llama, corpus_file, monkeypatch):
+    """The float64 sums stay on the model's device, copied to the host once per layer at the end
+    (not once per batch); one window per batch gives the sums of one batch of all windows."""
+    windows = list(token_windows(local_corpus(corpus_file), tiny_llama.tok, 32, 6))
+    copies = []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: copies.append(self.shape) or real_cpu(self, *a, **k))
+    many, count, _ = accumulate_second_moments(tiny_llama, [1, 2], iter(windows), 6, batch_size=1, progress=False)
+    assert len(copies) == 2 and count == 6 * 32
+    one, _, _ = accumulate_second_moments(tiny_llama, [1, 2], iter(windows), 6, batch_size=6, progress=False)
+    for layer in (1, 2):
+        assert many[layer].device.type == "cpu" and many[layer].dtype == torch.float64
+        # float32 Gram matrices of other batches: equal up to float32 rounding, not bitwise
+        torch.testing.assert_close(many[layer], one[layer], rtol=1e-5, atol=1e-6 * one[layer].abs().max().item())
+    assert batch_tokens_for(tiny_llama, 2) == CPU_BATCH_TOKENS  # a fixed batch on the CPU

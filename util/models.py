@@ -27,6 +27,18 @@ EMBEDDED = {
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 DEVICES = ("cpu", "cuda", "auto")
+RANDOM_PREFIX = "random:"
+# `random:<name>`: a Llama-architecture model of this shape with random weights (seeded), built
+# from its config on the device and read with the embedded model's tokenizer (vocabulary 49152):
+# speed and memory at a paper model's shape with no download.
+RANDOM_SHAPES: dict[str, dict] = {
+    "llama-3-8b": dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                       num_key_value_heads=8, rope_theta=500000.0, max_position_embeddings=8192),
+    "smollm2-135m": dict(num_hidden_layers=30, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                         num_key_value_heads=3, rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True),
+    "tiny": dict(num_hidden_layers=4, hidden_size=48, intermediate_size=96, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
+}
 
 
 @dataclass
@@ -95,6 +107,8 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu") -> Loaded
         raise ModelLoadError(f"unknown dtype '{dtype}'; choose from {', '.join(DTYPES)}")
     if device not in DEVICES:
         raise ModelLoadError(f"unknown device '{device}'; choose from {', '.join(DEVICES)}")
+    if name.startswith(RANDOM_PREFIX):
+        return random_model(name, dtype, device)
     source = resolve_source(name)
     try:
         # Never run code shipped with a model (transformers would ask on stdin, and "y" piped in runs it).
@@ -107,15 +121,45 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu") -> Loaded
             f"unknown model '{name}': not an embedded name ({', '.join(EMBEDDED)}), "
             f"not a local folder, and not loadable from the Hugging Face hub ({str(err).splitlines()[0]})"
         ) from None
-    kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": False}
-    if device == "auto":
-        kwargs["device_map"] = "auto"
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    if device == "cuda":
-        model = model.to("cuda")
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], trust_remote_code=False, **placement(device))
     model.eval().requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     prepare_tokenizer(tok)
+    return LoadedModel(model, tok, arch_for(model), name)
+
+
+def placement(device: str) -> dict:
+    """from_pretrained's placement arguments: the weights load straight onto a GPU (no copy in host
+    memory first, so a model larger than the host's free memory still loads), or are sharded by
+    accelerate ("auto"); on the CPU, the plain load."""
+    if device == "cuda":
+        return {"device_map": {"": "cuda"}}
+    if device == "auto":
+        return {"device_map": "auto"}
+    return {}
+
+
+def random_config(name: str, tok: PreTrainedTokenizerBase):
+    """The Llama config of `random:<shape>`, its vocabulary and special tokens from `tok`."""
+    from transformers import LlamaConfig
+
+    shape = name[len(RANDOM_PREFIX):]
+    if shape not in RANDOM_SHAPES:
+        raise ModelLoadError(f"unknown random model shape '{shape}'; choose from {', '.join(RANDOM_SHAPES)}")
+    return LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id, **RANDOM_SHAPES[shape])
+
+
+def random_model(name: str, dtype: str = "float32", device: str = "cpu", seed: int = 0) -> LoadedModel:
+    """`random:<shape>` (RANDOM_SHAPES): random weights, initialised on the device itself."""
+    tok = AutoTokenizer.from_pretrained(dequantised_folder("smollm2-135m"), trust_remote_code=False)
+    prepare_tokenizer(tok)
+    config = random_config(name, tok)
+    target = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    torch.manual_seed(seed)
+    with torch.device(target):
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    model.eval().requires_grad_(False)
     return LoadedModel(model, tok, arch_for(model), name)
 
 

@@ -66,8 +66,9 @@ class Covariance:
         if mom2 is None and extra is None:
             self.matrix = None  # identity
         else:
-            matrix = torch.zeros(dim, dim, dtype=torch.float64) if mom2 is None else weight * mom2.double()
-            self.matrix = matrix + extra.double() if extra is not None else matrix
+            # on the device of the statistics handed in (the edited weight's): never a default device
+            matrix = torch.zeros(dim, dim, dtype=torch.float64, device=extra.device) if mom2 is None else weight * mom2.double()
+            self.matrix = matrix + extra.to(matrix.device, torch.float64) if extra is not None else matrix
         self._factors: dict[torch.device, torch.Tensor] = {}  # per device the solves run on
 
     def dense(self, device: torch.device | str = "cpu") -> torch.Tensor:

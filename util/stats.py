@@ -1,8 +1,10 @@
 """Key second-moment statistics C0 = E[k k^T] of the edited projection's inputs, per layer.
 
 One forward pass over packed token windows serves every requested layer and stops after the
-deepest one. Per batch the keys' Gram matrix is formed in the forward dtype's matmul and added to
-a float64 running sum. Results are cached on disk, keyed by everything they depend on (model,
+deepest one. Per batch the keys' Gram matrix is formed in float32 (float64 for float64
+statistics) and added to a float64 running sum on the model's device, copied to the host once at
+the end (a copy per batch held a GPU to a few thousand tokens/s). On a GPU the batch is sized
+from its free memory. Results are cached on disk, keyed by everything they depend on (model,
 layer module, corpus, token count, forward dtype), and held in memory by the `StatsCache` object
 the caller owns.
 """
@@ -53,8 +55,8 @@ def accumulate_second_moments(
     dtype: str = "float32",
     progress: bool = True,
 ) -> tuple[dict[int, torch.Tensor], int, float]:
-    """Sum of k k^T (float64) per layer over all positions of the windows; returns
-    (sums, number of keys, tokens per second)."""
+    """Sum of k k^T (float64, on the host) per layer over all positions of the windows, accumulated
+    on the model's device; returns (sums, number of keys, tokens per second)."""
     modules = {layer: lm.arch.down_proj(layer) for layer in layers}
     sums: dict[int, torch.Tensor] = {}
     device = input_device(lm.model)
@@ -64,6 +66,7 @@ def accumulate_second_moments(
     use_autocast = forward_dtype in (torch.bfloat16, torch.float16) and forward_dtype != next(lm.model.parameters()).dtype
     if forward_dtype == torch.bfloat16 and not fast_bfloat16(device):
         log.warning("bfloat16 statistics requested, but this device has no native bfloat16 matmul: expect it to be slow")
+    gram_dtype = torch.float64 if forward_dtype == torch.float64 else torch.float32  # float64 statistics end to end
     count = 0
     start = time.perf_counter()
     bar = tqdm(total=n_windows, desc="key statistics", unit="window", disable=not progress)
@@ -76,8 +79,8 @@ def accumulate_second_moments(
             with torch.autocast(device.type, dtype=forward_dtype, enabled=use_autocast):
                 lm.model(input_ids=ids, use_cache=False)
         for layer, name in modules.items():
-            keys = traces[name].input.reshape(-1, traces[name].input.shape[-1]).float()
-            gram = (keys.T @ keys).double().cpu()
+            keys = traces[name].input.reshape(-1, traces[name].input.shape[-1]).to(gram_dtype)
+            gram = (keys.T @ keys).double()
             sums[layer] = gram if layer not in sums else sums[layer].add_(gram)
         count += ids.numel()
         bar.update(len(batch))
@@ -90,8 +93,30 @@ def accumulate_second_moments(
             flush()
     if batch:
         flush()
+    sums = {layer: total.cpu() for layer, total in sums.items()}  # the one copy to the host
     bar.close()
     return sums, count, count / max(time.perf_counter() - start, 1e-9)
+
+
+CPU_BATCH_TOKENS = 8192
+MAX_BATCH_TOKENS = 1 << 17
+
+
+def batch_tokens_for(lm: LoadedModel, n_layers: int, dtype: str = "float32") -> int:
+    """Tokens per statistics batch: a fixed number on the CPU; on a GPU, what fits in half of its
+    free memory, counting per token the truncated forward's live activations (~4 hidden and 3
+    intermediate vectors in the forward dtype), the retained keys of each layer with their float32
+    copy and, per layer, the float32 and float64 Gram matrices (a fixed cost)."""
+    device = input_device(lm.model)
+    if device.type != "cuda":
+        return CPU_BATCH_TOKENS
+    config = lm.model.config
+    hidden, inter = config.hidden_size, config.intermediate_size
+    width = DTYPES[dtype].itemsize
+    per_token = width * (4 * hidden + 3 * inter) + n_layers * inter * (width + 4)
+    fixed = n_layers * inter * inter * (4 + 8)
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(min(MAX_BATCH_TOKENS, max(CPU_BATCH_TOKENS // 8, (free // 2 - fixed) // per_token)))
 
 
 def fast_bfloat16(device: torch.device) -> bool:
@@ -124,10 +149,11 @@ class StatsCache:
         n_samples: int,
         sample_tokens: int,
         dtype: str = "float32",
-        batch_tokens: int = 8192,
+        batch_tokens: int | None = None,
         progress: bool = True,
     ) -> dict[int, SecondMoment]:
-        """C0 for each layer, from cache where present; the missing layers share one pass."""
+        """C0 for each layer, from cache where present; the missing layers share one pass.
+        batch_tokens: tokens per forward (None: batch_tokens_for, from a GPU's free memory)."""
         n_tokens = n_samples * sample_tokens
         keys = {layer: StatsKey(lm.name, lm.arch.down_proj(layer), corpus.ident, n_tokens, dtype) for layer in layers}
         result = {layer: self._load(key) for layer, key in keys.items()}
@@ -135,7 +161,7 @@ class StatsCache:
         if missing:
             log.info("computing key statistics for layers %s over %d tokens of %s", missing, n_tokens, corpus.ident)
             windows = token_windows(corpus, lm.tok, sample_tokens, n_samples)
-            batch_size = max(1, batch_tokens // sample_tokens)
+            batch_size = max(1, (batch_tokens or batch_tokens_for(lm, len(missing), dtype)) // sample_tokens)
             sums, count, rate = accumulate_second_moments(lm, missing, windows, n_samples, batch_size, dtype, progress)
             self.last_tokens_per_second = rate
             log.info("key statistics: %d tokens at %.0f tokens/s", count, rate)

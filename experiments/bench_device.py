@@ -1,0 +1,163 @@
+"""Editing at a model's own scale on one device (a GPU, or the CPU for a smoke run): seconds per
+edit for each editor and batch size, tokens/s of key statistics, peak device memory and the GPU's
+utilisation, each against the device's measured bfloat16 matmul peak. Run through
+experiments/benchmark.py with --device or a `random:<shape>` model, e.g.
+
+    python experiments/benchmark.py --device cuda --model_name random:llama-3-8b --dtype bfloat16 \\
+        --hparams Llama-3-8B.yaml --algs R-ROME,EMMET,MEMIT,AlphaEdit,ENCORE --batches 1,64,1024
+
+Statistics and templates are prepared before the timer (they are computed once per model); the
+utilisation is the mean of nvidia-smi's (or pynvml's) samples over the timed span.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rome.editor import EditContext
+from util.api import ALGORITHMS, load_algorithm_hparams
+from util.corpus import local_corpus
+from util.deltas import restore
+from util.models import LoadedModel, input_device
+from util.stats import StatsCache
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_on(device: torch.device, dtype: torch.dtype = torch.bfloat16, size: int = 8192, repeats: int = 10) -> float:
+    """GFLOP/s of one large square product on `device`: the peak the figures are read against."""
+    size = size if device.type == "cuda" else 1024
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def _utilisation_sample(device: torch.device) -> float | None:
+    try:
+        return float(torch.cuda.utilization(device))  # needs pynvml
+    except Exception:  # noqa: BLE001 (no pynvml / no NVML: fall back to nvidia-smi)
+        pass
+    if shutil.which("nvidia-smi") is None:
+        return None
+    out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                          f"--id={device.index or 0}"], capture_output=True, text=True, timeout=10)
+    return float(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else None
+
+
+@dataclass
+class Usage:
+    seconds: float
+    peak_gib: float | None  # peak device memory allocated by torch (None on the CPU)
+    utilisation: float | None  # mean GPU utilisation in percent (None where unknown)
+
+
+class Measured:
+    """Times a block on `device`; on CUDA also its peak memory and the GPU's mean utilisation
+    (sampled every `interval` seconds in a background thread)."""
+
+    def __init__(self, device: torch.device, interval: float = 0.2):
+        self.device, self.interval = device, interval
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            value = _utilisation_sample(self.device)
+            if value is None:
+                return
+            self.samples.append(value)
+
+    def __enter__(self) -> "Measured":
+        cuda = self.device.type == "cuda"
+        if cuda:
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        synchronize(self.device)
+        seconds = time.perf_counter() - self._start
+        cuda = self.device.type == "cuda"
+        if cuda:
+            self._stop.set()
+            self._thread.join()
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if cuda else None
+        self.usage = Usage(seconds, peak, sum(self.samples) / len(self.samples) if self.samples else None)
+
+
+def bench_editor(lm: LoadedModel, requests, alg: str, hparams_file: str, overrides: list[str], ctx_args: dict) -> Usage:
+    """One edit of `requests` (one batch; ROME and r-ROME edit them one after another)."""
+    hparams = load_algorithm_hparams(alg, hparams_file, overrides)
+    ctx = EditContext(**ctx_args)
+    for layer in hparams.layers:  # statistics, factorisations and null spaces: once per run, not timed
+        ctx.covariance(lm, layer, hparams)
+        if alg == "AlphaEdit":
+            ctx.nullspace(lm, layer, hparams, hparams.nullspace_threshold)
+    ctx.templates(lm, hparams)
+    with Measured(input_device(lm.model)) as measured:
+        result = ALGORITHMS[alg].apply(lm, requests, hparams, ctx)
+    restore(lm.model, result.originals)
+    return measured.usage
+
+
+def bench_statistics(lm: LoadedModel, corpus_path: str, layers: list[int], n_windows: int, sample_tokens: int, dtype: str) -> tuple[float, Usage]:
+    """Tokens/s of the key statistics over `layers` (one pass, batch from the device's memory)."""
+    corpus = local_corpus(corpus_path)
+    with tempfile.TemporaryDirectory() as tmp, Measured(input_device(lm.model)) as measured:
+        cache = StatsCache(Path(tmp))
+        cache.second_moments(lm, layers, corpus, n_windows, sample_tokens, dtype, progress=False)
+    return cache.last_tokens_per_second, measured.usage
+
+
+def _usage_note(usage: Usage, peak: float, flops: float | None = None) -> str:
+    parts = []
+    if flops is not None:
+        parts.append(f"{flops / usage.seconds / 1e9:.0f} GFLOP/s = {100 * flops / usage.seconds / 1e9 / peak:.1f}% of the bf16 peak")
+    parts.append(f"peak memory {usage.peak_gib:.1f} GiB" if usage.peak_gib is not None else "peak memory n/a (CPU)")
+    parts.append(f"GPU utilisation {usage.utilisation:.0f}%" if usage.utilisation is not None else "GPU utilisation n/a")
+    return "; ".join(parts)
+
+
+def device_report(lm: LoadedModel, records, algs: list[str], batches: list[int], hparams_file: str, overrides: list[str],
+                  corpus_path: str, stats_windows: int, stats_dtype: str, ctx_args: dict) -> None:
+    """Print the table: per editor and batch size s/edit, then statistics tokens/s."""
+    device = input_device(lm.model)
+    peak = matmul_peak_on(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"{lm.name} ({sum(p.numel() for p in lm.model.parameters()) / 1e9:.2f} B parameters, "
+          f"{next(lm.model.parameters()).dtype}) on {name}; measured bf16 matmul peak {peak:.0f} GFLOP/s\n")
+    print("| what | figure | device use |\n|---|---|---|")
+    for alg in algs:
+        for batch in batches:
+            usage = bench_editor(lm, [r.request for r in records[:batch]], alg, hparams_file, overrides, ctx_args)
+            print(f"| {alg} batch {batch} | {usage.seconds / batch:.3g} s/edit | {_usage_note(usage, peak)} |", flush=True)
+    if stats_windows:
+        layers = load_algorithm_hparams(algs[0], hparams_file, overrides).layers
+        config = lm.model.config
+        # per token, the matmuls of the layers run (2 FLOPs per weight) and each layer's Gram update
+        depth = max(layers) + 1
+        per_layer = 2 * (config.hidden_size * (config.hidden_size + 2 * config.num_key_value_heads * config.hidden_size // config.num_attention_heads)
+                         + config.hidden_size * config.hidden_size + 3 * config.hidden_size * config.intermediate_size)
+        flops_per_token = depth * per_layer + len(layers) * 2 * config.intermediate_size**2
+        rate, usage = bench_statistics(lm, corpus_path, layers, stats_windows, 512, stats_dtype)
+        tokens = stats_windows * 512
+        print(f"| key statistics, layers {layers}, {tokens} tokens, {stats_dtype} | {rate:.0f} tokens/s | "
+              f"{_usage_note(usage, peak, flops_per_token * tokens)} |", flush=True)

@@ -1,0 +1,89 @@
+"""CUDA against CPU (`pytest -m gpu`; skipped where torch sees no CUDA device).
+
+Every editor edits the same tiny float64 GPT-2 and Llama models once on the CPU and once on the
+GPU with the same seed; the updates must agree to 1e-8 relative. Both runs share one statistics
+object (C0 is computed once, on the CPU, as a cached run would reuse it), so what is compared is
+the edit itself: templates, keys, values, solves and null spaces on the GPU. Templates are sampled
+with a CPU generator, so one seed gives the same texts on both devices (tested separately here).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alphaedit.alphaedit_main import AlphaEditHyperParams
+from rome.editor import EditContext
+from rome.templates import generate_templates
+from tests.conftest import tiny_gpt2_model, tiny_llama_model
+from tests.helpers import REQUESTS, context, rel, tiny_hparams, write_corpus
+from util.api import ALGORITHMS
+from util.arch import arch_for
+from util.corpus import local_corpus
+from util.models import LoadedModel
+from util.requests import make_request
+from util.stats import StatsCache
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+TOLERANCE = 1e-8
+BUILD = {"gpt2": tiny_gpt2_model, "llama": tiny_llama_model}
+# Per editor: hparams on top of tests.helpers' tiny ones (two layers where the editor spreads).
+EXTRA = {
+    "ROME": dict(original_implementation=True),
+    "R-ROME": dict(),
+    "MEMIT": dict(layers=[1, 2], mom2_update_weight=50.0),
+    "EMMET": dict(layers=[1, 2], mom2_update_weight=10.0, emmet_lambda=0.1),
+    "AlphaEdit": dict(layers=[1, 2], nullspace_threshold=1e-3, L2=1e-4),
+    "ENCORE": dict(layers=[1, 2], mom2_update_weight=10.0, update_norm_lambda=0.01),
+    "PRUNE": dict(layers=[1, 2], mom2_update_weight=50.0),
+    "RECT": dict(layers=[1, 2], mom2_update_weight=50.0),
+}
+
+
+def tiny_on(arch: str, tok, device: str) -> LoadedModel:
+    model = BUILD[arch](len(tok)).double().to(device)
+    return LoadedModel(model, tok, arch_for(model), f"tiny-{arch}")
+
+
+@pytest.mark.parametrize("arch", sorted(BUILD))
+@pytest.mark.parametrize("alg", sorted(ALGORITHMS))
+def test_cuda_update_equals_cpu_update(alg, arch, tokenizer, tmp_path):
+    hp = tiny_hparams(ALGORITHMS[alg].hparams_class, **EXTRA[alg])
+    requests = [make_request(r) for r in REQUESTS]
+    one_request = alg in ("ROME", "R-ROME")  # sequential anyway; keeps the test short
+    stats = StatsCache(tmp_path / "stats")
+    results = {}
+    for device in ("cpu", "cuda"):
+        lm = tiny_on(arch, tokenizer, device)
+        ctx = context(tmp_path, stats=stats)
+        # Two calls, so that AlphaEdit's and ENCORE's K_p K_p^T of the first edit enters the second.
+        first = ALGORITHMS[alg].apply(lm, requests[:1] if one_request else requests[:2], hp, ctx)
+        second = ALGORITHMS[alg].apply(lm, requests[2:], hp, ctx)
+        for name in first.deltas:
+            assert lm.model.get_parameter(name).device.type == device
+        results[device] = (first.deltas, second.deltas)
+    for (cpu, gpu) in zip(results["cpu"], results["cuda"]):
+        assert cpu.keys() == gpu.keys()
+        for name in cpu:
+            assert gpu[name].device.type == "cpu"  # results are handed back on the host
+            assert rel(gpu[name], cpu[name]) <= TOLERANCE, (name, rel(gpu[name], cpu[name]))
+
+
+@pytest.mark.parametrize("arch", sorted(BUILD))
+def test_templates_and_statistics_agree_across_devices(arch, tokenizer, tmp_path):
+    corpus = local_corpus(write_corpus(tmp_path))
+    models = {device: tiny_on(arch, tokenizer, device) for device in ("cpu", "cuda")}
+    templates = {d: generate_templates(lm, [[5, 3], [8, 2]], seed=7) for d, lm in models.items()}
+    assert templates["cpu"] == templates["cuda"]
+    moments = {d: StatsCache(tmp_path / d).second_moments(lm, [1, 2], corpus, 8, 64, "float64", progress=False)
+               for d, lm in models.items()}
+    for layer in (1, 2):
+        torch.testing.assert_close(moments["cuda"][layer].mom2, moments["cpu"][layer].mom2, rtol=1e-10, atol=1e-12)
+
+
+def test_alphaedit_null_space_is_computed_on_the_gpu(tokenizer, tmp_path):
+    lm = tiny_on("llama", tokenizer, "cuda")
+    hp = tiny_hparams(AlphaEditHyperParams, nullspace_threshold=1e-3)
+    ctx: EditContext = context(tmp_path)
+    assert ctx.nullspace(lm, 1, hp, hp.nullspace_threshold).device.type == "cuda"
+    assert ctx.covariance(lm, 1, hp).matrix.device.type == "cuda"

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from rome.editor import EditContext
-from util.api import ALGORITHMS, load_algorithm_hparams
+from editors import ALGORITHMS, load_algorithm_hparams
 from util.corpus import local_corpus
 from util.deltas import restore
 from util.models import LoadedModel, input_device

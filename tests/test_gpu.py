@@ -16,7 +16,7 @@ from rome.editor import EditContext
 from rome.templates import generate_templates
 from tests.conftest import tiny_gpt2_model, tiny_llama_model
 from tests.helpers import REQUESTS, context, rel, tiny_hparams, write_corpus
-from util.api import ALGORITHMS
+from editors import ALGORITHMS
 from util.arch import arch_for
 from util.corpus import local_corpus
 from util.models import LoadedModel

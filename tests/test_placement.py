@@ -13,7 +13,7 @@ import torch
 from alphaedit.alphaedit_main import AlphaEditHyperParams
 from rome.editor import EditContext
 from tests.helpers import REQUESTS, context, tiny_hparams
-from util.api import ALGORITHMS
+from editors import ALGORITHMS
 from util.deltas import restore
 from util.errors import ModelLoadError
 from util.requests import make_request

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from rome.compute_u import compute_keys
+from rome.compute_u import KeyResult, compute_keys
 from rome.compute_v import compute_values
 from rome.hparams import EditHyperParams
 from rome.templates import context_templates, template_groups
@@ -123,6 +123,14 @@ class EditResult:
     value_deltas: torch.Tensor  # (n, d) the optimised residual change per request
 
 
+def edit_keys(lm: LoadedModel, requests: list[EditRequest], layers: list[int], hparams: EditHyperParams,
+              ctx: EditContext, site: str | None = None) -> KeyResult:
+    """The keys an edit solves with: the context's templates, averaged as `hparams.key_average` says."""
+    groups = template_groups(hparams.context_template_length_params, hparams.key_average)
+    return compute_keys(lm, requests, layers, ctx.templates(lm, hparams), hparams.fact_token, site=site, groups=groups,
+                        chunk_size=ctx.key_chunk_size)
+
+
 def edit_layers(
     lm: LoadedModel,
     requests: list[EditRequest],
@@ -153,7 +161,6 @@ def edit_layers(
     hparams.check_model(lm.model.config.num_hidden_layers)
     check_editable(lm, hparams.layers)
     templates = ctx.templates(lm, hparams)
-    groups = template_groups(hparams.context_template_length_params, hparams.key_average)
     layers = hparams.layers
     site_module = lm.arch.down_proj(layers[-1]) if site == "mlp" else lm.arch.layer(layers[-1])
     autocast = None if ctx.value_dtype == "float32" else DTYPES[ctx.value_dtype]
@@ -165,8 +172,7 @@ def edit_layers(
     deltas: Deltas = {}
     layer_records, solved_keys = [], []
     for i, layer in enumerate(layers):
-        keys = compute_keys(lm, requests, [layer], templates, hparams.fact_token, site=site_module, groups=groups,
-                            chunk_size=ctx.key_chunk_size)
+        keys = edit_keys(lm, requests, [layer], hparams, ctx, site=site_module)
         weight = edited_weight(lm.model, lm.arch, layer).double()
         device = weight.device  # solve where the matrix lives (a GPU under a device map), in float64
         k_star = keys.k_star[layer].to(device, torch.float64).T  # m x n

@@ -4,10 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rome.compute_u import KeyResult, compute_keys
 from rome.editor import EditContext
 from rome.hparams import EditHyperParams, ROMEHyperParams
-from rome.templates import template_groups
 from util.hparams import build_hparams
 
 TINY_COMMON = dict(
@@ -38,12 +36,6 @@ def write_corpus(folder: Path) -> Path:
 def context(tmp_path: Path, **kw) -> EditContext:
     """An EditContext whose key statistics come from the small corpus written to tmp_path."""
     return EditContext(seed=0, corpus_path=str(write_corpus(tmp_path)), **kw)
-
-
-def editor_keys(lm, requests, layers: list[int], ctx: EditContext, hp: EditHyperParams, **kw) -> KeyResult:
-    """compute_keys as the editors call it: the context's templates, averaged as the hparams say."""
-    groups = template_groups(hp.context_template_length_params, hp.key_average)
-    return compute_keys(lm, requests, layers, ctx.templates(lm, hp), hp.fact_token, groups=groups, **kw)
 
 
 def rel(a, b) -> float:

@@ -6,8 +6,8 @@ import torch
 from alphaedit.alphaedit_main import AlphaEditHyperParams, apply_alphaedit
 from encore.encore_main import ENCOREHyperParams, apply_encore
 from rome.compute_v import compute_values
-from rome.editor import EDITED_KEYS
-from tests.helpers import REQUESTS, context, editor_keys, rel, tiny_hparams
+from rome.editor import EDITED_KEYS, edit_keys
+from tests.helpers import REQUESTS, context, rel, tiny_hparams
 from editors import ALGORITHMS, load_algorithm_hparams
 from util.arch import edited_weight
 from util.deltas import restore, snapshot
@@ -76,7 +76,7 @@ def test_encore_solve_satisfies_its_normal_equations(tiny64, tmp_path):
     first, second = [make_request(r) for r in REQUESTS[:2]], [make_request(REQUESTS[2])]
     apply_encore(lm, first, hp, ctx)
     prior = ctx.state[EDITED_KEYS][lm.arch.down_proj(1)].clone()
-    K = editor_keys(lm, second, [1], ctx, hp).k_star[1].T  # m x n
+    K = edit_keys(lm, second, [1], hp, ctx).k_star[1].T  # m x n
     W = edited_weight(lm.model, lm.arch, 1).clone()
     result = apply_encore(lm, second, hp, ctx)
     delta = edited_weight(lm.model, lm.arch, 1) - W
@@ -105,7 +105,7 @@ def test_edited_keys_accumulate_and_a_resumed_run_is_exact(alg, tiny_gpt2, tmp_p
     start = snapshot(lm.model, names)
 
     def keys(ctx, requests):  # the edited model's keys: those the next edits must preserve
-        k = editor_keys(lm, requests, hp.layers, ctx, hp).k_star
+        k = edit_keys(lm, requests, hp.layers, hp, ctx).k_star
         return {layer: k[layer].T for layer in hp.layers}
 
     ctx = context(tmp_path)

@@ -23,9 +23,10 @@ from alphaedit.alphaedit_main import AlphaEditHyperParams, apply_alphaedit
 from emmet.emmet_main import EMMETHyperParams, apply_emmet
 from encore.encore_main import ENCOREHyperParams, apply_encore
 from memit.memit_main import MEMITHyperParams, apply_memit
+from rome.editor import edit_keys
 from rome.hparams import ROMEHyperParams
 from rome.rome_main import apply_rome
-from tests.helpers import REQUESTS, context, editor_keys, tiny_hparams
+from tests.helpers import REQUESTS, context, tiny_hparams
 from util.arch import edited_weight
 from util.deltas import restore
 from util.requests import make_request
@@ -48,21 +49,27 @@ def _with_hidden(out, hidden):
     return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
 
 
+def _read_at(lm, site: str, ids: list[int], index: int, read) -> tuple[torch.Tensor, ...]:
+    """One prompt alone through the model; the tensors read(args, output) at `site`, at position `index`."""
+    seen = {}
+    handle = lm.model.get_submodule(site).register_forward_hook(
+        lambda m, args, out: seen.update(v=tuple(t[0, index].double() for t in read(args, _hidden(out)))))
+    try:
+        with torch.no_grad():
+            lm.model(input_ids=torch.tensor([ids]))
+    finally:
+        handle.remove()
+    return seen["v"]
+
+
 def reference_keys(lm, request, layer: int, templates: list[str], fact_token: str):
     """Per template: the down projection's input and output at the fact token, one prompt at a time."""
-    module = lm.model.get_submodule(lm.arch.down_proj(layer))
     keys, outputs = [], []
     for template in templates:
         ids, index = subject_position(lm.tok, template.format(request.prompt), request.subject, fact_token)
-        seen = {}
-        handle = module.register_forward_hook(lambda m, args, out: seen.update(k=args[0][0, index], v=_hidden(out)[0, index]))
-        try:
-            with torch.no_grad():
-                lm.model(input_ids=torch.tensor([ids]))
-        finally:
-            handle.remove()
-        keys.append(seen["k"].double())
-        outputs.append(seen["v"].double())
+        key, output = _read_at(lm, lm.arch.down_proj(layer), ids, index, lambda args, out: (args[0], out))
+        keys.append(key)
+        outputs.append(output)
     return torch.stack(keys), torch.stack(outputs)
 
 
@@ -71,9 +78,10 @@ def group_sizes(hp) -> list[int]:
     return [1] + [count for _, count in hp.context_template_length_params]
 
 
-def memit_key(per_template: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    means, start = [], 0
-    for size in sizes:
+def memit_key(lm, request, layer: int, hp, templates: list[str]) -> torch.Tensor:
+    """compute_ks: the keys' mean within each context-template group, then across groups."""
+    per_template, means, start = reference_keys(lm, request, layer, templates, hp.fact_token)[0], [], 0
+    for size in group_sizes(hp):
         means.append(per_template[start:start + size].mean(0))
         start += size
     return torch.stack(means).mean(0)
@@ -148,7 +156,7 @@ def test_rome_and_r_rome_conform(tiny64, tmp_path, original):
     request = make_request(REQUESTS[0])
     templates = ctx.templates(lm, hp)
     before = _our_weights(lm, [1])
-    ours_keys = editor_keys(lm, [request], [1], ctx, hp)
+    ours_keys = edit_keys(lm, [request], [1], hp, ctx)
     result = apply_rome(lm, [request], hp, ctx)
     ours_delta = edited_weight(lm.model, lm.arch, 1) - before[1]
     restore(lm.model, result.originals)
@@ -180,8 +188,7 @@ def reference_batch_update(lm, requests, hp, ctx, solve, prior=None):
     targets = torch.stack([target for target, _, _ in values]).T  # d x n
     deltas = {}
     for i, layer in enumerate(hp.layers):
-        K = torch.stack([memit_key(reference_keys(lm, r, layer, templates, hp.fact_token)[0], group_sizes(hp))
-                         for r in requests]).T
+        K = torch.stack([memit_key(lm, r, layer, hp, templates) for r in requests]).T
         current = torch.stack([_bare_output(lm, r, site, hp.fact_token) for r in requests]).T
         R = (targets - current) / (len(hp.layers) - i)
         deltas[layer] = solve(K, R, layer, None if prior is None else prior.get(layer))
@@ -193,14 +200,7 @@ def reference_batch_update(lm, requests, hp, ctx, solve, prior=None):
 
 def _bare_output(lm, request, site: str, fact_token: str) -> torch.Tensor:
     ids, index = subject_position(lm.tok, request.prompt, request.subject, fact_token)
-    seen = {}
-    handle = lm.model.get_submodule(site).register_forward_hook(lambda m, a, out: seen.update(h=_hidden(out)[0, index]))
-    try:
-        with torch.no_grad():
-            lm.model(input_ids=torch.tensor([ids]))
-    finally:
-        handle.remove()
-    return seen["h"].double()
+    return _read_at(lm, site, ids, index, lambda args, out: (out,))[0]
 
 
 def _check_batch(lm, ctx, hp, apply, solve, n_batches: int = 1, cache_keys: bool = False):
@@ -213,7 +213,7 @@ def _check_batch(lm, ctx, hp, apply, solve, n_batches: int = 1, cache_keys: bool
     start = _our_weights(lm, hp.layers)
     ours = []
     for batch in batches:
-        keys = {layer: editor_keys(lm, batch, [layer], ctx, hp).k_star[layer] for layer in hp.layers[:1]}
+        keys = edit_keys(lm, batch, hp.layers[:1], hp, ctx).k_star[hp.layers[0]]  # before this batch's edit
         before = _our_weights(lm, hp.layers)
         result = apply(lm, batch, hp, ctx)
         ours.append((keys, result, {layer: edited_weight(lm.model, lm.arch, layer) - before[layer] for layer in hp.layers}))
@@ -223,9 +223,8 @@ def _check_batch(lm, ctx, hp, apply, solve, n_batches: int = 1, cache_keys: bool
 
     prior = {}
     for batch, (our_keys, result, our_deltas) in zip(batches, ours):
-        ref_K = torch.stack([memit_key(reference_keys(lm, r, hp.layers[0], ctx.templates(lm, hp), hp.fact_token)[0], group_sizes(hp))
-                             for r in batch])
-        assert rel(our_keys[hp.layers[0]], ref_K) < TOLERANCE
+        ref_K = torch.stack([memit_key(lm, r, hp.layers[0], hp, ctx.templates(lm, hp)) for r in batch])
+        assert rel(our_keys, ref_K) < TOLERANCE
         deltas, targets, inits, updates = reference_batch_update(lm, batch, hp, ctx, solve, prior if cache_keys else None)
         assert rel(inits + result.value_deltas.double(), targets) < TOLERANCE  # v*
         assert [r["v_steps"] for r in result.requests] == updates
@@ -233,8 +232,7 @@ def _check_batch(lm, ctx, hp, apply, solve, n_batches: int = 1, cache_keys: bool
             assert rel(our_deltas[layer], deltas[layer]) < TOLERANCE, layer
         if cache_keys:
             for layer in hp.layers:
-                K = torch.stack([memit_key(reference_keys(lm, r, layer, ctx.templates(lm, hp), hp.fact_token)[0], group_sizes(hp))
-                                 for r in batch]).T
+                K = torch.stack([memit_key(lm, r, layer, hp, ctx.templates(lm, hp)) for r in batch]).T
                 prior[layer] = prior.get(layer, 0) + K @ K.T
 
 

@@ -5,7 +5,8 @@ import torch
 from emmet.emmet_main import EMMETHyperParams, apply_emmet
 from memit.memit_main import MEMITHyperParams, apply_memit
 from rome.rome_main import apply_rome
-from tests.helpers import REQUESTS, context, editor_keys, rel, tiny_hparams
+from rome.editor import edit_keys
+from tests.helpers import REQUESTS, context, rel, tiny_hparams
 from util.arch import edited_weight
 from util.deltas import restore
 from util.errors import SolverError
@@ -18,7 +19,7 @@ def test_memit_delta_solves_normal_equations_and_matches_lstsq(tiny64, tmp_path)
     hp = tiny_hparams(MEMITHyperParams, mom2_update_weight=50.0)
     ctx = context(tmp_path)
     requests = [make_request(r) for r in REQUESTS]
-    K = editor_keys(lm, requests, [1], ctx, hp).k_star[1].T  # m x n
+    K = edit_keys(lm, requests, [1], hp, ctx).k_star[1].T  # m x n
     W = edited_weight(lm.model, lm.arch, 1).clone()
     result = apply_memit(lm, requests, hp, ctx)
     delta = edited_weight(lm.model, lm.arch, 1) - W
@@ -61,7 +62,7 @@ def test_emmet_equality_is_exact_and_minimum_norm(tiny64, tmp_path):
     ctx = context(tmp_path)
     hp = tiny_hparams(EMMETHyperParams, mom2_update_weight=10.0, emmet_lambda=0.0)
     requests = [make_request(r) for r in REQUESTS]
-    K = editor_keys(lm, requests, [1], ctx, hp).k_star[1].T
+    K = edit_keys(lm, requests, [1], hp, ctx).k_star[1].T
     W = edited_weight(lm.model, lm.arch, 1).clone()
     result = apply_emmet(lm, requests, hp, ctx)
     delta = edited_weight(lm.model, lm.arch, 1) - W

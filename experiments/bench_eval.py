@@ -13,8 +13,8 @@ import torch
 
 from data.cases import load_cases
 from data.probes import load_probe
-from experiments.eval_counterfact import evaluate_cases
-from experiments.eval_probes import build_prompts, evaluate_probe
+from experiments.metrics.counterfact import evaluate_cases
+from experiments.metrics.probes import build_prompts, evaluate_probe
 from util.models import LoadedModel, load_model
 from util.tokens import encode_with_target
 

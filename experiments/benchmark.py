@@ -5,7 +5,7 @@
     (phases: rome, values8 (8 requests batched vs separate), batch, stats, eval)
     python experiments/benchmark.py --device cuda --model_name random:llama-3-8b --dtype bfloat16 --hparams Llama-3-8B.yaml
     (on a device or a random:<shape> model: s/edit per editor and batch, statistics tokens/s, peak
-    memory and GPU utilisation against the bf16 matmul peak; see experiments/bench_device.py)
+    memory and GPU utilisation against the bf16 matmul peak; see experiments/benchmarking/device.py)
 
 Straightforward paths: value optimisation through the full model with full logits, one request
 at a time (the papers' harness; for large batches timed on a few requests and scaled, marked
@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from data.cases import load_cases
-from experiments.bench_device import device_report
+from experiments.benchmarking.device import device_report
 from experiments.bench_eval import bench_counterfact, bench_probe, timed
 from rome.compute_v import compute_values
 from rome.editor import EditContext
@@ -260,7 +260,7 @@ def main() -> int:
 
 
 def device_main(args) -> int:
-    """The device report (experiments/bench_device.py) for --device / --model_name."""
+    """The device report (experiments/benchmarking/device.py) for --device / --model_name."""
     lm = load_model(args.model_name, args.dtype, args.device)
     batches = [int(b) for b in args.batches.split(",")]
     records = load_cases("cf", args.data_dir, limit=max(batches))

@@ -5,7 +5,7 @@
 
 Modes: batched (default: batches of --num_edits, each applied to the original model), sequential
 (--sequential, one edit at a time, cumulative) and sequential-batched (--sequential with
---num_edits B > 1). Results stream to results/<ALG>/run_NNN/ (see experiments/run.py); continue
+--num_edits B > 1). Results stream to results/<ALG>/run_NNN/ (see experiments/pipeline/run.py); continue
 an interrupted run with --continue_from_run run_NNN (the stored options are reused).
 """
 from __future__ import annotations
@@ -16,11 +16,11 @@ import json
 import os
 from typing import Sequence
 
-from experiments.checkpoint import RunFolder
-from experiments.report import markdown_table
-from experiments.run import run
-from experiments.protocols import PROTOCOLS, protocol
-from experiments.run_config import HealthThresholds, RunError, RunOptions
+from experiments.pipeline.checkpoint import RunFolder
+from experiments.reporting.summary import markdown_table
+from experiments.pipeline.run import run
+from experiments.metrics.protocols import PROTOCOLS, protocol
+from experiments.pipeline.run_config import HealthThresholds, RunError, RunOptions
 from data.cases import DATASETS
 from data.probes import PROBE_TASKS
 from editors import ALGORITHMS

@@ -10,7 +10,7 @@ import argparse
 import time
 
 from data.cases import load_cases
-from experiments.eval_counterfact import evaluate_cases, summarize
+from experiments.metrics.counterfact import evaluate_cases, summarize
 from rome.editor import EditContext
 from editors import algorithm, load_algorithm_hparams
 from util.cli import run_cli

@@ -29,8 +29,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from experiments.plots import write_comparison, write_paper_columns
-from experiments.report import curve_markdown, markdown_table, paper_markdown
+from experiments.reporting.plots import write_comparison, write_paper_columns
+from experiments.reporting.summary import curve_markdown, markdown_table, paper_markdown
 from experiments.summarize import find_summaries, load_summaries
 from experiments.sweep import EVALUATE, run_local
 from util.cli import run_cli

@@ -7,7 +7,7 @@
 Columns: algorithm, model, mode, batch size, edits; ES/PS/NS/S right after each edit ("cur",
 averaged over edits) and over all facts at the last evaluation ("ret"); probe accuracy and
 perplexity before the first edit → at the last evaluation; disabling edits; the protocol that
-defined the row's numbers (experiments/protocols.py); status. The CSV holds the same numbers
+defined the row's numbers (experiments/metrics/protocols.py); status. The CSV holds the same numbers
 unformatted, with accuracy, macro and weighted F1 and MCC first and last, and AlphaEdit's Table 1
 columns (Efficacy ... Consistency) under the row's protocol.
 """
@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from experiments.report import all_tasks, csv_row, markdown_table
-from experiments.run_config import RunError
+from experiments.reporting.summary import all_tasks, csv_row, markdown_table
+from experiments.pipeline.run_config import RunError
 from util.cli import run_cli
 
 

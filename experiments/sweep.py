@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     else:
         codes = run_local([(p.label(), p.command(results_dir, extra)) for p in points], results_dir, args.jobs)
     from experiments.summarize import find_summaries, load_summaries
-    from experiments.report import markdown_table
+    from experiments.reporting.summary import markdown_table
 
     summaries = load_summaries(find_summaries([str(results_dir)]))
     print(markdown_table(summaries), end="")

@@ -56,7 +56,7 @@ PROBE_WORDS = "good bad film great awful fine plot actor".split()
 def run_options(folder: Path) -> "RunOptions":
     """Options of a small evaluate run on the tiny Llama: 5 demo edits, one probe task, data and
     corpus written under `folder`, results in folder/results."""
-    from experiments.run_config import RunOptions
+    from experiments.pipeline.run_config import RunOptions
     from util.paths import PROJECT_ROOT
 
     data = folder / "data"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from data.records import CaseRecord
-from experiments.eval_counterfact import CaseResult, PromptScore, evaluate_cases, summarize
+from experiments.metrics.counterfact import CaseResult, PromptScore, evaluate_cases, summarize
 from util.requests import EditRequest
 from util.tokens import encode_with_target
 

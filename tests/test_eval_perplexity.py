@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from experiments.eval_perplexity import nll_of_ids, perplexity, text_slice
+from experiments.metrics.perplexity import nll_of_ids, perplexity, text_slice
 
 TEXT = (" = Valkyria Chronicles III = \n\n Senjō no Valkyria 3 : Unrecorded Chronicles is a tactical role @-@ "
         "playing video game developed by Sega and Media.Vision for the PlayStation Portable . Released in "

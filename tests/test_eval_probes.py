@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from experiments.eval_probes import build_prompts, choose_shots, evaluate_probe
-from experiments.metrics import accuracy, macro_f1, mcc
+from experiments.metrics.probes import build_prompts, choose_shots, evaluate_probe
+from experiments.metrics.formulas import accuracy, macro_f1, mcc
 from util.tokens import encode_with_target
 
 
@@ -91,7 +91,7 @@ def test_embedded_scores_match_full_forwards(embedded, shared_data):
     """On the real model and probe file (shared prefix cached), the label log-likelihoods equal
     independent full forwards."""
     from data.probes import read_probe
-    from util.scoring import score_label_words
+    from experiments.metrics.scoring import score_label_words
 
     probe = read_probe("sst2", shared_data / "glue" / "sst2.jsonl", limit=4, seed=0)
     prompts, _ = build_prompts(probe, 4, seed=0)

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from data.records import CaseRecord
-from experiments.checkpoint import Checkpoint, JsonlStream, RunFolder, read_jsonl
+from experiments.pipeline.checkpoint import Checkpoint, JsonlStream, RunFolder, read_jsonl
 from experiments.evaluate import main, options_from_argv
-from experiments.evals import prompt_budget
-from experiments.health import disabling_reasons
-from experiments.report import build_summary, curve_markdown, curve_rows, summary_markdown, write_summary
-from experiments.run_config import HealthThresholds, RunError, RunOptions
+from experiments.pipeline.evals import prompt_budget
+from experiments.pipeline.health import disabling_reasons
+from experiments.reporting.summary import build_summary, curve_markdown, curve_rows, summary_markdown, write_summary
+from experiments.pipeline.run_config import HealthThresholds, RunError, RunOptions
 from experiments.summarize import main as summarize_main
 from util.cli import run_cli
 from util.requests import make_request

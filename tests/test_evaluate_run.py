@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-import experiments.run as run_module
+import experiments.pipeline.run as run_module
 from emmet.emmet_main import EMMETHyperParams
-from experiments.checkpoint import read_jsonl
-from experiments.run import run
-from experiments.run_config import HealthThresholds, RunError, RunOptions
+from experiments.pipeline.checkpoint import read_jsonl
+from experiments.pipeline.run import run
+from experiments.pipeline.run_config import HealthThresholds, RunError, RunOptions
 from tests.conftest import tiny_llama_model
 from tests.helpers import run_options, tiny_hparams
 from util.arch import arch_for

@@ -10,10 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data.cases import load_cases
-from experiments.eval_counterfact import evaluate_cases
-from experiments.export import EXPORT_INFO, export_run
-from experiments.run import run
-from experiments.run_config import RunError
+from experiments.metrics.counterfact import evaluate_cases
+from experiments.pipeline.export import EXPORT_INFO, export_run
+from experiments.pipeline.run import run
+from experiments.pipeline.run_config import RunError
 from tests.conftest import tiny_llama_model
 from tests.helpers import tiny_hparams
 from tests.test_evaluate_run import fresh, one_thread, options  # noqa: F401 (fixtures)
@@ -69,7 +69,7 @@ def test_save_model_needs_a_sequential_run(options):
 @pytest.mark.slow
 def test_embedded_model_export_keeps_an_edited_fact(embedded, shared_data, tmp_path):
     """R-ROME makes the embedded model say "Rome" for France's capital; the saved folder does too."""
-    from experiments.export import save_model_folder
+    from experiments.pipeline.export import save_model_folder
     from rome.editor import EditContext
     from editors import ALGORITHMS, load_algorithm_hparams
     from util.deltas import restore

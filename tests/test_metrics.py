@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from experiments.metrics import accuracy, harmonic_mean, macro_f1, mcc, mean, ngram_entropy, prefers, prob_gap
+from experiments.metrics.formulas import accuracy, harmonic_mean, macro_f1, mcc, mean, ngram_entropy, prefers, prob_gap
 
 
 def test_prefers_and_prob_gap():

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-import experiments.run as run_module
-from experiments.checkpoint import JsonlStream, RunFolder, read_jsonl
-from experiments.run import run
-from experiments.run_config import RunError
+import experiments.pipeline.run as run_module
+from experiments.pipeline.checkpoint import JsonlStream, RunFolder, read_jsonl
+from experiments.pipeline.run import run
+from experiments.pipeline.run_config import RunError
 from tests.helpers import run_options, tiny_hparams
 from tests.test_evaluate_run import contents, fresh, one_thread, options  # noqa: F401 (fixtures)
 from util.cli import run_cli
@@ -171,7 +171,7 @@ def test_a_full_disk_while_streaming_is_one_line_with_the_path_and_errno():
 
 
 def test_a_plot_that_cannot_be_written_is_one_line_with_the_path(tmp_path):
-    from experiments.plots import write_plots
+    from experiments.reporting.plots import write_plots
 
     for name in ("edits", "probes"):
         (tmp_path / f"{name}.jsonl").write_text("")

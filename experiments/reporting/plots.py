@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from experiments.checkpoint import read_jsonl, writing
-from experiments.report import mean_probe_accuracy
+from experiments.pipeline.checkpoint import read_jsonl, writing
+from experiments.reporting.summary import mean_probe_accuracy
 
 SCORES = ("ES", "PS", "NS", "S")
 
@@ -165,8 +165,8 @@ def write_paper_columns(runs: dict[str, Path], out: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from experiments.protocols import COLUMNS
-    from experiments.report import paper_curve
+    from experiments.metrics.protocols import COLUMNS
+    from experiments.reporting.summary import paper_curve
 
     panels = (*COLUMNS, "perplexity", "||W - W0||")
     fig, axes = plt.subplots(2, 4, figsize=(16, 7.5))

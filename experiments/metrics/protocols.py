@@ -23,8 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from experiments.eval_generation import alphaedit_text
-from experiments.eval_probes import ProbeResult, evaluate_probe, evaluate_probe_generated
+from experiments.metrics.generation import alphaedit_text
+from experiments.metrics.probes import ProbeResult, evaluate_probe, evaluate_probe_generated
 from util.errors import KeditError
 from util.models import LoadedModel
 

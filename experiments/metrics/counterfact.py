@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 from data.records import CaseRecord
-from experiments.metrics import harmonic_mean, mean, prefers, prob_gap
+from experiments.metrics.formulas import harmonic_mean, mean, prefers, prob_gap
 from util.models import LoadedModel
-from util.scoring import score_continuations
+from experiments.metrics.scoring import score_continuations
 
 SECTIONS = ("rewrite", "paraphrase", "neighborhood")
 

@@ -20,10 +20,10 @@ import transformers
 
 from data.cases import NO_OP, case_file, select_cases
 from data.records import CaseRecord
-from experiments.checkpoint import Checkpoint, RunFolder, atomic_write_json
-from experiments.evals import EvalSuite
-from experiments.health import UpdateHealth
-from experiments.run_config import RunError, RunOptions, git_commit
+from experiments.pipeline.checkpoint import Checkpoint, RunFolder, atomic_write_json
+from experiments.pipeline.evals import EvalSuite
+from experiments.pipeline.health import UpdateHealth
+from experiments.pipeline.run_config import RunError, RunOptions, git_commit
 from rome.editor import EditContext
 from rome.hparams import EditHyperParams
 from editors import Algorithm, algorithm, load_algorithm_hparams

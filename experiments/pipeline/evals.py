@@ -1,7 +1,7 @@
 """The measurements of a run, loaded once and applied to the model at each evaluation point.
 
 Every method returns JSON-ready rows ("kind" says which measurement, "protocol" under which
-definitions, experiments/protocols.py) with wall-clock times under "seconds", the one field that
+definitions, experiments/metrics/protocols.py) with wall-clock times under "seconds", the one field that
 differs between otherwise identical runs.
 """
 from __future__ import annotations
@@ -16,11 +16,11 @@ from typing import Any, Sequence
 from data.download import WIKITEXT, find_local
 from data.probes import ProbeSet, load_probe
 from data.records import CaseRecord
-from experiments.eval_counterfact import CaseResult, evaluate_cases, summarize
-from experiments.eval_generation import TfIdf, evaluate_generation, summarize_generation
-from experiments.eval_perplexity import perplexity
-from experiments.protocols import protocol
-from experiments.run_config import RunOptions
+from experiments.metrics.counterfact import CaseResult, evaluate_cases, summarize
+from experiments.metrics.generation import TfIdf, evaluate_generation, summarize_generation
+from experiments.metrics.perplexity import perplexity
+from experiments.metrics.protocols import protocol
+from experiments.pipeline.run_config import RunOptions
 from util.corpus import local_corpus
 from util.models import LoadedModel
 from util.paths import cache_dir

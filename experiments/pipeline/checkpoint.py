@@ -6,7 +6,7 @@
         checkpoint/state.json          the commit point: position, stream sizes, run state, manifest
         checkpoint/weights_<n>_<sha>.safetensors   the edited matrices after n edits (only those)
         checkpoint/context_<n>_<sha>.safetensors   tensors of EditContext.state, if any
-    results/<ALG>/.run_NNN.lock        held by the one process writing the run (experiments/runlock.py)
+    results/<ALG>/.run_NNN.lock        held by the one process writing the run (experiments/pipeline/runlock.py)
 
 A checkpoint is committed by atomically replacing state.json (temporary name, fsync, rename),
 which names its weight files and records their sizes and SHA-256 (the manifest); files of older
@@ -35,8 +35,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from experiments.run_config import RunError
-from experiments.runlock import RunLock
+from experiments.pipeline.run_config import RunError
+from experiments.pipeline.runlock import RunLock
 from util.paths import sha256_file
 
 log = logging.getLogger(__name__)

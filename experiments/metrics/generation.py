@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from data.records import CaseRecord
-from experiments.metrics import mean, ngram_entropy
+from experiments.metrics.formulas import mean, ngram_entropy
 from util.models import LoadedModel, input_device
 
 TERM = re.compile(r"(?u)\b\w\w+\b")  # sklearn TfidfVectorizer's default token pattern, lowercased

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-from experiments.run_config import HealthThresholds
+from experiments.pipeline.run_config import HealthThresholds
 from util.deltas import Deltas, snapshot
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from data.cases import dataset_for
 from data.probes import FEW_SHOT_POOL, PROBE_TASKS
-from experiments.protocols import PROTOCOLS
+from experiments.metrics.protocols import PROTOCOLS
 from editors import algorithm
 from util.errors import KeditError
 from util.paths import PROJECT_ROOT
@@ -64,7 +64,7 @@ class RunOptions:
     dtype: str = "float32"
     value_dtype: str = "float32"  # "bfloat16": mixed-precision value optimisation (rome/compute_v.py)
     value_compile: bool = False  # torch.compile the replayed Llama layers (mixed-precision values only)
-    protocol: str = "kedit"  # how the numbers are defined (experiments/protocols.py)
+    protocol: str = "kedit"  # how the numbers are defined (experiments/metrics/protocols.py)
     health: HealthThresholds = field(default_factory=HealthThresholds)
     # session fields
     continue_from_run: str | None = None

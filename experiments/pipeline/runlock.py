@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from experiments.run_config import RunError
+from experiments.pipeline.run_config import RunError
 
 
 def lock_path(run_path: Path) -> Path:

@@ -4,7 +4,7 @@ and the table rows that summary.md and experiments/summarize.py print.
 Columns follow the papers' tables: ES/PS/NS/S right after each edit ("current", averaged over all
 edits) and over all facts at the end ("retained"), downstream probes and perplexity before the
 first edit vs at the last evaluation, and the number of disabling edits. Every block of numbers
-carries the protocol that defined it ("protocol", experiments/protocols.py), and "paper" holds
+carries the protocol that defined it ("protocol", experiments/metrics/protocols.py), and "paper" holds
 AlphaEdit's Table 1 columns under the run's protocol.
 """
 from __future__ import annotations
@@ -14,9 +14,9 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from experiments.checkpoint import atomic_write_json, atomic_write_text, read_jsonl
-from experiments.eval_counterfact import SECTIONS, CaseResult, PromptScore, summarize
-from experiments.protocols import COLUMNS, paper_columns, protocol
+from experiments.pipeline.checkpoint import atomic_write_json, atomic_write_text, read_jsonl
+from experiments.metrics.counterfact import SECTIONS, CaseResult, PromptScore, summarize
+from experiments.metrics.protocols import COLUMNS, paper_columns, protocol
 
 SCORES = ("ES", "PS", "NS", "S")
 PROBE_METRICS = ("accuracy", "macro_f1", "weighted_f1", "mcc")

@@ -1,0 +1,1 @@
+"""Parts of experiments/benchmark.py: the per-device report (device)."""

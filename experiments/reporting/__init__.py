@@ -1,0 +1,1 @@
+"""Reading a run folder back: summaries and tables (summary) and plots (plots)."""

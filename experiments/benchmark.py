@@ -27,11 +27,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from data.cases import load_cases
-from experiments.benchmarking.device import device_report
+from editors import ALGORITHMS, load_algorithm_hparams
 from experiments.bench_eval import bench_counterfact, bench_probe, timed
+from experiments.benchmarking.device import device_report
 from rome.compute_v import compute_values
 from rome.editor import EditContext
-from editors import ALGORITHMS, load_algorithm_hparams
 from util.cli import run_cli
 from util.corpus import local_corpus, read_texts, local_files
 from util.deltas import restore

@@ -16,15 +16,16 @@ import json
 import os
 from typing import Sequence
 
-from experiments.pipeline.checkpoint import RunFolder
-from experiments.reporting.summary import markdown_table
-from experiments.pipeline.run import run
-from experiments.metrics.protocols import PROTOCOLS, protocol
-from experiments.pipeline.run_config import HealthThresholds, RunError, RunOptions
 from data.cases import DATASETS
 from data.probes import PROBE_TASKS
 from editors import ALGORITHMS
+from experiments.metrics.protocols import PROTOCOLS, protocol
+from experiments.pipeline.checkpoint import RunFolder
+from experiments.pipeline.run import run
+from experiments.pipeline.run_config import HealthThresholds, RunOptions
+from experiments.reporting.summary import markdown_table
 from util.cli import run_cli
+from util.errors import RunError
 from util.models import DTYPES
 
 DEFAULTS = RunOptions()

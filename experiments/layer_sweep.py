@@ -10,9 +10,9 @@ import argparse
 import time
 
 from data.cases import load_cases
+from editors import algorithm, load_algorithm_hparams
 from experiments.metrics.counterfact import evaluate_cases, summarize
 from rome.editor import EditContext
-from editors import algorithm, load_algorithm_hparams
 from util.cli import run_cli
 from util.deltas import restore
 from util.errors import KeditError

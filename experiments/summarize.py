@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from experiments.reporting.summary import all_tasks, csv_row, markdown_table
-from experiments.pipeline.run_config import RunError
 from util.cli import run_cli
+from util.errors import RunError
 
 
 def find_summaries(paths: Sequence[str]) -> list[Path]:

@@ -9,9 +9,9 @@ import os
 import pytest
 
 from data.cases import load_cases
+from editors import ALGORITHMS, load_algorithm_hparams
 from experiments.metrics.counterfact import evaluate_cases, summarize
 from rome.editor import EditContext
-from editors import ALGORITHMS, load_algorithm_hparams
 from util.deltas import restore
 
 N_RECORDS = int(os.environ.get("KEDIT_BATCH_RECORDS", "16"))

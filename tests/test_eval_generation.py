@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from data.records import CaseRecord
-from experiments.metrics.generation import TfIdf, evaluate_generation, generate, left_pad, summarize_generation
 from experiments.metrics.formulas import ngram_entropy
+from experiments.metrics.generation import TfIdf, evaluate_generation, generate, left_pad, summarize_generation
 from util.requests import EditRequest
 
 PROMPTS = ["The", "Porsche 911 is my favorite product out of everything created by", "In 1990, the city of"]

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from experiments.metrics.probes import build_prompts, choose_shots, evaluate_probe
 from experiments.metrics.formulas import accuracy, macro_f1, mcc
+from experiments.metrics.probes import build_prompts, choose_shots, evaluate_probe
 from util.tokens import encode_with_target
 
 

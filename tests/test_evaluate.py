@@ -8,14 +8,16 @@ import pytest
 import torch
 
 from data.records import CaseRecord
-from experiments.pipeline.checkpoint import Checkpoint, JsonlStream, RunFolder, read_jsonl
 from experiments.evaluate import main, options_from_argv
+from experiments.pipeline.checkpoint import Checkpoint, RunFolder
 from experiments.pipeline.evals import prompt_budget
 from experiments.pipeline.health import disabling_reasons
+from experiments.pipeline.run_config import HealthThresholds, RunOptions
 from experiments.reporting.summary import build_summary, curve_markdown, curve_rows, summary_markdown, write_summary
-from experiments.pipeline.run_config import HealthThresholds, RunError, RunOptions
 from experiments.summarize import main as summarize_main
 from util.cli import run_cli
+from util.errors import RunError
+from util.files import JsonlStream, read_jsonl
 from util.requests import make_request
 
 

@@ -8,14 +8,15 @@ import json
 import pytest
 import torch
 
-import experiments.pipeline.run as run_module
 from emmet.emmet_main import EMMETHyperParams
-from experiments.pipeline.checkpoint import read_jsonl
 from experiments.pipeline.run import run
-from experiments.pipeline.run_config import HealthThresholds, RunError, RunOptions
+import experiments.pipeline.run as run_module
+from experiments.pipeline.run_config import HealthThresholds, RunOptions
 from tests.conftest import tiny_llama_model
 from tests.helpers import run_options, tiny_hparams
 from util.arch import arch_for
+from util.errors import RunError
+from util.files import read_jsonl
 from util.models import LoadedModel
 
 @pytest.fixture(autouse=True, scope="module")

@@ -13,11 +13,11 @@ from data.cases import load_cases
 from experiments.metrics.counterfact import evaluate_cases
 from experiments.pipeline.export import EXPORT_INFO, export_run
 from experiments.pipeline.run import run
-from experiments.pipeline.run_config import RunError
 from tests.conftest import tiny_llama_model
 from tests.helpers import tiny_hparams
 from tests.test_evaluate_run import fresh, one_thread, options  # noqa: F401 (fixtures)
 from util.arch import arch_for
+from util.errors import RunError
 from util.models import LoadedModel
 from util.paths import PROJECT_ROOT
 

@@ -12,19 +12,19 @@ import pytest
 import torch
 
 from data.probes import PROBE_TASKS, ProbeExample, ProbeSet
+from experiments.evaluate import options_from_argv
 from experiments.metrics.counterfact import CaseResult, PromptScore, summarize
+from experiments.metrics.formulas import weighted_f1
 from experiments.metrics.generation import alphaedit_text, generate
 from experiments.metrics.probes import ALPHAEDIT_FORMATS, evaluate_probe_generated, probe_result
-from experiments.evaluate import options_from_argv
-from experiments.metrics.formulas import weighted_f1
-from experiments.reporting.plots import write_paper_columns
 from experiments.metrics.protocols import PROTOCOLS, paper_columns
-from experiments.reporting.summary import paper_curve, table_row
 from experiments.pipeline.run import run
-from experiments.pipeline.run_config import RunError
+from experiments.reporting.plots import write_paper_columns
+from experiments.reporting.summary import paper_curve, table_row
 from experiments.summarize import csv_text
-from tests.test_evaluate_run import fresh, one_thread, options  # noqa: F401 (fixtures)
 from tests.helpers import tiny_hparams
+from tests.test_evaluate_run import fresh, one_thread, options  # noqa: F401 (fixtures)
+from util.errors import RunError
 
 
 def score(nll_new, nll_true, argmax=False, token_acc=None) -> PromptScore:

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from data.cases import load_cases
+from editors import ALGORITHMS, load_algorithm_hparams
 from experiments.metrics.counterfact import evaluate_cases, summarize
 from rome.editor import EditContext
-from editors import ALGORITHMS, load_algorithm_hparams
 from util.deltas import restore
 
 

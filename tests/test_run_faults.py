@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 
-import experiments.pipeline.run as run_module
-from experiments.pipeline.checkpoint import JsonlStream, RunFolder, read_jsonl
+from experiments.pipeline.checkpoint import RunFolder
 from experiments.pipeline.run import run
-from experiments.pipeline.run_config import RunError
+import experiments.pipeline.run as run_module
 from tests.helpers import run_options, tiny_hparams
 from tests.test_evaluate_run import contents, fresh, one_thread, options  # noqa: F401 (fixtures)
 from util.cli import run_cli
+from util.errors import RunError
+from util.files import JsonlStream, read_jsonl
 from util.paths import PROJECT_ROOT
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from experiments.metrics.scoring import score_continuations, score_label_words
 import experiments.metrics.scoring as scoring
 from util.errors import RequestError
-from experiments.metrics.scoring import score_continuations, score_label_words
 from util.tokens import encode_with_target
 
 PROMPTS = [

@@ -28,5 +28,10 @@ class DataError(KeditError):
     pass
 
 
+class RunError(KeditError):
+    """An invalid combination of run options, a run folder that cannot be continued, or a result
+    file that cannot be written."""
+
+
 class SolverError(KeditError):
     """A singular or ill-conditioned update system; names the layer and condition number."""

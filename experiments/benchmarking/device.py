@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from rome.editor import EditContext
 from editors import ALGORITHMS, load_algorithm_hparams
+from rome.editor import EditContext
 from util.corpus import local_corpus
 from util.deltas import restore
 from util.models import LoadedModel, input_device

@@ -15,8 +15,8 @@ from typing import Any, Sequence
 
 from data.records import CaseRecord
 from experiments.metrics.formulas import harmonic_mean, mean, prefers, prob_gap
-from util.models import LoadedModel
 from experiments.metrics.scoring import score_continuations
+from util.models import LoadedModel
 
 SECTIONS = ("rewrite", "paraphrase", "neighborhood")
 

@@ -15,10 +15,10 @@ import random
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Protocol, Sequence
 
-from experiments.metrics.generation import generate
 from experiments.metrics.formulas import accuracy, macro_f1, mcc, weighted_f1
-from util.models import LoadedModel
+from experiments.metrics.generation import generate
 from experiments.metrics.scoring import score_label_words
+from util.models import LoadedModel
 
 
 class Example(Protocol):

@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from experiments.pipeline.checkpoint import atomic_write_json
 from experiments.pipeline.health import UpdateHealth
-from experiments.pipeline.run_config import HealthThresholds, RunError
+from experiments.pipeline.run_config import HealthThresholds
+from util.errors import RunError
+from util.files import atomic_write_json
 from util.models import LoadedModel, load_model
 
 EXPORT_INFO = "kedit_export.json"

@@ -24,10 +24,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data.records import CaseRecord
 from experiments.pipeline.export import save_run_model
-from experiments.reporting.plots import write_plots
-from experiments.reporting.summary import write_summary
 from experiments.pipeline.run_config import RunOptions
 from experiments.pipeline.session import Session, open_session
+from experiments.reporting.plots import write_plots
+from experiments.reporting.summary import write_summary
 from rome.editor import EditResult
 from rome.hparams import EditHyperParams
 from util.models import LoadedModel

@@ -13,17 +13,13 @@ from typing import Any
 
 from data.cases import dataset_for
 from data.probes import FEW_SHOT_POOL, PROBE_TASKS
-from experiments.metrics.protocols import PROTOCOLS
 from editors import algorithm
-from util.errors import KeditError
+from experiments.metrics.protocols import PROTOCOLS
+from util.errors import RunError
 from util.paths import PROJECT_ROOT
 
 MODES = ("batched", "sequential", "sequential-batched")
 SESSION_FIELDS = ("continue_from_run", "results_dir", "device", "data_dir", "stop_after", "save_model")
-
-
-class RunError(KeditError):
-    """An invalid combination of run options, or a run folder that cannot be continued."""
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from experiments.pipeline.run_config import RunError
+from util.errors import RunError
 
 
 def lock_path(run_path: Path) -> Path:

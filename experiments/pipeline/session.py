@@ -20,14 +20,16 @@ import transformers
 
 from data.cases import NO_OP, case_file, select_cases
 from data.records import CaseRecord
-from experiments.pipeline.checkpoint import Checkpoint, RunFolder, atomic_write_json
+from editors import Algorithm, algorithm, load_algorithm_hparams
+from experiments.pipeline.checkpoint import Checkpoint, RunFolder
 from experiments.pipeline.evals import EvalSuite
 from experiments.pipeline.health import UpdateHealth
-from experiments.pipeline.run_config import RunError, RunOptions, git_commit
+from experiments.pipeline.run_config import RunOptions, git_commit
 from rome.editor import EditContext
 from rome.hparams import EditHyperParams
-from editors import Algorithm, algorithm, load_algorithm_hparams
 from util.corpus import local_corpus
+from util.errors import RunError
+from util.files import atomic_write_json
 from util.hparams import build_hparams, to_dict
 from util.models import LoadedModel, load_model
 from util.paths import sha256_file

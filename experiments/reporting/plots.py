@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from experiments.pipeline.checkpoint import read_jsonl, writing
 from experiments.reporting.summary import mean_probe_accuracy
+from util.files import read_jsonl, writing
 
 SCORES = ("ES", "PS", "NS", "S")
 

@@ -14,9 +14,9 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from experiments.pipeline.checkpoint import atomic_write_json, atomic_write_text, read_jsonl
 from experiments.metrics.counterfact import SECTIONS, CaseResult, PromptScore, summarize
 from experiments.metrics.protocols import COLUMNS, paper_columns, protocol
+from util.files import atomic_write_json, atomic_write_text, read_jsonl
 
 SCORES = ("ES", "PS", "NS", "S")
 PROBE_METRICS = ("accuracy", "macro_f1", "weighted_f1", "mcc")

@@ -5,8 +5,9 @@
 
 Modes: batched (default: batches of --num_edits, each applied to the original model), sequential
 (--sequential, one edit at a time, cumulative) and sequential-batched (--sequential with
---num_edits B > 1). Results stream to results/<ALG>/run_NNN/ (see experiments/pipeline/run.py); continue
-an interrupted run with --continue_from_run run_NNN (the stored options are reused).
+--num_edits B > 1). Results stream to results/<ALG>/run_NNN/ (see experiments/pipeline/run.py);
+continue an interrupted run with --continue_from_run run_NNN (the stored options are reused; see
+experiments/pipeline/resume.py).
 """
 from __future__ import annotations
 
@@ -14,13 +15,13 @@ import argparse
 import dataclasses
 import json
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 from data.cases import DATASETS
 from data.probes import PROBE_TASKS
 from editors import ALGORITHMS
 from experiments.metrics.protocols import PROTOCOLS, protocol
-from experiments.pipeline.checkpoint import RunFolder
+from experiments.pipeline.resume import continued_options
 from experiments.pipeline.run import run
 from experiments.pipeline.run_config import HealthThresholds, RunOptions
 from experiments.reporting.summary import markdown_table
@@ -30,6 +31,7 @@ from util.models import DTYPES
 
 DEFAULTS = RunOptions()
 HEALTH = HealthThresholds()
+HEALTH_FLAGS = ("entropy_ratio", "norm_jump")  # HealthThresholds fields set by flags of the same name
 
 
 class Parser(argparse.ArgumentParser):
@@ -94,51 +96,47 @@ def task_list(text: str) -> tuple[str, ...]:
     return () if names in ((), ("none",)) else names
 
 
-def to_options(args: argparse.Namespace) -> RunOptions:
-    values = vars(args).copy()
-    health = HealthThresholds(entropy_ratio=values.pop("entropy_ratio"), norm_jump=values.pop("norm_jump"))
-    if values.pop("skip_generation_tests"):
+def option_fields(flags: dict[str, Any]) -> dict[str, Any]:
+    """RunOptions fields from parsed flags (argparse destinations): all of them, or only those
+    given on the command line, which then name the fields they set."""
+    values = dict(flags)
+    health = {name: values.pop(name) for name in HEALTH_FLAGS if name in values}
+    if health:
+        values["health"] = HealthThresholds(**health)
+    if values.pop("skip_generation_tests", False):
         values["generation_test_interval"] = 0
-    values.update(downstream_tasks=task_list(values["downstream_tasks"]), overrides=tuple(values["overrides"]), health=health)
+    if "downstream_tasks" in values:
+        values["downstream_tasks"] = task_list(values["downstream_tasks"])
+    if "overrides" in values:
+        values["overrides"] = tuple(values["overrides"])
     for name in ("custom_path", "corpus", "data_dir"):  # absolute, so a run continues from any folder
-        if values[name]:
+        if values.get(name):
             values[name] = os.path.abspath(os.path.expanduser(values[name]))
-    return RunOptions(**values)
+    return values
 
 
-def explicit_flags(argv: Sequence[str] | None) -> set[str]:
-    """The destinations given on the command line (defaults suppressed)."""
+def given_fields(argv: Sequence[str] | None) -> set[str]:
+    """The RunOptions fields set by flags given on the command line (defaults suppressed)."""
     parser = build_parser()
     for action in parser._actions:
         action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
+    return set(option_fields(vars(parser.parse_args(argv))))
 
 
-def continued(cli: RunOptions, explicit: set[str]) -> RunOptions:
-    """The stored options of the run being continued, with the flags given now on top; a
-    result-defining flag that differs from the stored value is reported by the run."""
-    folder = RunFolder.existing(cli.results_dir, cli.alg_name, cli.continue_from_run)
-    stored = RunOptions.from_dict(folder.read_config()["options"])
-    fields = {"entropy_ratio": "health", "norm_jump": "health", "skip_generation_tests": "generation_test_interval"}
-    given = {fields.get(name, name) for name in explicit}
-    keep = {"continue_from_run", "results_dir", "stop_after", "save_model"} | given
-    return dataclasses.replace(stored, **{name: getattr(cli, name) for name in keep})
-
-
-def with_protocol_defaults(options: RunOptions, explicit: set[str]) -> RunOptions:
+def with_protocol_defaults(options: RunOptions, given: set[str]) -> RunOptions:
     """The protocol's settings for the options not given on the command line."""
     if options.protocol not in PROTOCOLS:
         return options  # validate() names the choices
     defaults = protocol(options.protocol).option_defaults
-    return dataclasses.replace(options, **{name: value for name, value in defaults.items() if name not in explicit})
+    return dataclasses.replace(options, **{name: value for name, value in defaults.items() if name not in given})
 
 
 def options_from_argv(argv: Sequence[str] | None = None) -> RunOptions:
-    options = to_options(build_parser().parse_args(argv))
+    options = RunOptions(**option_fields(vars(build_parser().parse_args(argv))))
     if options.continue_from_run:
-        options = continued(options, explicit_flags(argv))
+        options = continued_options(options, given_fields(argv))
     else:
-        options = with_protocol_defaults(options, explicit_flags(argv))
+        options = with_protocol_defaults(options, given_fields(argv))
     return options.validate()
 
 

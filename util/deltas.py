@@ -5,6 +5,7 @@ Editors return them; the driver applies, undoes, measures and checkpoints them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from typing import Iterator
 
 import torch
@@ -30,8 +31,20 @@ def snapshot(model: torch.nn.Module, names) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def restore(model: torch.nn.Module, originals: dict[str, torch.Tensor]) -> None:
+    """Put saved weights back, bitwise: the one way weights are restored (an edit undone, a
+    batched run's W0, a rollback, a checkpoint)."""
     for name, value in originals.items():
         model.get_parameter(name).copy_(value)
+
+
+def digest(weights: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of named weights' bytes in name order given: identifies W0, so that a continued run
+    or an export can check it loaded the same model."""
+    sha = hashlib.sha256()
+    for name, value in weights.items():
+        sha.update(name.encode())
+        sha.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()
 
 
 @contextlib.contextmanager

@@ -15,11 +15,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load_file
 
-from experiments.pipeline.health import UpdateHealth
-from experiments.pipeline.run_config import HealthThresholds
+from util.deltas import digest, restore, snapshot
 from util.errors import RunError
 from util.files import atomic_write_json
 from util.models import LoadedModel, load_model
@@ -78,10 +76,8 @@ def export_run(run: str | Path, out: str | Path | None = None, at: int | None = 
     weights_file, n_edits = checkpoint_weights(run, at)
     lm = lm or load_model(config["model"], config["options"]["dtype"], device)
     names = config["edited_params"]
-    if UpdateHealth(lm.model, names, HealthThresholds()).digest() != config["weights0_sha256"]:
+    if digest(snapshot(lm.model, names)) != config["weights0_sha256"]:
         raise RunError(f"{run}: the loaded model's edited matrices differ from those the run started from ({config['model']})")
     weights = load_file(str(weights_file))
-    with torch.no_grad():
-        for name in names:
-            lm.model.get_parameter(name).copy_(weights[name])
+    restore(lm.model, {name: weights[name] for name in names})
     return save_run_model(lm, run, n_edits, out)

@@ -25,11 +25,13 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from data.records import CaseRecord
 from experiments.pipeline.export import save_run_model
 from experiments.pipeline.run_config import RunOptions
-from experiments.pipeline.session import Session, open_session
+from experiments.pipeline.resume import continue_session
+from experiments.pipeline.session import Session, new_session
 from experiments.reporting.plots import write_plots
 from experiments.reporting.summary import write_summary
 from rome.editor import EditResult
 from rome.hparams import EditHyperParams
+from util.deltas import restore
 from util.models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ class BatchOutcome:
 def run(options: RunOptions, lm: LoadedModel | None = None, hparams: EditHyperParams | None = None) -> Path:
     """Run (or continue) one evaluation and return its folder. `lm`/`hparams` given replace
     loading them from options.model_name / the hparams file."""
-    session = open_session(options, lm, hparams)
+    session = (continue_session if options.continue_from_run else new_session)(options, lm, hparams)
     try:
         with logging_redirect_tqdm():
             execute(session)
@@ -144,7 +146,7 @@ def process_batch(s: Session) -> BatchOutcome:
     start = time.perf_counter()
     result = apply_edits(s, records)
     edit_seconds = time.perf_counter() - start
-    health = s.health.measure(s.lm.model, result.deltas)
+    health = s.health.measure(s.lm.model, result.deltas, s.weights0)
     start = time.perf_counter()
     current, results = s.suite.counterfact(records)
     generation = None
@@ -171,7 +173,7 @@ def process_batch(s: Session) -> BatchOutcome:
     if evaluated:
         write_periodic(s, after, retention=index)
     if not options.sequential:  # independent batches: back to the original model
-        s.health.reset(s.lm.model)
+        restore(s.lm.model, s.weights0)
         s.ctx.state.clear()
     s.position = index + 1
     return BatchOutcome(bool(reasons), evaluated, current["ES"], health["delta_norm"])

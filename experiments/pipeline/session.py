@@ -1,4 +1,6 @@
-"""Everything one run works with, opened new or restored from a run folder's last checkpoint.
+"""Everything one run works with: its inputs loaded (hparams, cases, probe sets, the model), the
+edited matrices' original values W0, an EditContext and the run folder. Opening a new run is here;
+continuing one from its last checkpoint is experiments/pipeline/resume.py.
 
 Inputs that can fail (options, hparams, cases, probe sets, the model) are loaded before a run
 folder is created, so a typo never leaves an empty results/<ALG>/run_NNN behind.
@@ -28,12 +30,13 @@ from experiments.pipeline.run_config import RunOptions, git_commit
 from rome.editor import EditContext
 from rome.hparams import EditHyperParams
 from util.corpus import local_corpus
+from util.deltas import digest, restore, snapshot
 from util.errors import RunError
 from util.files import atomic_write_json
 from util.hparams import build_hparams, to_dict
 from util.models import LoadedModel, load_model
 from util.paths import sha256_file
-from util.state import state_from_tensors, state_to_tensors
+from util.state import state_to_tensors
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,7 @@ class Session:
     suite: EvalSuite
     ctx: EditContext
     health: UpdateHealth
+    weights0: dict[str, torch.Tensor]  # W0 of the edited matrices: drift is measured from it, batched runs return to it
     position: int = 0  # batches done
     n_edits: int = 0
     status: str = "new"  # new | running | paused | interrupted | collapsed | complete
@@ -72,7 +76,7 @@ class Session:
         return self.cases[: (index + 1) * self.batch_size] if self.options.sequential else self.batch(index)
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return {name: self.lm.model.get_parameter(name).detach().clone() for name in self.health.names}
+        return snapshot(self.lm.model, self.weights0)
 
     def checkpoint(self) -> Checkpoint:
         tensors, values = split_context_state(self.ctx.state)
@@ -87,17 +91,11 @@ class Session:
                 "health": copy.deepcopy(self.health.state_dict()), "baseline_done": self.baseline_done}
 
     def rollback(self, mark: dict[str, Any]) -> None:
-        load_weights(self.lm.model, mark["weights"])
+        restore(self.lm.model, mark["weights"])
         self.ctx.state = mark["context"]
         self.health.load_state_dict(mark["health"])
         self.folder.cut_streams(mark["sizes"])
         self.position, self.n_edits, self.baseline_done = mark["position"], mark["n_edits"], mark["baseline_done"]
-
-
-@torch.no_grad()
-def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    for name, value in weights.items():
-        model.get_parameter(name).copy_(value)
 
 
 def split_context_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -108,7 +106,8 @@ def split_context_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor],
         raise RunError(f"EditContext.state cannot be checkpointed: {err}") from None
 
 
-def build_config(options: RunOptions, hparams: EditHyperParams, lm: LoadedModel, health: UpdateHealth, files: dict[str, str], n_cases: int) -> dict[str, Any]:
+def build_config(options: RunOptions, hparams: EditHyperParams, lm: LoadedModel, weights0: dict[str, torch.Tensor],
+                 files: dict[str, str], n_cases: int) -> dict[str, Any]:
     corpus = options.corpus or os.environ.get("KEDIT_CORPUS")
     return {
         "alg_name": options.alg_name, "mode": options.mode, "batch_size": options.num_edits, "seed": options.seed,
@@ -118,22 +117,8 @@ def build_config(options: RunOptions, hparams: EditHyperParams, lm: LoadedModel,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__},
         "data": {name: {"path": str(path), "sha256": sha256_file(path)} for name, path in files.items()},
         "corpus": {"path": corpus, "ident": local_corpus(corpus).ident} if corpus else None,
-        "edited_params": health.names, "weights0_sha256": health.digest(),
+        "edited_params": list(weights0), "weights0_sha256": digest(weights0),
     }
-
-
-def check_continuable(options: RunOptions, stored: dict[str, Any], config: dict[str, Any], where: Path) -> None:
-    """A continued run must be the same run: options, data and starting weights."""
-    changed = options.differences(RunOptions.from_dict(stored["options"]))
-    if changed:
-        raise RunError(f"{where} was run with different {', '.join(changed)}; continue it with the stored values or start a new run")
-    if set(config["data"]) != set(stored["data"]):
-        raise RunError(f"{where}: data files {sorted(stored['data'])} at the start, {sorted(config['data'])} now")
-    for name, entry in config["data"].items():
-        if stored["data"][name]["sha256"] != entry["sha256"]:
-            raise RunError(f"{where}: data file '{name}' ({entry['path']}) differs from the one the run started with")
-    if stored["weights0_sha256"] != config["weights0_sha256"]:
-        raise RunError(f"{where}: the model's edited matrices differ from those the run started with ({stored['model']})")
 
 
 def resolve_hparams(options: RunOptions, hparams: EditHyperParams | None, stored: dict[str, Any] | None, where: Path | None) -> EditHyperParams:
@@ -147,53 +132,62 @@ def resolve_hparams(options: RunOptions, hparams: EditHyperParams | None, stored
     return hparams
 
 
-def open_session(options: RunOptions, lm: LoadedModel | None = None, hparams: EditHyperParams | None = None) -> Session:
-    """A new run (folder and config.json), or the run named by options.continue_from_run at its
-    last checkpoint. `lm`/`hparams` given (tests, notebooks) replace loading them."""
-    options.validate()
-    if not options.continue_from_run:
-        return start_session(options, lm, hparams, None, None)
-    folder = RunFolder.existing(options.results_dir, options.alg_name, options.continue_from_run)
-    folder.lock()  # before reading anything: another process may be writing the run
-    try:
-        stored = folder.read_config()
-        committed = folder.verify()  # a damaged checkpoint ends here, before any file is touched
-        return start_session(options, lm, hparams, folder, (stored, committed))
-    except BaseException:
-        folder.close()
-        raise
+@dataclass
+class Prepared:
+    """A run's inputs, loaded and checked, before any file of the run folder is touched."""
+
+    hparams: EditHyperParams
+    cases: list[CaseRecord]
+    lm: LoadedModel
+    suite: EvalSuite
+    health: UpdateHealth
+    weights0: dict[str, torch.Tensor]
+    ctx: EditContext
+    config: dict[str, Any]  # what config.json holds for these inputs
+
+    def session(self, options: RunOptions, folder: RunFolder) -> Session:
+        return Session(options, self.lm, self.hparams, algorithm(options.alg_name), self.cases, folder, self.suite,
+                       self.ctx, self.health, self.weights0)
 
 
-def start_session(options: RunOptions, lm: LoadedModel | None, hparams: EditHyperParams | None,
-                  folder: RunFolder | None, continued: tuple[dict[str, Any], dict[str, Any]] | None) -> Session:
-    stored, committed = continued if continued else (None, None)
-    hparams = resolve_hparams(options, hparams, stored, folder.path if folder else None)
+def prepare(options: RunOptions, lm: LoadedModel | None, hparams: EditHyperParams | None,
+            stored: dict[str, Any] | None = None, where: Path | None = None) -> Prepared:
+    """Load and check what the options name; `stored` (a continued run's config.json at `where`)
+    supplies the hparams. The model's edited matrices are read (W0) before anything edits them."""
+    hparams = resolve_hparams(options, hparams, stored, where)
     selection = select_cases(options.ds_name, options.data_dir, options.dataset_size_limit, options.custom_path)
-    cases = selection.cases
     lm = lm or load_model(options.model_name, options.dtype, options.device)
     hparams.check_model(lm.model.config.num_hidden_layers)
     suite = EvalSuite(lm, options)
-    health = UpdateHealth(lm.model, [lm.arch.weight_name(layer) for layer in hparams.layers], options.health)
+    weights0 = snapshot(lm.model, [lm.arch.weight_name(layer) for layer in hparams.layers])
     files = {"cases": str(case_file(options.ds_name, options.data_dir, options.custom_path)), **suite.data_files()}
-    config = build_config(options, hparams, lm, health, files, len(cases))
+    config = build_config(options, hparams, lm, weights0, files, len(selection.cases))
     config["skipped_cases"] = {"reason": NO_OP, "case_ids": selection.skipped}
     ctx = prepared_context(options, lm, hparams)
-    if stored is None:
-        folder = RunFolder.create(options.results_dir, options.alg_name)
-        try:
-            atomic_write_json(folder.file("config.json"), config)
-        except BaseException:
-            folder.close()
-            raise
-        log.info("run folder %s", folder.path)
-    else:
-        check_continuable(options, stored, config, folder.path)
-    session = Session(options, lm, hparams, algorithm(options.alg_name), cases, folder, suite, ctx, health)
-    folder.open_streams()
-    if committed is not None:
-        restore(session, folder.load_checkpoint(committed))
-    session.sessions.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "at_edits": session.n_edits, "device": options.device})
+    health = UpdateHealth(list(weights0), options.health)
+    return Prepared(hparams, selection.cases, lm, suite, health, weights0, ctx, config)
+
+
+def begin(session: Session) -> Session:
+    """Record this process in the run's list of sessions (its streams are open)."""
+    session.sessions.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "at_edits": session.n_edits,
+                             "device": session.options.device})
     return session
+
+
+def new_session(options: RunOptions, lm: LoadedModel | None = None, hparams: EditHyperParams | None = None) -> Session:
+    """A new numbered run folder with its config.json. `lm`/`hparams` given (tests, notebooks)
+    replace loading them."""
+    prepared = prepare(options.validate(), lm, hparams)
+    folder = RunFolder.create(options.results_dir, options.alg_name)
+    try:
+        atomic_write_json(folder.file("config.json"), prepared.config)
+    except BaseException:
+        folder.close()
+        raise
+    log.info("run folder %s", folder.path)
+    folder.open_streams()
+    return begin(prepared.session(options, folder))
 
 
 def prepared_context(options: RunOptions, lm: LoadedModel, hparams: EditHyperParams) -> EditContext:
@@ -206,18 +200,3 @@ def prepared_context(options: RunOptions, lm: LoadedModel, hparams: EditHyperPar
         for layer in hparams.layers:
             ctx.covariance(lm, layer, hparams)
     return ctx
-
-
-def restore(session: Session, ckpt: Checkpoint) -> None:
-    load_weights(session.lm.model, ckpt.weights)
-    session.ctx.state = state_from_tensors(ckpt.context, ckpt.state["context_values"])
-    session.health.load_state_dict(ckpt.state["health"])
-    session.position, session.n_edits = ckpt.position, ckpt.n_edits
-    session.status, session.baseline_done = ckpt.state["status"], ckpt.state["baseline_done"]
-    session.sessions = ckpt.state["sessions"]
-    cut = {name: size - ckpt.sizes.get(name, 0) for name, size in session.folder.sizes().items() if size > ckpt.sizes.get(name, 0)}
-    if cut:  # lines of a session that crashed after the checkpoint (verify() allows them only then)
-        log.warning("dropping lines written after the checkpoint by a session that did not end cleanly: %s",
-                    ", ".join(f"{name}.jsonl {n} bytes" for name, n in cut.items()))
-    session.folder.cut_streams(ckpt.sizes)
-    log.info("continuing %s after %d edits (%d batches)", session.folder.path, ckpt.n_edits, ckpt.position)

@@ -25,6 +25,7 @@ from rome.editor import EditContext, EditResult
 from rome.hparams import EditHyperParams, ROMEHyperParams
 from rome.rome_main import apply_rome
 from util.arch import arch_for
+from util.environment import Environment
 from util.errors import HparamsError
 from util.hparams import load_hparams
 from util.models import LoadedModel, prepare_tokenizer
@@ -99,11 +100,12 @@ def edit(
 
     hparams: an hparams object, or a YAML path (then `alg_name` picks the class, default from the
     folder name hparams/<ALG>/...). context: reuse one across calls to keep templates and
-    statistics; the default reads $KEDIT_CORPUS or falls back as util/corpus.py describes."""
+    statistics; the default takes its corpus from $KEDIT_CORPUS (read here, at the notebook API's
+    edge) or falls back as util/corpus.py describes."""
     if not isinstance(hparams, EditHyperParams):
         path = Path(hparams)
         hparams = load_algorithm_hparams(alg_name or path.parent.name, str(path))
     prepare_tokenizer(tok)
     lm = LoadedModel(model, tok, arch_for(model), name or getattr(model.config, "_name_or_path", "") or "model")
     built = [r if isinstance(r, EditRequest) else make_request(r, f"request {i}") for i, r in enumerate(requests)]
-    return _algorithm_of(hparams).apply(lm, built, hparams, context or EditContext())
+    return _algorithm_of(hparams).apply(lm, built, hparams, context or EditContext(corpus_path=Environment.read().corpus))

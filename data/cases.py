@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from data.download import ROME_DATA, DataFile, locate
+from data.download import NO_ENVIRONMENT, ROME_DATA, DataFile, locate
 from data.fields import get_obj, get_str, get_str_list, read_record_list, reject_unknown
 from data.records import CaseRecord
+from util.environment import Environment
 from util.errors import DataError
 from util.requests import make_request
 
@@ -174,16 +175,17 @@ class CaseSelection:
 
 
 def select_cases(ds_name: str, data_dir: str | Path | None = None, limit: int | None = None,
-                 custom_path: str | Path | None = None) -> CaseSelection:
+                 custom_path: str | Path | None = None, env: Environment = NO_ENVIRONMENT) -> CaseSelection:
     """The first `limit` usable cases (all when None) of dataset `ds_name`; see data/download.py
-    for where its file is looked for. `custom_path` names the file for ds_name "custom".
+    for where its file is looked for (`env`: the variables read at the edge). `custom_path` names
+    the file for ds_name "custom".
 
     A record whose target_new equals its target_true asks for no change (29 of MEND's 1037 zsRE
     records do): it is skipped with a warning and its id listed in `skipped`, not edited and
     scored as a success. A file with no usable record is an error, not a run of 0 edits."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise DataError(f"limit must be a positive integer or None, got {limit!r}")
-    path = case_file(ds_name, data_dir, custom_path)
+    path = case_file(ds_name, data_dir, custom_path, env)
     cases, skipped = [], []
     for case in read_cases(ds_name, path):
         if limit is not None and len(cases) == limit:
@@ -201,12 +203,13 @@ def select_cases(ds_name: str, data_dir: str | Path | None = None, limit: int | 
 
 
 def load_cases(ds_name: str, data_dir: str | Path | None = None, limit: int | None = None,
-               custom_path: str | Path | None = None) -> list[CaseRecord]:
+               custom_path: str | Path | None = None, env: Environment = NO_ENVIRONMENT) -> list[CaseRecord]:
     """The cases of `select_cases`."""
-    return select_cases(ds_name, data_dir, limit, custom_path).cases
+    return select_cases(ds_name, data_dir, limit, custom_path, env).cases
 
 
-def case_file(ds_name: str, data_dir: str | Path | None = None, custom_path: str | Path | None = None) -> Path:
+def case_file(ds_name: str, data_dir: str | Path | None = None, custom_path: str | Path | None = None,
+              env: Environment = NO_ENVIRONMENT) -> Path:
     """The file `load_cases` reads for these arguments (run configs hash it)."""
     dataset = dataset_for(ds_name)
     if dataset.file is None:
@@ -218,7 +221,7 @@ def case_file(ds_name: str, data_dir: str | Path | None = None, custom_path: str
         return path
     if custom_path is not None:
         raise DataError(f"custom_path is only used with dataset 'custom', not '{ds_name}'")
-    return locate(dataset.file, data_dir)
+    return locate(dataset.file, data_dir, env)
 
 
 def dataset_for(ds_name: str) -> Dataset:

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from data.download import DataFile, downloads_dir, find_local, missing_error
+from data.download import NO_ENVIRONMENT, DataFile, find_local, missing_error
 from data.fields import get_int, get_str, get_str_list, read_jsonl
-from util import corpus
+from util.environment import Environment, online
 from util.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -146,23 +146,24 @@ def read_probe(task: str, path: str | Path, limit: int | None = None, seed: int 
     return ProbeSet(spec, tuple(examples[:FEW_SHOT_POOL]), tuple(test), str(path))
 
 
-def load_probe(task: str, data_dir: str | Path | None = None, limit: int | None = None, seed: int = 0) -> ProbeSet:
+def load_probe(task: str, data_dir: str | Path | None = None, limit: int | None = None, seed: int = 0,
+               env: Environment = NO_ENVIRONMENT) -> ProbeSet:
     """Probe set `task` from a local file (data_dir, $KEDIT_DATA_DIR, data/downloads), else from
     the Hugging Face hub when online (saved to data/downloads in the same JSONL layout)."""
     spec = probe_task(task)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise DataError(f"limit must be a positive integer or None, got {limit!r}")
     file = probe_file(task)
-    path = find_local(file, data_dir)
+    path = find_local(file, data_dir, env)
     if path is None:
-        if not corpus.online():
+        if not online(offline=env.offline):
             raise missing_error(file, data_dir, "offline, so it could not be fetched from the Hugging Face hub "
-                                f"({'/'.join(spec.hub[:2])})")
-        path = fetch_from_hub(spec, downloads_dir() / file.names[0], file, data_dir)
+                                f"({'/'.join(spec.hub[:2])})", env)
+        path = fetch_from_hub(spec, env.downloads / file.names[0], file, data_dir, env)
     return read_probe(task, path, limit, seed)
 
 
-def fetch_from_hub(spec: ProbeTask, dest: Path, file: DataFile, data_dir: str | Path | None) -> Path:
+def fetch_from_hub(spec: ProbeTask, dest: Path, file: DataFile, data_dir: str | Path | None, env: Environment) -> Path:
     """Full hub split rewritten as our JSONL layout. Note: the reference files are class-balanced
     subsets; a hub split is not, and its first 10 items become the few-shot pool."""
     hub_path, config, split = spec.hub
@@ -172,7 +173,7 @@ def fetch_from_hub(spec: ProbeTask, dest: Path, file: DataFile, data_dir: str | 
 
         rows = load_dataset(hub_path, config, split=split)
     except Exception as err:  # the hub client raises many unrelated types; report one line
-        raise missing_error(file, data_dir, f"fetching {hub_path}/{config} failed ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+        raise missing_error(file, data_dir, f"fetching {hub_path}/{config} failed ({str(err).splitlines()[0] if str(err) else type(err).__name__})", env) from None
     keys = ("question", "subject", "choices", "answer") if spec.name == "mmlu" else ("sentence", "sentence1", "sentence2", "label")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".partial")

@@ -26,6 +26,7 @@ from experiments.pipeline.run import run
 from experiments.pipeline.run_config import HealthThresholds, RunOptions
 from experiments.reporting.summary import markdown_table
 from util.cli import run_cli
+from util.environment import Environment
 from util.errors import RunError
 from util.models import DTYPES
 
@@ -131,12 +132,17 @@ def with_protocol_defaults(options: RunOptions, given: set[str]) -> RunOptions:
     return dataclasses.replace(options, **{name: value for name, value in defaults.items() if name not in given})
 
 
-def options_from_argv(argv: Sequence[str] | None = None) -> RunOptions:
-    options = RunOptions(**option_fields(vars(build_parser().parse_args(argv))))
-    if options.continue_from_run:
+def options_from_argv(argv: Sequence[str] | None = None, environment: Environment | None = None) -> RunOptions:
+    """The run's options from the command line and the environment variables (read here, once,
+    unless `environment` is given)."""
+    environment = environment or Environment.read()
+    options = RunOptions(**option_fields(vars(build_parser().parse_args(argv))), environment=environment)
+    if options.continue_from_run:  # the run's own corpus, not today's $KEDIT_CORPUS
         options = continued_options(options, given_fields(argv))
     else:
         options = with_protocol_defaults(options, given_fields(argv))
+        if options.corpus is None and environment.corpus:
+            options = dataclasses.replace(options, corpus=os.path.abspath(os.path.expanduser(environment.corpus)))
     return options.validate()
 
 

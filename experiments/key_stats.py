@@ -19,6 +19,7 @@ import torch
 
 from util.cli import run_cli
 from util.corpus import resolve_corpus
+from util.environment import Environment
 from util.models import load_model
 from util.stats import StatsCache
 from util.stats_share import export_stats, import_stats, read_manifest
@@ -74,7 +75,9 @@ def main() -> int:
         return import_main(args)
     layers = [int(x) for x in args.layers.split(",")]
     lm = load_model(args.model_name, device=args.device)
-    corpus = resolve_corpus(args.corpus, lm.model, lm.tok, lm.name, args.n_samples * args.sample_tokens, args.seed)
+    env = Environment.read()
+    corpus = resolve_corpus(args.corpus or env.corpus, lm.model, lm.tok, lm.name, args.n_samples * args.sample_tokens,
+                            args.seed, offline=env.offline)
     cache = StatsCache()
     start = time.perf_counter()
     moments = cache.second_moments(lm, layers, corpus, args.n_samples, args.sample_tokens, args.dtype)

@@ -15,6 +15,7 @@ from experiments.metrics.counterfact import evaluate_cases, summarize
 from rome.editor import EditContext
 from util.cli import run_cli
 from util.deltas import restore
+from util.environment import Environment
 from util.errors import KeditError
 from util.models import load_model
 
@@ -51,8 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def sweep(args: argparse.Namespace) -> list[dict]:
     lm = load_model(args.model_name)
-    records = load_cases(args.ds_name, args.data_dir, limit=args.n_records)
-    ctx = EditContext(seed=args.seed, corpus_path=args.corpus)
+    env = Environment.read()
+    records = load_cases(args.ds_name, args.data_dir, limit=args.n_records, env=env)
+    ctx = EditContext(seed=args.seed, corpus_path=args.corpus or env.corpus)
     alg = algorithm(args.alg_name)
     base = load_algorithm_hparams(args.alg_name, args.hparams_fname, args.set)
     width = len(base.layers)

@@ -1,26 +1,23 @@
 """Edit datasets: real files load with the right fields, bad records fail in one line naming the
 file and case, and data files are found in the documented order."""
+import dataclasses
 import json
 import shutil
 
 import pytest
 
 from data.cases import load_cases, read_cases, select_cases
-from data.download import DataFile, downloads_dir, locate
-from util import corpus
+from data.download import DataFile, locate
+from util.environment import Environment
 from util.errors import DataError, KeditError, RequestError
 from util.paths import PROJECT_ROOT
 
 
-@pytest.fixture(autouse=True)
-def isolated_locations(tmp_path_factory, monkeypatch):
-    """No developer's KEDIT_DATA_DIR or data/downloads copy may decide what a test finds."""
-    monkeypatch.delenv("KEDIT_DATA_DIR", raising=False)
-    monkeypatch.setenv("KEDIT_DOWNLOAD_DIR", str(tmp_path_factory.mktemp("downloads")))
-
-
-def offline(monkeypatch):
-    monkeypatch.setattr(corpus, "online", lambda *args, **kwargs: False)
+@pytest.fixture
+def env(tmp_path_factory) -> Environment:
+    """The environment a command line reads, offline and with an empty download folder: no
+    developer's KEDIT_DATA_DIR or data/downloads copy may decide what a test finds."""
+    return Environment(download_dir=str(tmp_path_factory.mktemp("downloads")), offline=True)
 
 
 # ---- real files ------------------------------------------------------------------------------
@@ -220,54 +217,49 @@ def write_cf(folder, relative, case_id):
     path.write_text(json.dumps([record]))
 
 
-def test_resolution_order_flag_then_env_then_downloads(tmp_path, monkeypatch):
-    offline(monkeypatch)
-    flag, env = tmp_path / "flag", tmp_path / "env"
+def test_resolution_order_flag_then_env_then_downloads(tmp_path, env):
+    flag, env_dir = tmp_path / "flag", tmp_path / "env"
     write_cf(flag, "counterfact.json", 1)  # flat layout
-    write_cf(env, "counterfact/counterfact.json", 2)  # reference-data layout
-    write_cf(downloads_dir(), "counterfact/counterfact.json", 3)
-    monkeypatch.setenv("KEDIT_DATA_DIR", str(env))
-    assert load_cases("cf", data_dir=flag)[0].case_id == 1
-    assert load_cases("cf")[0].case_id == 2
-    monkeypatch.delenv("KEDIT_DATA_DIR")
-    assert load_cases("cf")[0].case_id == 3
+    write_cf(env_dir, "counterfact/counterfact.json", 2)  # reference-data layout
+    write_cf(env.downloads, "counterfact/counterfact.json", 3)
+    with_env_dir = Environment.read({"KEDIT_DATA_DIR": str(env_dir), "KEDIT_DOWNLOAD_DIR": env.download_dir, "HF_HUB_OFFLINE": "1"})
+    assert load_cases("cf", data_dir=flag, env=with_env_dir)[0].case_id == 1
+    assert load_cases("cf", env=with_env_dir)[0].case_id == 2
+    assert load_cases("cf", env=env)[0].case_id == 3
     (flag / "counterfact.json").unlink()
-    monkeypatch.setenv("KEDIT_DATA_DIR", str(env))
-    assert load_cases("cf", data_dir=flag)[0].case_id == 2  # the flag's folder lacks it: fall through
+    assert load_cases("cf", data_dir=flag, env=with_env_dir)[0].case_id == 2  # the flag's folder lacks it: fall through
 
 
-def test_offline_without_copy_says_what_to_place_where(tmp_path, monkeypatch):
-    offline(monkeypatch)
+def test_offline_without_copy_says_what_to_place_where(tmp_path, env):
     with pytest.raises(DataError) as err:
-        load_cases("cf", data_dir=tmp_path)
+        load_cases("cf", data_dir=tmp_path, env=env)
     message = str(err.value)
     assert "\n" not in message and "offline" in message and "https://rome.baulab.info/data/dsets/counterfact.json" in message
-    assert "counterfact/counterfact.json" in message and str(downloads_dir()) in message and str(tmp_path) in message
+    assert "counterfact/counterfact.json" in message and str(env.downloads) in message and str(tmp_path) in message
     with pytest.raises(DataError, match="no download URL.*counterfact/flat/counterfact-val.json"):
-        load_cases("flat_cf", data_dir=tmp_path)
+        load_cases("flat_cf", data_dir=tmp_path, env=env)
 
 
-def test_named_folder_must_exist(tmp_path, monkeypatch):
+def test_named_folder_must_exist(tmp_path, env):
     with pytest.raises(DataError, match="--data_dir .* is not a folder"):
-        load_cases("cf", data_dir=tmp_path / "typo")
-    monkeypatch.setenv("KEDIT_DATA_DIR", str(tmp_path / "typo"))
+        load_cases("cf", data_dir=tmp_path / "typo", env=env)
     with pytest.raises(DataError, match="KEDIT_DATA_DIR .* is not a folder"):
-        load_cases("cf")
+        load_cases("cf", env=dataclasses.replace(env, data_dir=str(tmp_path / "typo")))
 
 
-def test_download_lands_atomically_in_downloads(tmp_path, monkeypatch, shared_data):
+def test_download_lands_atomically_in_downloads(tmp_path, monkeypatch, shared_data, env):
     """A real urllib transfer (file:// URL) into data/downloads; a corrupt payload leaves nothing."""
-    monkeypatch.setattr(corpus, "online", lambda *args, **kwargs: True)
+    monkeypatch.setattr("data.download.online", lambda *args, **kwargs: True)
     source = tmp_path / "remote.json"
     shutil.copy(shared_data / "zsre" / "zsre_eval.json", source)
     spec = DataFile("zsRE", ("zsre/zsre_mend_eval.json", "zsre_mend_eval.json"), source.as_uri())
-    got = locate(spec)
-    assert got == downloads_dir() / "zsre" / "zsre_mend_eval.json" and got.read_bytes() == source.read_bytes()
+    got = locate(spec, env=env)
+    assert got == env.downloads / "zsre" / "zsre_mend_eval.json" and got.read_bytes() == source.read_bytes()
     assert not list(got.parent.glob("*.partial"))
     assert len(read_cases("zsre", got)) == 1037
 
     source.write_text("<html>captive portal</html>")
     broken = DataFile("CounterFact", ("counterfact/counterfact.json",), source.as_uri())
     with pytest.raises(DataError, match="downloading .* failed"):
-        locate(broken)
-    assert not (downloads_dir() / "counterfact").exists() or not list((downloads_dir() / "counterfact").iterdir())
+        locate(broken, env=env)
+    assert not (env.downloads / "counterfact").exists() or not list((env.downloads / "counterfact").iterdir())

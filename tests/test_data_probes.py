@@ -3,9 +3,8 @@ import json
 
 import pytest
 
-from data.download import downloads_dir
 from data.probes import FEW_SHOT_POOL, PROBE_TASKS, load_probe, read_probe
-from util import corpus
+from util.environment import Environment
 from util.errors import DataError
 
 SIZES = {"sst2": 856, "mrpc": 258, "cola": 644, "rte": 262, "mmlu": 1516, "nli": 2489}
@@ -21,10 +20,10 @@ CONVENTION = {
 }
 
 
-@pytest.fixture(autouse=True)
-def isolated_locations(tmp_path_factory, monkeypatch):
-    monkeypatch.delenv("KEDIT_DATA_DIR", raising=False)
-    monkeypatch.setenv("KEDIT_DOWNLOAD_DIR", str(tmp_path_factory.mktemp("downloads")))
+@pytest.fixture
+def env(tmp_path_factory) -> Environment:
+    """Offline, with an empty download folder (no developer's copy decides what a test finds)."""
+    return Environment(download_dir=str(tmp_path_factory.mktemp("downloads")), offline=True)
 
 
 def raw_items(shared_data, task):
@@ -85,12 +84,11 @@ def test_limit_is_a_seeded_sample_in_file_order(shared_data):
         load_probe("nli", data_dir=shared_data, limit=0)
 
 
-def test_offline_without_file_names_the_file_to_place(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus, "online", lambda *args, **kwargs: False)
+def test_offline_without_file_names_the_file_to_place(tmp_path, env):
     with pytest.raises(DataError) as err:
-        load_probe("sst2", data_dir=tmp_path)
+        load_probe("sst2", data_dir=tmp_path, env=env)
     message = str(err.value)
-    assert "\n" not in message and "glue/sst2.jsonl" in message and str(downloads_dir()) in message
+    assert "\n" not in message and "glue/sst2.jsonl" in message and str(env.downloads) in message
     assert "offline" in message and "nyu-mll/glue" in message
 
 

@@ -3,6 +3,7 @@ run-folder files, summaries and the table over runs."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from experiments.pipeline.run_config import HealthThresholds, RunOptions
 from experiments.reporting.summary import build_summary, curve_markdown, curve_rows, summary_markdown, write_summary
 from experiments.summarize import main as summarize_main
 from util.cli import run_cli
+from util.environment import Environment
 from util.errors import RunError
 from util.files import JsonlStream, read_jsonl
 from util.requests import make_request
@@ -78,6 +80,23 @@ def test_continued_run_keeps_stored_options_and_takes_session_flags(tmp_path):
     assert changed.differences(stored) == ["num_edits"]
     with pytest.raises(RunError, match="run_009"):
         options_from_argv(["--continue_from_run", "run_009", "--results_dir", str(tmp_path)])
+
+
+def test_environment_is_read_once_into_the_options(tmp_path):
+    """$KEDIT_CORPUS is a new run's corpus unless --corpus is given; a continued run keeps the
+    corpus it ran with (recorded only under "corpus" by runs from before the options held it)."""
+    env = Environment.read({"KEDIT_CORPUS": "wiki", "KEDIT_DATA_DIR": "/data", "HF_DATASETS_OFFLINE": "1", "KEDIT_GIT_SHA": ""})
+    assert (env.corpus, env.data_dir, env.download_dir, env.offline, env.git_sha) == ("wiki", "/data", None, True, None)
+    assert Environment.read({}) == Environment()
+    options = options_from_argv([], env)
+    assert options.corpus == os.path.abspath("wiki") and options.environment == env
+    assert options_from_argv(["--corpus", "mine"], env).corpus == os.path.abspath("mine")
+    assert options_from_argv([], Environment()).corpus is None
+    stored = RunOptions(results_dir=str(tmp_path))
+    folder = RunFolder.create(tmp_path, "R-ROME")
+    (folder.path / "config.json").write_text(json.dumps({"options": stored.to_dict(), "corpus": {"path": "/old/corpus"}}))
+    again = options_from_argv(["--continue_from_run", "run_001", "--results_dir", str(tmp_path)], env)
+    assert again.corpus == "/old/corpus" and again.environment == env
 
 
 def test_disabling_reasons_on_hand_made_records():

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from util.corpus import local_corpus, resolve_corpus, token_windows
+from util.environment import Environment
 from util.errors import CorpusError
 from util.stats import CPU_BATCH_TOKENS, StatsCache, accumulate_second_moments, batch_tokens_for
 
@@ -95,17 +96,15 @@ def test_bad_corpus_paths(tmp_path, tiny_llama):
         list(token_windows(local_corpus(short), tiny_llama.tok, 64, 1))
 
 
-def test_corpus_choice_order(tmp_path, corpus_file, tiny_llama, monkeypatch):
-    monkeypatch.setenv("KEDIT_CORPUS", str(corpus_file))
-    assert resolve_corpus(None, tiny_llama.model, tiny_llama.tok, "tiny", 100).kind == "local"
-    monkeypatch.delenv("KEDIT_CORPUS")
-    monkeypatch.setattr("util.corpus.online", lambda: False)
-    sampled = resolve_corpus(None, tiny_llama.model, tiny_llama.tok, "tiny", 100, seed=3)
+def test_corpus_choice_order(tmp_path, corpus_file, tiny_llama):
+    env = Environment.read({"KEDIT_CORPUS": str(corpus_file)})  # what a command line passes on
+    assert resolve_corpus(env.corpus, tiny_llama.model, tiny_llama.tok, "tiny", 100).kind == "local"
+    sampled = resolve_corpus(None, tiny_llama.model, tiny_llama.tok, "tiny", 100, seed=3, offline=True)
     assert sampled.kind == "model-sampled"
     first = list(sampled.texts())
     assert len(first) >= 1 and all(isinstance(t, str) and t for t in first)
     # Cached and seeded: a second resolution reads the same texts.
-    assert list(resolve_corpus(None, tiny_llama.model, tiny_llama.tok, "tiny", 100, seed=3).texts()) == first
+    assert list(resolve_corpus(None, tiny_llama.model, tiny_llama.tok, "tiny", 100, seed=3, offline=True).texts()) == first
 
 
 @pytest.mark.slow

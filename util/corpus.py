@@ -1,6 +1,7 @@
 """Text corpora for key statistics, chosen in this order:
 
-1. local text/JSONL files given by flag or the KEDIT_CORPUS environment variable;
+1. local text/JSONL files given by flag or the KEDIT_CORPUS environment variable (resolved at the
+   command line's edge, util/environment.py, and passed as the path);
 2. Hugging Face `datasets` Wikipedia, streamed (no multi-GB download), when online;
 3. offline with nothing given: text sampled from the model itself (seeded, cached, logged as such).
 """
@@ -10,13 +11,13 @@ import hashlib
 import json
 import logging
 import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
+from util.environment import online
 from util.errors import CorpusError
 from util.paths import cache_dir, sha256_file, slug
 
@@ -95,16 +96,6 @@ def local_corpus(path: str | Path) -> Corpus:
     return Corpus("local", ident, lambda: read_texts(files))
 
 
-def online(host: str = "huggingface.co", timeout: float = 2.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        return False
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def wikipedia_stream() -> Corpus:
     def texts() -> Iterator[str]:
         from datasets import load_dataset
@@ -157,11 +148,12 @@ def generate_texts(model: torch.nn.Module, tok, n_texts: int, seed: int, length:
     return texts
 
 
-def resolve_corpus(path: str | None, model: torch.nn.Module, tok, model_name: str, n_tokens: int, seed: int = 0) -> Corpus:
-    path = path or os.environ.get("KEDIT_CORPUS")
+def resolve_corpus(path: str | None, model: torch.nn.Module, tok, model_name: str, n_tokens: int, seed: int = 0,
+                   offline: bool = False) -> Corpus:
+    """The corpus at `path`, else Wikipedia when online (never tried when `offline`), else sampled."""
     if path:
         return local_corpus(path)
-    if online():
+    if online(offline=offline):
         return wikipedia_stream()
     return sampled_corpus(model, tok, model_name, n_texts=max(1, n_tokens // 200 + 1), seed=seed)
 

@@ -1,4 +1,6 @@
-"""Where caches and data live. Every location can be redirected by an environment variable."""
+"""Where caches live. KEDIT_CACHE and KEDIT_MODEL_CACHE redirect them; they are the environment
+variables still read where they are used (the caches of templates and statistics are opened inside
+rome/), every other one is read once at the command line's edge (util/environment.py)."""
 from __future__ import annotations
 
 import hashlib

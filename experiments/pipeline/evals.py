@@ -52,9 +52,8 @@ def prompt_budget(records: Sequence[CaseRecord], budget: int | None) -> list[Cas
     return chosen
 
 
-def corpus_tfidf(corpus_path: str | None) -> TfIdf | None:
+def corpus_tfidf(path: str | None) -> TfIdf | None:
     """TF-IDF fitted on the local statistics corpus (--corpus or $KEDIT_CORPUS), cached as JSON."""
-    path = corpus_path or os.environ.get("KEDIT_CORPUS")
     if not path:
         log.warning("no local corpus (--corpus or $KEDIT_CORPUS): generation consistency is skipped")
         return None
@@ -77,7 +76,7 @@ class EvalSuite:
         self.lm, self.options = lm, options
         self.protocol = protocol(options.protocol)
         self.probes: list[ProbeSet] = [self.load_probe(task) for task in options.downstream_tasks]
-        self.wikitext: Path | None = find_local(WIKITEXT, options.data_dir)
+        self.wikitext: Path | None = find_local(WIKITEXT, options.data_dir, options.environment)
         if self.wikitext is None:
             log.warning("%s not found (--data_dir, $KEDIT_DATA_DIR, data/downloads): perplexity is skipped", WIKITEXT.names[0])
         self.tfidf = corpus_tfidf(options.corpus) if options.generation_test_interval else None
@@ -86,9 +85,9 @@ class EvalSuite:
         """The protocol's test items: a seeded sample, or the first n in file order."""
         n = self.options.number_of_tests
         if self.protocol.probe_items == "first":
-            probe = load_probe(task, self.options.data_dir)
+            probe = load_probe(task, self.options.data_dir, env=self.options.environment)
             return dataclasses.replace(probe, test=probe.test[:n])
-        return load_probe(task, self.options.data_dir, n, self.options.seed)
+        return load_probe(task, self.options.data_dir, n, self.options.seed, self.options.environment)
 
     def data_files(self) -> dict[str, str]:
         files = {f"probe:{p.name}": p.source for p in self.probes}

@@ -26,16 +26,25 @@ from util.state import state_from_tensors
 
 log = logging.getLogger(__name__)
 
-# Taken from this invocation even when not given: where the run is and what this session does
-# before it ends (a stored --stop_after or --save_model must not carry over).
-THIS_INVOCATION = ("continue_from_run", "results_dir", "stop_after", "save_model")
+# Taken from this invocation even when not given: where the run is, what this session does before
+# it ends (a stored --stop_after or --save_model must not carry over) and its environment variables.
+THIS_INVOCATION = ("continue_from_run", "results_dir", "stop_after", "save_model", "environment")
+
+
+def stored_options(config: dict[str, Any]) -> RunOptions:
+    """The options a run folder's config.json holds. Runs from before the command line put
+    $KEDIT_CORPUS into the options recorded the corpus they used only under "corpus"."""
+    options = RunOptions.from_dict(config["options"])
+    if options.corpus is None and config.get("corpus"):
+        options = dataclasses.replace(options, corpus=config["corpus"]["path"])
+    return options
 
 
 def continued_options(now: RunOptions, given: set[str]) -> RunOptions:
     """The stored options of the run `now.continue_from_run`, with the fields named in `given`
     (those set on the command line) and THIS_INVOCATION's taken from `now`."""
     folder = RunFolder.existing(now.results_dir, now.alg_name, now.continue_from_run)
-    stored = RunOptions.from_dict(folder.read_config()["options"])
+    stored = stored_options(folder.read_config())
     return dataclasses.replace(stored, **{name: getattr(now, name) for name in set(THIS_INVOCATION) | given})
 
 
@@ -60,7 +69,7 @@ def continue_session(options: RunOptions, lm: LoadedModel | None = None, hparams
 
 def check_continuable(options: RunOptions, stored: dict[str, Any], config: dict[str, Any], where: Path) -> None:
     """A continued run must be the same run: options, data and starting weights."""
-    changed = options.differences(RunOptions.from_dict(stored["options"]))
+    changed = options.differences(stored_options(stored))
     if changed:
         raise RunError(f"{where} was run with different {', '.join(changed)}; continue it with the stored values or start a new run")
     if set(config["data"]) != set(stored["data"]):

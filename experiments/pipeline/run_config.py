@@ -6,7 +6,6 @@ run is continued) and SESSION_FIELDS, which only say where and how this process 
 from __future__ import annotations
 
 import dataclasses
-import os
 import subprocess
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,11 +14,12 @@ from data.cases import dataset_for
 from data.probes import FEW_SHOT_POOL, PROBE_TASKS
 from editors import algorithm
 from experiments.metrics.protocols import PROTOCOLS
+from util.environment import Environment
 from util.errors import RunError
 from util.paths import PROJECT_ROOT
 
 MODES = ("batched", "sequential", "sequential-batched")
-SESSION_FIELDS = ("continue_from_run", "results_dir", "device", "data_dir", "stop_after", "save_model")
+SESSION_FIELDS = ("continue_from_run", "results_dir", "device", "data_dir", "stop_after", "save_model", "environment")
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,9 @@ class RunOptions:
     data_dir: str | None = None
     stop_after: int | None = None  # end this session cleanly (with a checkpoint) after this many edits
     save_model: bool = False  # write the edited model as a HF folder when the session ends (experiments/export.py)
+    # the environment variables, read once by the command line (util/environment.py); the corpus
+    # above already holds $KEDIT_CORPUS when --corpus was not given
+    environment: Environment = field(default_factory=Environment)
 
     @property
     def mode(self) -> str:
@@ -117,6 +120,7 @@ class RunOptions:
     def from_dict(cls, values: dict[str, Any]) -> "RunOptions":
         values = dict(values)
         values["health"] = HealthThresholds(**values.get("health", {}))
+        values["environment"] = Environment.from_dict(values.get("environment"))
         for name in ("downstream_tasks", "overrides"):
             values[name] = tuple(values.get(name, ()))
         known = {f.name for f in dataclasses.fields(cls)}
@@ -130,12 +134,13 @@ class RunOptions:
         ]
 
 
-def git_commit() -> str:
-    """HEAD of the project's repository, else $KEDIT_GIT_SHA, else "unknown"."""
+def git_commit(fallback: str | None = None) -> str:
+    """HEAD of the project's repository, else `fallback` ($KEDIT_GIT_SHA, e.g. in a container
+    without .git), else "unknown"."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("KEDIT_GIT_SHA", "unknown")
+    return fallback or "unknown"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -108,12 +107,12 @@ def split_context_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor],
 
 def build_config(options: RunOptions, hparams: EditHyperParams, lm: LoadedModel, weights0: dict[str, torch.Tensor],
                  files: dict[str, str], n_cases: int) -> dict[str, Any]:
-    corpus = options.corpus or os.environ.get("KEDIT_CORPUS")
+    corpus = options.corpus
     return {
         "alg_name": options.alg_name, "mode": options.mode, "batch_size": options.num_edits, "seed": options.seed,
         "model": lm.name, "model_type": lm.model.config.model_type, "n_cases": n_cases,
         "options": options.to_dict(), "hparams_class": type(hparams).__name__, "hparams": to_dict(hparams),
-        "git_commit": git_commit(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "git_commit": git_commit(options.environment.git_sha), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__},
         "data": {name: {"path": str(path), "sha256": sha256_file(path)} for name, path in files.items()},
         "corpus": {"path": corpus, "ident": local_corpus(corpus).ident} if corpus else None,
@@ -155,12 +154,13 @@ def prepare(options: RunOptions, lm: LoadedModel | None, hparams: EditHyperParam
     """Load and check what the options name; `stored` (a continued run's config.json at `where`)
     supplies the hparams. The model's edited matrices are read (W0) before anything edits them."""
     hparams = resolve_hparams(options, hparams, stored, where)
-    selection = select_cases(options.ds_name, options.data_dir, options.dataset_size_limit, options.custom_path)
+    selection = select_cases(options.ds_name, options.data_dir, options.dataset_size_limit, options.custom_path, options.environment)
     lm = lm or load_model(options.model_name, options.dtype, options.device)
     hparams.check_model(lm.model.config.num_hidden_layers)
     suite = EvalSuite(lm, options)
     weights0 = snapshot(lm.model, [lm.arch.weight_name(layer) for layer in hparams.layers])
-    files = {"cases": str(case_file(options.ds_name, options.data_dir, options.custom_path)), **suite.data_files()}
+    files = {"cases": str(case_file(options.ds_name, options.data_dir, options.custom_path, options.environment)),
+             **suite.data_files()}
     config = build_config(options, hparams, lm, weights0, files, len(selection.cases))
     config["skipped_cases"] = {"reason": NO_OP, "case_ids": selection.skipped}
     ctx = prepared_context(options, lm, hparams)

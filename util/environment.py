@@ -1,0 +1,63 @@
+"""What a process finds around it: the environment variables the project reads, read once by
+`Environment.read()` at a command line's edge (or the notebook API's) and passed down as explicit
+values, and whether the network answers.
+
+    KEDIT_CORPUS        statistics and TF-IDF corpus when --corpus is not given
+    KEDIT_DATA_DIR      a reference data folder, searched after --data_dir
+    KEDIT_DOWNLOAD_DIR  where fetched data files go (default: <project>/data/downloads)
+    HF_HUB_OFFLINE, HF_DATASETS_OFFLINE   "1": do not reach the network, as for Hugging Face's libraries
+    KEDIT_GIT_SHA       the commit recorded with a run where the code is not a git checkout
+
+The cache locations (KEDIT_CACHE, KEDIT_MODEL_CACHE) are read by util/paths.py.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from util.paths import PROJECT_ROOT
+
+
+@dataclass(frozen=True)
+class Environment:
+    """The variables' values; the defaults are those of an empty environment."""
+
+    corpus: str | None = None
+    data_dir: str | None = None
+    download_dir: str | None = None  # None: <project>/data/downloads
+    offline: bool = False
+    git_sha: str | None = None
+
+    @classmethod
+    def read(cls, environ: Mapping[str, str] | None = None) -> "Environment":
+        env = os.environ if environ is None else environ
+        return cls(
+            corpus=env.get("KEDIT_CORPUS") or None,
+            data_dir=env.get("KEDIT_DATA_DIR") or None,
+            download_dir=env.get("KEDIT_DOWNLOAD_DIR") or None,
+            offline=env.get("HF_HUB_OFFLINE") == "1" or env.get("HF_DATASETS_OFFLINE") == "1",
+            git_sha=env.get("KEDIT_GIT_SHA") or None,
+        )
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None) -> "Environment":
+        return cls(**dict(values or {}))
+
+    @property
+    def downloads(self) -> Path:
+        """The folder fetched data files go to (gitignored inside the project by default)."""
+        return Path(self.download_dir).expanduser() if self.download_dir else PROJECT_ROOT / "data" / "downloads"
+
+
+def online(host: str = "huggingface.co", timeout: float = 2.0, offline: bool = False) -> bool:
+    """Whether `host` answers on port 443 within `timeout` seconds; never tried when `offline`."""
+    if offline:
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False

@@ -107,7 +107,7 @@ def split_context_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor],
 
 def build_config(options: RunOptions, hparams: EditHyperParams, lm: LoadedModel, weights0: dict[str, torch.Tensor],
                  files: dict[str, str], n_cases: int) -> dict[str, Any]:
-    corpus = options.corpus
+    corpus = options.corpus  # $KEDIT_CORPUS too: the command line put it there
     return {
         "alg_name": options.alg_name, "mode": options.mode, "batch_size": options.num_edits, "seed": options.seed,
         "model": lm.name, "model_type": lm.model.config.model_type, "n_cases": n_cases,
@@ -131,7 +131,7 @@ def resolve_hparams(options: RunOptions, hparams: EditHyperParams | None, stored
     return hparams
 
 
-@dataclass
+@dataclass(frozen=True)
 class Prepared:
     """A run's inputs, loaded and checked, before any file of the run folder is touched."""
 

@@ -12,11 +12,12 @@ from data.records import CaseRecord
 from experiments.evaluate import main, options_from_argv
 from experiments.pipeline.checkpoint import Checkpoint, RunFolder
 from experiments.pipeline.evals import prompt_budget
-from experiments.pipeline.health import disabling_reasons
+from experiments.pipeline.health import UpdateHealth, disabling_reasons
 from experiments.pipeline.run_config import HealthThresholds, RunOptions
 from experiments.reporting.summary import build_summary, curve_markdown, curve_rows, summary_markdown, write_summary
 from experiments.summarize import main as summarize_main
 from util.cli import run_cli
+from util.deltas import apply_deltas, digest, restore, snapshot
 from util.environment import Environment
 from util.errors import RunError
 from util.files import JsonlStream, read_jsonl
@@ -97,6 +98,22 @@ def test_environment_is_read_once_into_the_options(tmp_path):
     (folder.path / "config.json").write_text(json.dumps({"options": stored.to_dict(), "corpus": {"path": "/old/corpus"}}))
     again = options_from_argv(["--continue_from_run", "run_001", "--results_dir", str(tmp_path)], env)
     assert again.corpus == "/old/corpus" and again.environment == env
+
+
+def test_health_reads_norms_of_what_the_caller_keeps():
+    """The health monitor keeps no weights: W0 comes from the session, which also restores it."""
+    model = torch.nn.Linear(3, 2, bias=False).double()
+    weights0 = snapshot(model, ["weight"])
+    health = UpdateHealth(["weight"], HealthThresholds())
+    delta = {"weight": torch.ones(2, 3, dtype=torch.float64)}
+    apply_deltas(model, delta)
+    row = health.measure(model, delta, weights0)
+    assert row["delta_norm"] == pytest.approx(6 ** 0.5) and row["drift_norm"] == pytest.approx(6 ** 0.5)
+    assert row["matrices"][0]["weight0_norm"] == pytest.approx(weights0["weight"].norm().item())
+    assert digest(snapshot(model, ["weight"])) != digest(weights0)
+    restore(model, weights0)
+    assert health.measure(model, {}, weights0)["drift_norm"] == 0.0 and digest(snapshot(model, ["weight"])) == digest(weights0)
+    assert not [name for name, value in vars(health).items() if isinstance(value, (torch.Tensor, dict))]
 
 
 def test_disabling_reasons_on_hand_made_records():

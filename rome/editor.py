@@ -28,8 +28,8 @@ from util.deltas import Deltas, apply_deltas, snapshot
 from util.errors import ModelLoadError
 from util.models import DTYPES, LoadedModel
 from util.requests import EditRequest
-from util.solve import Covariance, nullspace_basis, solve_update
-from util.stats import StatsCache
+from util.solve import Covariance, solve_update
+from util.stats import SecondMoment, StatsCache
 
 
 EDITED_KEYS = "edited_keys"  # EditContext.state[EDITED_KEYS][down projection module] = K_p K_p^T
@@ -71,13 +71,16 @@ class EditContext:
             self._corpus = resolve_corpus(self.corpus_path, lm.model, lm.tok, lm.name, n_tokens, self.seed)
         return self._corpus
 
-    def second_moments(self, lm: LoadedModel, hparams: EditHyperParams) -> dict[int, torch.Tensor]:
-        """C0 of every edited layer, computed in one pass where missing."""
-        moments = self.stats.second_moments(
+    def moments(self, lm: LoadedModel, hparams: EditHyperParams) -> dict[int, SecondMoment]:
+        """C0 of every edited layer with its cache key, computed in one pass where missing."""
+        return self.stats.second_moments(
             lm, hparams.layers, self.corpus(lm, hparams), hparams.mom2_n_samples,
             hparams.mom2_sample_tokens, hparams.mom2_dtype,
         )
-        return {layer: moment.mom2 for layer, moment in moments.items()}
+
+    def second_moments(self, lm: LoadedModel, hparams: EditHyperParams) -> dict[int, torch.Tensor]:
+        """C0 of every edited layer, computed in one pass where missing."""
+        return {layer: moment.mom2 for layer, moment in self.moments(lm, hparams).items()}
 
     def covariance(self, lm: LoadedModel, layer: int, hparams: EditHyperParams) -> Covariance:
         """C = mom2_update_weight * C0 (or I without mom2 adjustment) on the edited weight's device,
@@ -93,12 +96,13 @@ class EditContext:
         return self._covariances[key]
 
     def nullspace(self, lm: LoadedModel, layer: int, hparams: EditHyperParams, threshold: float) -> torch.Tensor:
-        """AlphaEdit's null-space basis U of C0 at `layer` (P = U U^T), computed once per run on the
-        edited weight's device (an eigendecomposition of m x m: seconds on a GPU, minutes on a CPU)."""
+        """AlphaEdit's null-space basis U of C0 at `layer` (P = U U^T) on the edited weight's device:
+        from the statistics cache (util/stats.py keeps it on disk next to C0), else computed there
+        (an eigendecomposition of m x m: seconds on a GPU, minutes on a CPU) and cached."""
         device = edited_weight(lm.model, lm.arch, layer).device
         key = (lm.name, layer, threshold, hparams.mom2_n_samples, hparams.mom2_sample_tokens, hparams.mom2_dtype, device)
         if key not in self._nullspaces:
-            self._nullspaces[key] = nullspace_basis(self.second_moments(lm, hparams)[layer].to(device), threshold)
+            self._nullspaces[key] = self.stats.nullspace(self.moments(lm, hparams)[layer], threshold, device)
         return self._nullspaces[key]
 
     def edited_keys(self, lm: LoadedModel, layer: int) -> torch.Tensor | None:

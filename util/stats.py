@@ -6,7 +6,9 @@ statistics) and added to a float64 running sum on the model's device, copied to 
 the end (a copy per batch held a GPU to a few thousand tokens/s). On a GPU the batch is sized
 from its free memory. Results are cached on disk, keyed by everything they depend on (model,
 layer module, corpus, token count, forward dtype), and held in memory by the `StatsCache` object
-the caller owns.
+the caller owns. AlphaEdit's null-space basis of a C0 is cached next to it, keyed by the same
+fields plus the eigenvalue threshold, so an eigendecomposition of m x m (minutes on a CPU for an
+8B model's 14336) runs once per machine, not once per run.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from util.corpus import Corpus, token_windows
 from util.models import DTYPES, LoadedModel, input_device
 from util.nethook import TraceDict
 from util.paths import cache_dir, slug
+from util.solve import nullspace_basis
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,20 @@ class StatsKey:
 
     def file_name(self) -> str:
         return f"{slug(self.module)}__{self.corpus}__t{self.n_tokens}__{self.dtype}.safetensors"
+
+
+@dataclass(frozen=True)
+class NullspaceKey:
+    """AlphaEdit's basis U (P = U U^T) of the C0 under `stats`, eigenvalues below `threshold`."""
+    stats: StatsKey
+    threshold: float
+
+    @property
+    def model(self) -> str:
+        return self.stats.model
+
+    def file_name(self) -> str:
+        return self.stats.file_name().removesuffix(".safetensors") + f"__null{float(self.threshold)!r}.safetensors"
 
 
 @dataclass
@@ -136,9 +153,10 @@ class StatsCache:
     def __init__(self, root: Path | None = None):
         self.root = Path(root) if root is not None else cache_dir() / "stats"
         self._memory: dict[StatsKey, SecondMoment] = {}
+        self._bases: dict[NullspaceKey, torch.Tensor] = {}  # host copies
         self.last_tokens_per_second: float | None = None
 
-    def path(self, key: StatsKey) -> Path:
+    def path(self, key: StatsKey | NullspaceKey) -> Path:
         return self.root / slug(key.model) / key.file_name()
 
     def second_moments(
@@ -183,9 +201,29 @@ class StatsCache:
         return moment
 
     def store(self, moment: SecondMoment) -> None:
-        path = self.path(moment.key)
+        self._write(self.path(moment.key), {"mom2": moment.mom2, "count": torch.tensor(moment.count)})
+        self._memory[moment.key] = moment
+
+    def nullspace(self, moment: SecondMoment, threshold: float, device: torch.device | str) -> torch.Tensor:
+        """AlphaEdit's null-space basis U of `moment`'s C0 on `device`: from memory or disk, else
+        computed there (eigh of m x m: seconds on a GPU) and stored next to C0."""
+        key = NullspaceKey(moment.key, threshold)
+        if key not in self._bases and self.path(key).is_file():
+            self._bases[key] = load_file(str(self.path(key)))["basis"]
+        if key in self._bases:
+            return self._bases[key].to(device)
+        basis = nullspace_basis(moment.mom2.to(device), threshold)
+        self.store_nullspace(key, basis)
+        return basis
+
+    def store_nullspace(self, key: NullspaceKey, basis: torch.Tensor) -> None:
+        self._bases[key] = basis.cpu()
+        self._write(self.path(key), {"basis": self._bases[key]})
+
+    @staticmethod
+    def _write(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        """Atomically: a run killed mid-write leaves no truncated cache file."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".partial")
-        save_file({"mom2": moment.mom2.contiguous(), "count": torch.tensor(moment.count)}, str(tmp))
+        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(tmp))
         tmp.replace(path)
-        self._memory[moment.key] = moment

@@ -16,12 +16,14 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from util.corpus import Corpus, token_windows
+from util.memory import ModelShape, stats_batch_tokens
 from util.models import DTYPES, LoadedModel, input_device
 from util.nethook import TraceDict
 from util.paths import cache_dir, slug
@@ -119,21 +121,18 @@ CPU_BATCH_TOKENS = 8192
 MAX_BATCH_TOKENS = 1 << 17
 
 
-def batch_tokens_for(lm: LoadedModel, n_layers: int, dtype: str = "float32") -> int:
-    """Tokens per statistics batch: a fixed number on the CPU; on a GPU, what fits in half of its
-    free memory, counting per token the truncated forward's live activations (~4 hidden and 3
-    intermediate vectors in the forward dtype), the retained keys of each layer with their float32
-    copy and, per layer, the float32 and float64 Gram matrices (a fixed cost)."""
-    device = input_device(lm.model)
-    if device.type != "cuda":
-        return CPU_BATCH_TOKENS
-    config = lm.model.config
-    hidden, inter = config.hidden_size, config.intermediate_size
-    width = DTYPES[dtype].itemsize
-    per_token = width * (4 * hidden + 3 * inter) + n_layers * inter * (width + 4)
-    fixed = n_layers * inter * inter * (4 + 8)
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(min(MAX_BATCH_TOKENS, max(CPU_BATCH_TOKENS // 8, (free // 2 - fixed) // per_token)))
+def batch_tokens_for(lm: LoadedModel, n_layers: int, dtype: str = "float32", window: int = 512,
+                     free_bytes: int | None = None) -> int:
+    """Tokens per statistics batch: what fits in half of `free_bytes` (util.memory.stats_batch_tokens:
+    the truncated forward's live activations, the retained keys and the Gram matrices), at most
+    MAX_BATCH_TOKENS. free_bytes None: a GPU's free memory (torch.cuda.mem_get_info), or on the
+    CPU a fixed CPU_BATCH_TOKENS."""
+    if free_bytes is None:
+        device = input_device(lm.model)
+        if device.type != "cuda":
+            return CPU_BATCH_TOKENS
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+    return min(MAX_BATCH_TOKENS, stats_batch_tokens(ModelShape.of(lm), n_layers, DTYPES[dtype].itemsize, window, free_bytes))
 
 
 def fast_bfloat16(device: torch.device) -> bool:
@@ -167,11 +166,12 @@ class StatsCache:
         n_samples: int,
         sample_tokens: int,
         dtype: str = "float32",
-        batch_tokens: int | None = None,
+        batch_tokens: int | Callable[[int], int] | None = None,
         progress: bool = True,
     ) -> dict[int, SecondMoment]:
         """C0 for each layer, from cache where present; the missing layers share one pass.
-        batch_tokens: tokens per forward (None: batch_tokens_for, from a GPU's free memory)."""
+        batch_tokens: tokens per forward, or a function of the number of layers computed (called only
+        when some are; None: batch_tokens_for, from a GPU's free memory)."""
         n_tokens = n_samples * sample_tokens
         keys = {layer: StatsKey(lm.name, lm.arch.down_proj(layer), corpus.ident, n_tokens, dtype) for layer in layers}
         result = {layer: self._load(key) for layer, key in keys.items()}
@@ -179,7 +179,9 @@ class StatsCache:
         if missing:
             log.info("computing key statistics for layers %s over %d tokens of %s", missing, n_tokens, corpus.ident)
             windows = token_windows(corpus, lm.tok, sample_tokens, n_samples)
-            batch_size = max(1, (batch_tokens or batch_tokens_for(lm, len(missing), dtype)) // sample_tokens)
+            if callable(batch_tokens):
+                batch_tokens = batch_tokens(len(missing))
+            batch_size = max(1, (batch_tokens or batch_tokens_for(lm, len(missing), dtype, sample_tokens)) // sample_tokens)
             sums, count, rate = accumulate_second_moments(lm, missing, windows, n_samples, batch_size, dtype, progress)
             self.last_tokens_per_second = rate
             log.info("key statistics: %d tokens at %.0f tokens/s", count, rate)

@@ -95,17 +95,24 @@ def edit(
     alg_name: str | None = None,
     context: EditContext | None = None,
     name: str | None = None,
+    max_gpu_memory: float | None = None,
 ) -> EditResult:
     """Edit `model` in place with `requests` and return the deltas applied.
 
     hparams: an hparams object, or a YAML path (then `alg_name` picks the class, default from the
     folder name hparams/<ALG>/...). context: reuse one across calls to keep templates and
     statistics; the default takes its corpus from $KEDIT_CORPUS (read here, at the notebook API's
-    edge) or falls back as util/corpus.py describes."""
+    edge) or falls back as util/corpus.py describes.
+    max_gpu_memory: GiB of device memory the edit may hold, weights included (chunk sizes and the
+    statistics batch follow from it, util/memory.py); for the default context, a given one carries
+    its own (EditContext.max_gpu_memory)."""
+    if context is not None and max_gpu_memory is not None:
+        raise HparamsError("edit(): give max_gpu_memory to the EditContext passed as context, not both")
     if not isinstance(hparams, EditHyperParams):
         path = Path(hparams)
         hparams = load_algorithm_hparams(alg_name or path.parent.name, str(path))
     prepare_tokenizer(tok)
     lm = LoadedModel(model, tok, arch_for(model), name or getattr(model.config, "_name_or_path", "") or "model")
     built = [r if isinstance(r, EditRequest) else make_request(r, f"request {i}") for i, r in enumerate(requests)]
-    return _algorithm_of(hparams).apply(lm, built, hparams, context or EditContext(corpus_path=Environment.read().corpus))
+    context = context or EditContext(corpus_path=Environment.read().corpus, max_gpu_memory=max_gpu_memory)
+    return _algorithm_of(hparams).apply(lm, built, hparams, context)

@@ -207,8 +207,9 @@ def main() -> int:
     parser.add_argument("--hparams", default="smollm2-135m.yaml", help="hparams file per editor (device report)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="hparams override (device report)")
     parser.add_argument("--algs", default="R-ROME,EMMET,MEMIT,AlphaEdit,ENCORE", help="editors of the device report")
-    parser.add_argument("--key_chunk_size", type=int, default=256, help="requests per key forward (device report; bounds memory)")
-    parser.add_argument("--value_chunk_size", type=int, default=64, help="requests per value optimisation batch (device report; bounds memory)")
+    parser.add_argument("--key_chunk_size", type=int, default=None, help="requests per key forward (device report; bounds memory; default from --max_gpu_memory, else 256)")
+    parser.add_argument("--value_chunk_size", type=int, default=None, help="requests per value optimisation batch (device report; bounds memory; default from --max_gpu_memory, else 64)")
+    parser.add_argument("--max_gpu_memory", type=float, default=None, metavar="GiB", help="device memory an edit may hold (device report; sets the chunk sizes)")
     args = parser.parse_args()
     if args.device != "cpu" or args.model_name != "smollm2-135m":
         return device_main(args)
@@ -265,7 +266,7 @@ def device_main(args) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     records = load_cases("cf", args.data_dir, limit=max(batches))
     ctx_args = {"corpus_path": str(Path(args.data_dir) / "wiki"), "value_dtype": args.value_dtype, "value_compile": args.value_compile,
-                "key_chunk_size": args.key_chunk_size, "value_chunk_size": args.value_chunk_size}
+                "key_chunk_size": args.key_chunk_size, "value_chunk_size": args.value_chunk_size, "max_gpu_memory": args.max_gpu_memory}
     device_report(lm, records, args.algs.split(","), batches, args.hparams, args.overrides, ctx_args["corpus_path"],
                   args.stats_windows, args.dtype, ctx_args)
     return 0

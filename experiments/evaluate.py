@@ -87,6 +87,8 @@ def build_parser() -> Parser:
     where.add_argument("--dtype", default=DEFAULTS.dtype, help=", ".join(DTYPES))
     where.add_argument("--value_dtype", default=DEFAULTS.value_dtype,
                        help="bfloat16: value optimisation in mixed precision (~3x faster on CPUs with avx512_bf16; values close to float32's)")
+    where.add_argument("--max_gpu_memory", type=float, default=None, metavar="GiB",
+                       help="device memory an edit may hold, weights included: sets the key/value chunk sizes and the statistics batch (util/memory.py)")
     where.add_argument("--value_compile", action="store_true",
                        help="with --value_dtype bfloat16 on Llama models: torch.compile the replayed layers (up to ~1.5 min in the first edits, then faster steps)")
     return p

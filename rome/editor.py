@@ -25,13 +25,15 @@ from rome.templates import context_templates, template_groups
 from util.arch import edited_weight, to_stored
 from util.corpus import Corpus, resolve_corpus
 from util.deltas import Deltas, apply_deltas, snapshot
-from util.errors import ModelLoadError
-from util.models import DTYPES, LoadedModel
+from util.errors import MemoryBudgetError, ModelLoadError
+from util.memory import GIB, HEADROOM, ModelShape, edit_shape, plan, resident_bytes, solver_matrices
+from util.models import DTYPES, LoadedModel, input_device
 from util.requests import EditRequest
-from util.solve import Covariance, nullspace_basis, solve_update
-from util.stats import StatsCache
+from util.solve import Covariance, solve_update
+from util.stats import SecondMoment, StatsCache, batch_tokens_for
 
 
+KEY_CHUNK, VALUE_CHUNK = 256, 64  # requests per key forward / value batch without a memory budget
 EDITED_KEYS = "edited_keys"  # EditContext.state[EDITED_KEYS][down projection module] = K_p K_p^T
 
 
@@ -50,9 +52,13 @@ class EditContext:
     # (rome.compute_v._llama_layer; compiled in the first calls of a process, up to ~1.5 min on a 2-core CPU)
     value_compile: bool = False
     # requests per padded key forward and per value optimisation batch: bound an edit's activation
-    # memory at large batches (results equal to one chunk's up to rounding)
-    key_chunk_size: int = 256
-    value_chunk_size: int = 64
+    # memory at large batches (results equal to one chunk's up to rounding). None: derived from
+    # max_gpu_memory when it is given, else KEY_CHUNK / VALUE_CHUNK
+    key_chunk_size: int | None = None
+    value_chunk_size: int | None = None
+    # GiB of device memory an edit may hold, weights included (--max_gpu_memory): the chunk sizes and
+    # the statistics batch follow from it by util/memory.py's estimate; explicit chunk sizes win
+    max_gpu_memory: float | None = None
     state: dict[str, Any] = field(default_factory=dict)  # per-run editor state, checkpointed
     _templates: dict = field(default_factory=dict, repr=False)
     _covariances: dict = field(default_factory=dict, repr=False)
@@ -71,13 +77,44 @@ class EditContext:
             self._corpus = resolve_corpus(self.corpus_path, lm.model, lm.tok, lm.name, n_tokens, self.seed)
         return self._corpus
 
-    def second_moments(self, lm: LoadedModel, hparams: EditHyperParams) -> dict[int, torch.Tensor]:
-        """C0 of every edited layer, computed in one pass where missing."""
-        moments = self.stats.second_moments(
+    def moments(self, lm: LoadedModel, hparams: EditHyperParams) -> dict[int, SecondMoment]:
+        """C0 of every edited layer with its cache key, computed in one pass where missing."""
+        return self.stats.second_moments(
             lm, hparams.layers, self.corpus(lm, hparams), hparams.mom2_n_samples,
             hparams.mom2_sample_tokens, hparams.mom2_dtype,
+            batch_tokens=None if self.max_gpu_memory is None else lambda n_layers: self._stats_batch_tokens(lm, hparams, n_layers),
         )
-        return {layer: moment.mom2 for layer, moment in moments.items()}
+
+    def _stats_batch_tokens(self, lm: LoadedModel, hparams: EditHyperParams, n_layers: int) -> int:
+        """Tokens per statistics batch of `n_layers` within max_gpu_memory."""
+        free = int(self.max_gpu_memory * GIB * HEADROOM) - resident_bytes(lm.model)
+        device = input_device(lm.model)
+        if device.type == "cuda":
+            free = min(free, torch.cuda.mem_get_info(device)[0])
+        tokens = batch_tokens_for(lm, n_layers, hparams.mom2_dtype, hparams.mom2_sample_tokens, free)
+        if tokens < hparams.mom2_sample_tokens:
+            raise MemoryBudgetError(f"max_gpu_memory {self.max_gpu_memory:.3g} GiB cannot hold one key-statistics window "
+                                    f"of {hparams.mom2_sample_tokens} tokens of {lm.name} at layers {hparams.layers}")
+        return tokens
+
+    def chunk_sizes(self, lm: LoadedModel, requests: list[EditRequest], hparams: EditHyperParams,
+                    matrices: tuple[int, int] = (0, 0)) -> tuple[int, int]:
+        """Requests per key forward and per value optimisation batch: the explicit sizes, else what
+        fits in max_gpu_memory (util/memory.py; `matrices`: m x m float64 matrices the solver keeps
+        per edited layer and needs while solving one, util.memory.solver_matrices; none when
+        nothing is solved), else KEY_CHUNK / VALUE_CHUNK."""
+        if self.max_gpu_memory is None or (self.key_chunk_size and self.value_chunk_size):
+            return self.key_chunk_size or KEY_CHUNK, self.value_chunk_size or VALUE_CHUNK
+        shape = edit_shape(lm.tok, requests, self.templates(lm, hparams), hparams.kl_prompts, hparams.v_loss_layer, hparams.layers[-1])
+        autocast = None if self.value_dtype == "float32" else DTYPES[self.value_dtype]
+        replayed = [lm.model.get_submodule(lm.arch.layer(j)) for j in range(hparams.layers[-1] + 1, hparams.v_loss_layer + 1)]
+        budget = plan(lm.model, ModelShape.of(lm), shape, self.max_gpu_memory, autocast,
+                      [*replayed, lm.model.get_submodule(lm.arch.unembed)], len(hparams.layers), matrices, lm.name)
+        return self.key_chunk_size or budget.key_chunk(), self.value_chunk_size or budget.value_chunk()
+
+    def second_moments(self, lm: LoadedModel, hparams: EditHyperParams) -> dict[int, torch.Tensor]:
+        """C0 of every edited layer, computed in one pass where missing."""
+        return {layer: moment.mom2 for layer, moment in self.moments(lm, hparams).items()}
 
     def covariance(self, lm: LoadedModel, layer: int, hparams: EditHyperParams) -> Covariance:
         """C = mom2_update_weight * C0 (or I without mom2 adjustment) on the edited weight's device,
@@ -93,12 +130,13 @@ class EditContext:
         return self._covariances[key]
 
     def nullspace(self, lm: LoadedModel, layer: int, hparams: EditHyperParams, threshold: float) -> torch.Tensor:
-        """AlphaEdit's null-space basis U of C0 at `layer` (P = U U^T), computed once per run on the
-        edited weight's device (an eigendecomposition of m x m: seconds on a GPU, minutes on a CPU)."""
+        """AlphaEdit's null-space basis U of C0 at `layer` (P = U U^T) on the edited weight's device:
+        from the statistics cache (util/stats.py keeps it on disk next to C0), else computed there
+        (an eigendecomposition of m x m: seconds on a GPU, minutes on a CPU) and cached."""
         device = edited_weight(lm.model, lm.arch, layer).device
         key = (lm.name, layer, threshold, hparams.mom2_n_samples, hparams.mom2_sample_tokens, hparams.mom2_dtype, device)
         if key not in self._nullspaces:
-            self._nullspaces[key] = nullspace_basis(self.second_moments(lm, hparams)[layer].to(device), threshold)
+            self._nullspaces[key] = self.stats.nullspace(self.moments(lm, hparams)[layer], threshold, device)
         return self._nullspaces[key]
 
     def edited_keys(self, lm: LoadedModel, layer: int) -> torch.Tensor | None:
@@ -121,14 +159,16 @@ class EditResult:
     requests: list[dict]  # per request: value optimisation record
     layers: list[dict]  # per layer: update norms, residual, solve time
     value_deltas: torch.Tensor  # (n, d) the optimised residual change per request
+    chunk_sizes: dict[str, int] = field(default_factory=dict)  # requests per key forward / value batch
 
 
 def edit_keys(lm: LoadedModel, requests: list[EditRequest], layers: list[int], hparams: EditHyperParams,
-              ctx: EditContext, site: str | None = None) -> KeyResult:
-    """The keys an edit solves with: the context's templates, averaged as `hparams.key_average` says."""
+              ctx: EditContext, site: str | None = None, chunk_size: int | None = None) -> KeyResult:
+    """The keys an edit solves with: the context's templates, averaged as `hparams.key_average` says.
+    chunk_size: requests per forward (None: the context's, EditContext.chunk_sizes)."""
     groups = template_groups(hparams.context_template_length_params, hparams.key_average)
     return compute_keys(lm, requests, layers, ctx.templates(lm, hparams), hparams.fact_token, site=site, groups=groups,
-                        chunk_size=ctx.key_chunk_size)
+                        chunk_size=chunk_size or ctx.chunk_sizes(lm, requests, hparams)[0])
 
 
 def edit_layers(
@@ -164,22 +204,24 @@ def edit_layers(
     layers = hparams.layers
     site_module = lm.arch.down_proj(layers[-1]) if site == "mlp" else lm.arch.layer(layers[-1])
     autocast = None if ctx.value_dtype == "float32" else DTYPES[ctx.value_dtype]
+    key_chunk, value_chunk = ctx.chunk_sizes(lm, requests, hparams,
+                                             solver_matrices(constraint, hparams.mom2_adjustment, remember_keys))
     values = compute_values(lm, requests, layers[-1], templates, hparams, site=site, fast=ctx.fast, autocast=autocast,
-                            compiled=ctx.value_compile, chunk_size=ctx.value_chunk_size)
+                            compiled=ctx.value_compile, chunk_size=value_chunk)
     targets = values.target
     names = [lm.arch.weight_name(layer) for layer in layers]
     originals = snapshot(lm.model, names)
     deltas: Deltas = {}
     layer_records, solved_keys = [], []
     for i, layer in enumerate(layers):
-        keys = edit_keys(lm, requests, [layer], hparams, ctx, site=site_module)
+        keys = edit_keys(lm, requests, [layer], hparams, ctx, site=site_module, chunk_size=key_chunk)
         weight = edited_weight(lm.model, lm.arch, layer).double()
         device = weight.device  # solve where the matrix lives (a GPU under a device map), in float64
         k_star = keys.k_star[layer].to(device, torch.float64).T  # m x n
         current = keys.site_output if residual_from == "bare_prompt" else keys.site_mean
         residual = (targets.to(device, torch.float64) - current.to(device, torch.float64)).T / (len(layers) - i)  # d x n
         k_constraint = keys.k_bare[layer].to(device, torch.float64).T if bare_key_residual else k_star
-        cov = ctx.covariance(lm, layer, hparams)
+        cov = None if constraint == "nullspace" else ctx.covariance(lm, layer, hparams)  # AlphaEdit needs only U
         delta, info = solve_update(
             residual, k_constraint, cov, constraint, mu=mu,
             K_dir=k_star if bare_key_residual else None, layer=lm.arch.down_proj(layer),
@@ -199,7 +241,7 @@ def edit_layers(
          "v_target_prob": values.target_prob[j], "delta_ratio": values.delta_ratio[j]}
         for j, r in enumerate(requests)
     ]
-    return EditResult(deltas, originals, request_records, layer_records, values.delta)
+    return EditResult(deltas, originals, request_records, layer_records, values.delta, {"keys": key_chunk, "values": value_chunk})
 
 
 def check_editable(lm: LoadedModel, layers: list[int]) -> None:

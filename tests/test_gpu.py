@@ -87,3 +87,26 @@ def test_alphaedit_null_space_is_computed_on_the_gpu(tokenizer, tmp_path):
     ctx: EditContext = context(tmp_path)
     assert ctx.nullspace(lm, 1, hp, hp.nullspace_threshold).device.type == "cuda"
     assert ctx.covariance(lm, 1, hp).matrix.device.type == "cuda"
+
+
+def test_an_edit_under_max_gpu_memory_stays_within_it(tokenizer, tmp_path):
+    """The budget's estimate (util/memory.py) bounds what torch allocates on the GPU: a budget with
+    room for one and a half requests' value optimisation chunks the batch and is not exceeded."""
+    from util.memory import GIB, HEADROOM, ModelShape, edit_shape, plan, solver_matrices
+
+    lm = tiny_on("llama", tokenizer, "cuda")
+    hp = tiny_hparams(ALGORITHMS["EMMET"].hparams_class, **EXTRA["EMMET"])
+    requests = [make_request(r) for r in REQUESTS]
+    ctx = context(tmp_path)
+    matrices = solver_matrices("equality", hp.mom2_adjustment, False)
+    for layer in hp.layers:
+        ctx.covariance(lm, layer, hp)  # statistics and C on the device, outside the measured edit
+    shape = edit_shape(tokenizer, requests, ctx.templates(lm, hp), hp.kl_prompts, hp.v_loss_layer, hp.layers[-1])
+    estimate = plan(lm.model, ModelShape.of(lm), shape, 1.0, None, [], len(hp.layers), matrices)
+    ctx.max_gpu_memory = (estimate.resident + 1.5 * estimate.value_request) / HEADROOM / GIB
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    result = ALGORITHMS["EMMET"].apply(lm, requests, hp, ctx)
+    peak = torch.cuda.max_memory_allocated()
+    assert result.chunk_sizes["values"] == 1
+    assert peak <= ctx.max_gpu_memory * GIB, (peak / GIB, ctx.max_gpu_memory)

@@ -130,3 +130,34 @@ def test_statistics_accumulate_on_the_device_and_batches_do_not_change_them(tiny
         # float32 Gram matrices of other batches: equal up to float32 rounding, not bitwise
         torch.testing.assert_close(many[layer], one[layer], rtol=1e-5, atol=1e-6 * one[layer].abs().max().item())
     assert batch_tokens_for(tiny_llama, 2) == CPU_BATCH_TOKENS  # a fixed batch on the CPU
+
+
+def eigh_calls(monkeypatch) -> list:
+    """Counts torch.linalg.eigh calls (the real one runs): how the null space was obtained."""
+    calls, real = [], torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    return calls
+
+
+def test_null_space_is_cached_on_disk_with_the_statistics(tiny_llama, corpus_file, tmp_path, monkeypatch):
+    """AlphaEdit's basis U is stored next to C0 under C0's key plus the threshold: a second run (a
+    fresh context and cache object on the same folder) loads it without an eigendecomposition; a
+    changed threshold or layer is another key and is computed."""
+    from alphaedit.alphaedit_main import AlphaEditHyperParams
+    from rome.editor import EditContext
+    from tests.helpers import tiny_hparams
+
+    hp = tiny_hparams(AlphaEditHyperParams, layers=[1, 2], nullspace_threshold=1e-3)
+    run = lambda: EditContext(corpus_path=str(corpus_file), stats=StatsCache(tmp_path / "stats"))  # noqa: E731
+    calls = eigh_calls(monkeypatch)
+    first = run().nullspace(tiny_llama, 1, hp, 1e-3)
+    assert len(calls) == 1 and first.shape[1] > 0
+    assert sorted(p.name for p in (tmp_path / "stats").rglob("*__null*")) == [
+        f"model.layers.1.mlp.down_proj__{local_corpus(corpus_file).ident}__t512__float32__null0.001.safetensors"]
+    second = run().nullspace(tiny_llama, 1, hp, 1e-3)
+    assert len(calls) == 1, "the second run recomputed the null space"
+    assert torch.equal(second, first)
+    other = run()
+    other.nullspace(tiny_llama, 1, hp, 2e-3)  # another threshold
+    other.nullspace(tiny_llama, 2, hp, 1e-3)  # another layer
+    assert len(calls) == 3

@@ -37,7 +37,7 @@ def unreadable(ident: str) -> Corpus:
     return Corpus("local", ident, texts)
 
 
-def test_export_then_import_serves_a_run_without_the_corpus(exported, tokenizer, tmp_path):
+def test_export_then_import_serves_a_run_without_the_corpus(exported, tokenizer, tmp_path, monkeypatch):
     folder, corpus, expected = exported
     manifest = json.loads((folder / MANIFEST).read_text())
     assert manifest["n_tokens"] == SAMPLES * TOKENS and manifest["corpus"] == corpus.ident and manifest["dtype"] == "float32"
@@ -56,6 +56,10 @@ def test_export_then_import_serves_a_run_without_the_corpus(exported, tokenizer,
     basis = load_file(str(folder / TENSORS))["layer.1.nullspace"]
     torch.testing.assert_close(basis @ basis.T, (lambda u: u @ u.T)(nullspace_basis(expected[1], 1e-3)))
     assert manifest["layers"][0]["nullspace"]["rank"] == basis.shape[1] > 0
+    # and is imported into the cache: a run with that threshold loads it (no eigendecomposition)
+    calls, real = [], torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert torch.equal(StatsCache(tmp_path / "importer").nullspace(got[1], 1e-3, "cpu"), basis) and not calls
 
 
 @pytest.mark.parametrize("case, fragment", [

@@ -35,3 +35,7 @@ class RunError(KeditError):
 
 class SolverError(KeditError):
     """A singular or ill-conditioned update system; names the layer and condition number."""
+
+
+class MemoryBudgetError(KeditError):
+    """A device memory budget (--max_gpu_memory) too small for one request; says what would fit."""

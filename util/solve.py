@@ -149,14 +149,14 @@ def solve_nullspace(R: torch.Tensor, K: torch.Tensor, basis: torch.Tensor, alpha
     return solve_least_squares(R, U.T @ K.double(), ridge, layer, prior=reduced_prior) @ U.T
 
 
-def solve_update(R: torch.Tensor, K: torch.Tensor, cov: Covariance, constraint: str, mu: float = 0.0,
+def solve_update(R: torch.Tensor, K: torch.Tensor, cov: Covariance | None, constraint: str, mu: float = 0.0,
                  K_dir: torch.Tensor | None = None, layer: str = "?", prior: torch.Tensor | None = None,
                  basis: torch.Tensor | None = None) -> tuple[torch.Tensor, SolveInfo]:
     """Dispatch on the constraint; returns Delta (d x m, float64) and timing.
 
     mu is each system's multiple of the identity: EMMET's conditioning term (equality), ENCORE's
     Frobenius weight (least squares), AlphaEdit's alpha (nullspace). prior = K_p K_p^T of earlier
-    edits (least squares, nullspace); basis = U of the null space (nullspace, where C is unused)."""
+    edits (least squares, nullspace); basis = U of the null space (nullspace, where C is unused: cov None)."""
     start = time.perf_counter()
     extras = {}
     if constraint == "least_squares":

@@ -6,7 +6,9 @@ statistics) and added to a float64 running sum on the model's device, copied to 
 the end (a copy per batch held a GPU to a few thousand tokens/s). On a GPU the batch is sized
 from its free memory. Results are cached on disk, keyed by everything they depend on (model,
 layer module, corpus, token count, forward dtype), and held in memory by the `StatsCache` object
-the caller owns.
+the caller owns. AlphaEdit's null-space basis of a C0 is cached next to it, keyed by the same
+fields plus the eigenvalue threshold, so an eigendecomposition of m x m (minutes on a CPU for an
+8B model's 14336) runs once per machine, not once per run.
 """
 from __future__ import annotations
 
@@ -14,15 +16,18 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from util.corpus import Corpus, token_windows
+from util.memory import ModelShape, stats_batch_tokens
 from util.models import DTYPES, LoadedModel, input_device
 from util.nethook import TraceDict
 from util.paths import cache_dir, slug
+from util.solve import nullspace_basis
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,20 @@ class StatsKey:
 
     def file_name(self) -> str:
         return f"{slug(self.module)}__{self.corpus}__t{self.n_tokens}__{self.dtype}.safetensors"
+
+
+@dataclass(frozen=True)
+class NullspaceKey:
+    """AlphaEdit's basis U (P = U U^T) of the C0 under `stats`, eigenvalues below `threshold`."""
+    stats: StatsKey
+    threshold: float
+
+    @property
+    def model(self) -> str:
+        return self.stats.model
+
+    def file_name(self) -> str:
+        return self.stats.file_name().removesuffix(".safetensors") + f"__null{float(self.threshold)!r}.safetensors"
 
 
 @dataclass
@@ -102,21 +121,18 @@ CPU_BATCH_TOKENS = 8192
 MAX_BATCH_TOKENS = 1 << 17
 
 
-def batch_tokens_for(lm: LoadedModel, n_layers: int, dtype: str = "float32") -> int:
-    """Tokens per statistics batch: a fixed number on the CPU; on a GPU, what fits in half of its
-    free memory, counting per token the truncated forward's live activations (~4 hidden and 3
-    intermediate vectors in the forward dtype), the retained keys of each layer with their float32
-    copy and, per layer, the float32 and float64 Gram matrices (a fixed cost)."""
-    device = input_device(lm.model)
-    if device.type != "cuda":
-        return CPU_BATCH_TOKENS
-    config = lm.model.config
-    hidden, inter = config.hidden_size, config.intermediate_size
-    width = DTYPES[dtype].itemsize
-    per_token = width * (4 * hidden + 3 * inter) + n_layers * inter * (width + 4)
-    fixed = n_layers * inter * inter * (4 + 8)
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(min(MAX_BATCH_TOKENS, max(CPU_BATCH_TOKENS // 8, (free // 2 - fixed) // per_token)))
+def batch_tokens_for(lm: LoadedModel, n_layers: int, dtype: str = "float32", window: int = 512,
+                     free_bytes: int | None = None) -> int:
+    """Tokens per statistics batch: what fits in half of `free_bytes` (util.memory.stats_batch_tokens:
+    the truncated forward's live activations, the retained keys and the Gram matrices), at most
+    MAX_BATCH_TOKENS. free_bytes None: a GPU's free memory (torch.cuda.mem_get_info), or on the
+    CPU a fixed CPU_BATCH_TOKENS."""
+    if free_bytes is None:
+        device = input_device(lm.model)
+        if device.type != "cuda":
+            return CPU_BATCH_TOKENS
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+    return min(MAX_BATCH_TOKENS, stats_batch_tokens(ModelShape.of(lm), n_layers, DTYPES[dtype].itemsize, window, free_bytes))
 
 
 def fast_bfloat16(device: torch.device) -> bool:
@@ -136,9 +152,10 @@ class StatsCache:
     def __init__(self, root: Path | None = None):
         self.root = Path(root) if root is not None else cache_dir() / "stats"
         self._memory: dict[StatsKey, SecondMoment] = {}
+        self._bases: dict[NullspaceKey, torch.Tensor] = {}  # host copies
         self.last_tokens_per_second: float | None = None
 
-    def path(self, key: StatsKey) -> Path:
+    def path(self, key: StatsKey | NullspaceKey) -> Path:
         return self.root / slug(key.model) / key.file_name()
 
     def second_moments(
@@ -149,11 +166,12 @@ class StatsCache:
         n_samples: int,
         sample_tokens: int,
         dtype: str = "float32",
-        batch_tokens: int | None = None,
+        batch_tokens: int | Callable[[int], int] | None = None,
         progress: bool = True,
     ) -> dict[int, SecondMoment]:
         """C0 for each layer, from cache where present; the missing layers share one pass.
-        batch_tokens: tokens per forward (None: batch_tokens_for, from a GPU's free memory)."""
+        batch_tokens: tokens per forward, or a function of the number of layers computed (called only
+        when some are; None: batch_tokens_for, from a GPU's free memory)."""
         n_tokens = n_samples * sample_tokens
         keys = {layer: StatsKey(lm.name, lm.arch.down_proj(layer), corpus.ident, n_tokens, dtype) for layer in layers}
         result = {layer: self._load(key) for layer, key in keys.items()}
@@ -161,7 +179,9 @@ class StatsCache:
         if missing:
             log.info("computing key statistics for layers %s over %d tokens of %s", missing, n_tokens, corpus.ident)
             windows = token_windows(corpus, lm.tok, sample_tokens, n_samples)
-            batch_size = max(1, (batch_tokens or batch_tokens_for(lm, len(missing), dtype)) // sample_tokens)
+            if callable(batch_tokens):
+                batch_tokens = batch_tokens(len(missing))
+            batch_size = max(1, (batch_tokens or batch_tokens_for(lm, len(missing), dtype, sample_tokens)) // sample_tokens)
             sums, count, rate = accumulate_second_moments(lm, missing, windows, n_samples, batch_size, dtype, progress)
             self.last_tokens_per_second = rate
             log.info("key statistics: %d tokens at %.0f tokens/s", count, rate)
@@ -183,9 +203,29 @@ class StatsCache:
         return moment
 
     def store(self, moment: SecondMoment) -> None:
-        path = self.path(moment.key)
+        self._write(self.path(moment.key), {"mom2": moment.mom2, "count": torch.tensor(moment.count)})
+        self._memory[moment.key] = moment
+
+    def nullspace(self, moment: SecondMoment, threshold: float, device: torch.device | str) -> torch.Tensor:
+        """AlphaEdit's null-space basis U of `moment`'s C0 on `device`: from memory or disk, else
+        computed there (eigh of m x m: seconds on a GPU) and stored next to C0."""
+        key = NullspaceKey(moment.key, threshold)
+        if key not in self._bases and self.path(key).is_file():
+            self._bases[key] = load_file(str(self.path(key)))["basis"]
+        if key in self._bases:
+            return self._bases[key].to(device)
+        basis = nullspace_basis(moment.mom2.to(device), threshold)
+        self.store_nullspace(key, basis)
+        return basis
+
+    def store_nullspace(self, key: NullspaceKey, basis: torch.Tensor) -> None:
+        self._bases[key] = basis.cpu()
+        self._write(self.path(key), {"basis": self._bases[key]})
+
+    @staticmethod
+    def _write(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        """Atomically: a run killed mid-write leaves no truncated cache file."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".partial")
-        save_file({"mom2": moment.mom2.contiguous(), "count": torch.tensor(moment.count)}, str(tmp))
+        save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(tmp))
         tmp.replace(path)
-        self._memory[moment.key] = moment

@@ -8,8 +8,9 @@
 
 Importing checks the manifest against the model it is used with (architecture, module names,
 shapes, revision where both know one, and a fingerprint of the weights the statistics depend on)
-and stores the matrices in the statistics cache under the importing model's name, where a run
-with the same corpus, token count and dtype finds them instead of computing them.
+and stores the matrices (C0 and, where exported, the null-space basis) in the statistics cache
+under the importing model's name, where a run with the same corpus, token count and dtype (and,
+for AlphaEdit, nullspace_threshold) finds them instead of computing them.
 """
 from __future__ import annotations
 
@@ -26,8 +27,7 @@ from util.arch import edited_weight
 from util.corpus import Corpus
 from util.errors import KeditError
 from util.models import LoadedModel
-from util.solve import nullspace_basis
-from util.stats import SecondMoment, StatsCache, StatsKey
+from util.stats import NullspaceKey, SecondMoment, StatsCache, StatsKey
 
 FORMAT = "kedit-key-stats/1"
 MANIFEST, TENSORS = "manifest.json", "key_stats.safetensors"
@@ -76,8 +76,8 @@ def export_stats(lm: LoadedModel, layers: list[int], corpus: Corpus, n_samples: 
         entry = {"layer": layer, "module": lm.arch.down_proj(layer), "shape": list(moment.mom2.shape),
                  "count": moment.count, "mom2": f"layer.{layer}.mom2", "nullspace": None}
         tensors[entry["mom2"]] = moment.mom2.contiguous()
-        if nullspace_threshold is not None:
-            basis = nullspace_basis(moment.mom2, nullspace_threshold)
+        if nullspace_threshold is not None:  # from the cache where a run or an import put it
+            basis = cache.nullspace(moment, nullspace_threshold, edited_weight(lm.model, lm.arch, layer).device).cpu()
             entry["nullspace"] = {"tensor": f"layer.{layer}.nullspace", "threshold": nullspace_threshold, "rank": basis.shape[1]}
             tensors[entry["nullspace"]["tensor"]] = basis.contiguous()
         entries.append(entry)
@@ -139,5 +139,7 @@ def import_stats(lm: LoadedModel, folder: str | Path, cache: StatsCache) -> list
     for entry in manifest["layers"]:
         key = StatsKey(lm.name, entry["module"], manifest["corpus"], manifest["n_tokens"], manifest["dtype"])
         cache.store(SecondMoment(tensors[entry["mom2"]], entry["count"], key))
+        if entry["nullspace"]:  # AlphaEdit runs with this threshold load it instead of an eigh
+            cache.store_nullspace(NullspaceKey(key, entry["nullspace"]["threshold"]), tensors[entry["nullspace"]["tensor"]])
         keys.append(key)
     return keys

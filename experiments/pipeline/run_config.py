@@ -19,7 +19,8 @@ from util.errors import RunError
 from util.paths import PROJECT_ROOT
 
 MODES = ("batched", "sequential", "sequential-batched")
-SESSION_FIELDS = ("continue_from_run", "results_dir", "device", "data_dir", "stop_after", "save_model", "environment")
+SESSION_FIELDS = ("continue_from_run", "results_dir", "device", "data_dir", "stop_after", "save_model", "environment",
+                  "max_gpu_memory")
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class RunOptions:
     data_dir: str | None = None
     stop_after: int | None = None  # end this session cleanly (with a checkpoint) after this many edits
     save_model: bool = False  # write the edited model as a HF folder when the session ends (experiments/export.py)
+    max_gpu_memory: float | None = None  # GiB an edit may hold on the device (rome.editor.EditContext)
     # the environment variables, read once by the command line (util/environment.py); the corpus
     # above already holds $KEDIT_CORPUS when --corpus was not given
     environment: Environment = field(default_factory=Environment)
@@ -109,6 +111,8 @@ class RunOptions:
             raise RunError("--save_model needs --sequential: a batched run undoes every batch, leaving no edited model")
         if self.protocol not in PROTOCOLS:
             raise RunError(f"--protocol {self.protocol!r}: choose from {', '.join(PROTOCOLS)}")
+        if self.max_gpu_memory is not None and not self.max_gpu_memory > 0:
+            raise RunError(f"--max_gpu_memory must be a positive number of GiB, got {self.max_gpu_memory}")
         if self.stop_after is not None and self.stop_after < 1:
             raise RunError(f"--stop_after must be at least 1, got {self.stop_after}")
         return self

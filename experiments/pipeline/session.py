@@ -194,9 +194,8 @@ def prepared_context(options: RunOptions, lm: LoadedModel, hparams: EditHyperPar
     """An EditContext whose templates and key statistics come from the unedited model: computed
     lazily at the first edit they would be, but a continued run restores edited weights first."""
     ctx = EditContext(seed=options.seed, corpus_path=options.corpus, value_dtype=options.value_dtype,
-                      value_compile=options.value_compile)
+                      value_compile=options.value_compile, max_gpu_memory=options.max_gpu_memory)
     ctx.templates(lm, hparams)
     if hparams.mom2_adjustment:
-        for layer in hparams.layers:
-            ctx.covariance(lm, layer, hparams)
+        ctx.moments(lm, hparams)  # C0 (host); its device copies follow at the first edit, only where solved with
     return ctx

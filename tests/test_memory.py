@@ -1,0 +1,120 @@
+"""The device memory budget (`max_gpu_memory`, util/memory.py): chunk sizes and the statistics batch
+derived from it, checked on the CPU (the estimate depends on shapes and dtypes, not the device)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rome.compute_v
+from editors import ALGORITHMS, edit
+from experiments.pipeline.run_config import RunOptions
+from util.errors import RunError
+from rome.editor import KEY_CHUNK, VALUE_CHUNK
+from tests.helpers import REQUESTS, context, tiny_hparams
+from util.deltas import restore
+from util.errors import HparamsError, MemoryBudgetError
+from util.memory import GIB, HEADROOM, ModelShape, edit_shape, plan, resident_bytes, solver_matrices, stats_batch_tokens
+from util.requests import make_request
+from util.stats import StatsCache, batch_tokens_for
+
+REQS = [make_request(r) for r in REQUESTS]
+
+
+def emmet_hparams(**extra):
+    return tiny_hparams(ALGORITHMS["EMMET"].hparams_class, layers=[1, 2], mom2_update_weight=10.0, emmet_lambda=0.1,
+                        v_num_grad_steps=4, **extra)
+
+
+def budget_plan(lm, ctx, hp, gib: float, matrices: tuple[int, int] = (2, 2)):
+    shape = edit_shape(lm.tok, REQS, ctx.templates(lm, hp), hp.kl_prompts, hp.v_loss_layer, hp.layers[-1])
+    return plan(lm.model, ModelShape.of(lm), shape, gib, None, [], len(hp.layers), matrices)
+
+
+def test_chunk_sizes_shrink_with_the_budget_and_stay_within_it(tiny, tmp_path):
+    hp, ctx = emmet_hparams(), context(tmp_path)
+    matrices = solver_matrices("equality", True, False)
+    chunks = []
+    for gib in (1.0, 0.25, 0.06, 0.03):
+        ctx.max_gpu_memory = gib
+        key_chunk, value_chunk = ctx.chunk_sizes(tiny, REQS, hp, matrices)
+        chunks.append((key_chunk, value_chunk))
+        estimate = budget_plan(tiny, ctx, hp, gib, matrices)
+        for chunk, per_request, fixed in ((key_chunk, estimate.key_request, 0), (value_chunk, estimate.value_request, estimate.value_fixed)):
+            # by design within the budget, and the largest chunk that is
+            assert estimate.resident + fixed + chunk * per_request <= HEADROOM * gib * GIB
+            assert estimate.resident + fixed + (chunk + 1) * per_request > HEADROOM * gib * GIB
+    assert all(a >= b for a, b in zip(chunks, chunks[1:])) and chunks[0][1] > chunks[-1][1] >= 1, chunks
+    assert chunks[0][0] > chunks[-1][0]
+    # the solver's matrices count per edited layer (m x m float64 each)
+    m = ModelShape.of(tiny).mlp
+    assert budget_plan(tiny, ctx, hp, 0.06, (4, 3)).resident - budget_plan(tiny, ctx, hp, 0.06, (0, 3)).resident == 4 * 2 * m * m * 8
+    assert solver_matrices("nullspace", True, True) == (2, 3) and solver_matrices("least_squares", True, False) == (1, 3)
+    # explicit sizes win over the budget; without either, the defaults
+    ctx.key_chunk_size, ctx.value_chunk_size = 7, 5
+    assert ctx.chunk_sizes(tiny, REQS, hp, matrices) == (7, 5)
+    assert context(tmp_path).chunk_sizes(tiny, REQS, hp) == (KEY_CHUNK, VALUE_CHUNK)
+
+
+def test_a_small_budget_chunks_the_edit_and_gives_the_same_update(tiny64, tmp_path, monkeypatch):
+    hp = emmet_hparams()
+    whole = ALGORITHMS["EMMET"].apply(tiny64, REQS, hp, context(tmp_path))
+    restore(tiny64.model, whole.originals)
+    ctx = context(tmp_path)
+    estimate = budget_plan(tiny64, ctx, hp, 1.0)
+    # room for one request's value optimisation and a half: three value batches of one request
+    gib = (estimate.resident + 1.5 * estimate.value_request) / HEADROOM / GIB
+    batches = []
+    real = rome.compute_v.compute_values
+    monkeypatch.setattr(rome.compute_v, "compute_values", lambda lm, requests, *a, **k: batches.append(len(requests)) or real(lm, requests, *a, **k))
+    ctx.max_gpu_memory = gib
+    chunked = ALGORITHMS["EMMET"].apply(tiny64, REQS, hp, ctx)
+    assert chunked.chunk_sizes["values"] == 1 and batches == [1, 1, 1]  # the chunks (the editor's own call is not patched)
+    assert whole.chunk_sizes == {"keys": KEY_CHUNK, "values": VALUE_CHUNK}
+    for name, delta in whole.deltas.items():
+        torch.testing.assert_close(chunked.deltas[name], delta, rtol=1e-9, atol=1e-12 * delta.abs().max().item())
+
+
+def test_an_impossible_budget_stops_with_one_line(tiny, tmp_path):
+    hp = tiny_hparams(ALGORITHMS["R-ROME"].hparams_class)
+    request = {k: v for k, v in REQUESTS[0].items() if k != "case_id"}
+    needed = resident_bytes(tiny.model) / GIB
+    ctx = context(tmp_path)
+    ctx.second_moments(tiny, hp)  # statistics computed without a budget: the edit itself is refused
+    ctx.max_gpu_memory = needed  # the weights alone fill it
+    with pytest.raises(MemoryBudgetError) as err:
+        edit(tiny.model, tiny.tok, [request], hp, context=ctx)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"max_gpu_memory {needed:.3g} GiB cannot hold an edit of") and "give at least" in message
+    # the statistics pass is refused the same way
+    with pytest.raises(MemoryBudgetError, match="cannot hold one key-statistics window of 64 tokens"):
+        context(tmp_path, max_gpu_memory=needed, stats=StatsCache(tmp_path / "empty")).second_moments(tiny, hp)
+    with pytest.raises(HparamsError, match="not both"):
+        edit(tiny.model, tiny.tok, [request], hp, context=ctx, max_gpu_memory=1.0)
+    with pytest.raises(RunError, match="--max_gpu_memory must be a positive number of GiB"):
+        RunOptions(max_gpu_memory=0).validate()
+
+
+def test_statistics_batch_from_the_free_bytes(tiny_llama, tmp_path):
+    """The formula a GPU's free memory (torch.cuda.mem_get_info) goes through, fed free bytes on the CPU."""
+    shape = ModelShape.of(tiny_llama)
+    per_token = 4 * (4 * shape.hidden + 3 * shape.mlp) + 4 * shape.heads * 64 + 2 * shape.mlp * (4 + 4)
+    fixed = 2 * shape.mlp ** 2 * (4 + 8)
+    for free in (10 ** 6, 10 ** 7, 10 ** 8):
+        tokens = batch_tokens_for(tiny_llama, 2, "float32", window=64, free_bytes=free)
+        assert tokens == min(1 << 17, (free // 2 - fixed) // per_token)
+        assert tokens * per_token + fixed <= free // 2
+    assert batch_tokens_for(tiny_llama, 2, "float32", 64, 10 ** 6) < batch_tokens_for(tiny_llama, 2, "float32", 64, 10 ** 7)
+    assert stats_batch_tokens(shape, 2, 4, 64, fixed) == 0  # nothing left after the Gram matrices
+    # under a budget the context hands the statistics pass a batch that fits in its room
+    hp = tiny_hparams(ALGORITHMS["R-ROME"].hparams_class)
+    gib = (resident_bytes(tiny_llama.model) + 10 ** 7) / HEADROOM / GIB
+    tokens = context(tmp_path, max_gpu_memory=gib)._stats_batch_tokens(tiny_llama, hp, 1)
+    assert tokens == batch_tokens_for(tiny_llama, 1, "float32", 64, int(gib * GIB * HEADROOM) - resident_bytes(tiny_llama.model))
+
+
+def test_alphaedit_keeps_no_covariance_on_the_device(tiny, tmp_path):
+    """AlphaEdit solves with the null-space basis only: no copy of C per layer (m x m float64 each)."""
+    hp = tiny_hparams(ALGORITHMS["AlphaEdit"].hparams_class, nullspace_threshold=1e-3, L2=1e-4, v_num_grad_steps=2)
+    ctx = context(tmp_path)
+    ALGORITHMS["AlphaEdit"].apply(tiny, REQS[:1], hp, ctx)
+    assert not ctx._covariances and len(ctx._nullspaces) == 1

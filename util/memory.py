@@ -1,0 +1,195 @@
+"""What fits in a device memory budget (`--max_gpu_memory`): requests per key forward and per value
+optimisation batch, and tokens per statistics batch, from the model's shape. An upper-bound
+estimate in bytes, written out so that it can be checked against the code it describes:
+
+  w        bytes per element of the dtype a pass runs in (values under mixed precision: the
+           model's dtype plus the autocast dtype, both copies of a matmul input are kept)
+  d, m, V  hidden size, width of the edited MLP (keys), vocabulary; h heads, kv = key/value width
+  T        tokens of the longest row (templated prompt plus target, bounded by the longest
+           template plus the longest prompt-with-target, each tokenised alone); S the longest
+           suffix from the subject's first token on (the part of a row value steps replay)
+  token    w (4 d + 3 m) + 4 h T: one token's live activations in a no-grad forward, with one
+           layer's attention scores in float32
+
+  resident  the parameters and buffers on the device, plus per edited layer the solver's m x m
+            float64 matrices kept across edits (`solver_matrices`)
+  keys      per request: templates x T x (token + w (m + d)), the retained down-projection input
+            and site output included
+  values    per request: rows x T x (token + 2 kv w (L_loss + L_up))   the unedited forward and its
+                                                                      key/value caches
+            + rows x S x L_up x (w (10 d + 4 m) + 4 h T)             what autograd keeps per
+                                                                      replayed layer
+            + reads x V x (w + 12) + kl x V x 4                       logits, log-softmax, its
+                                                                      gradient and exp where the
+                                                                      loss reads; KL references
+            rows = templates + KL prompts, reads = templates x target tokens + KL prompts,
+            L_up = layers replayed above the edited one, L_loss = layers up to the loss layer;
+            once per batch under mixed precision: the replayed layers and unembedding in that dtype
+  solve     while one layer's C or system is built and solved, 3 m^2 x 8 (a float64 system, its
+            factor, a product; AlphaEdit's eigendecomposition), 2 m^2 x 8 for equality solves
+            (C0's copy and C before C is factorised)
+
+A chunk holds as many requests as fit in HEADROOM of the budget once `resident` is taken (keys
+and values run at different times, each with the whole room); the CUDA context itself is outside
+torch's count and the budget. A budget that cannot hold one request stops with one line.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from util.arch import edited_weight
+from util.errors import MemoryBudgetError
+from util.models import LoadedModel
+from util.requests import EditRequest
+from util.tokens import join_target
+
+GIB = 1 << 30
+HEADROOM = 0.9  # of the budget; the rest is left to the allocator's fragmentation
+FLOAT64 = 8
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    mlp: int  # the edited down projection's input width m
+    vocab: int
+    layers: int
+    heads: int
+    kv: int  # width of one token's keys (= values) per layer
+    width: int  # bytes per element of the weights
+
+    @classmethod
+    def of(cls, lm: LoadedModel) -> "ModelShape":
+        config = lm.model.config
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        mlp = edited_weight(lm.model, lm.arch, 0).shape[1]  # GPT-2's config has no intermediate_size
+        return cls(config.hidden_size, mlp, config.vocab_size, config.num_hidden_layers, heads, kv_heads * head_dim,
+                   next(lm.model.parameters()).element_size())
+
+    def token_bytes(self, width: int, tokens: int) -> int:
+        """Live activations of one token in a no-grad forward over rows of `tokens` tokens."""
+        return width * (4 * self.hidden + 3 * self.mlp) + 4 * self.heads * tokens
+
+
+@dataclass(frozen=True)
+class EditShape:
+    """What one request of an edit puts through the model."""
+    templates: int  # templated prompts (keys and value rewrite rows)
+    kl_prompts: int
+    tokens: int  # longest row, an upper bound
+    suffix: int  # longest row part from the subject's first token on, an upper bound
+    target_tokens: int  # longest target
+    loss_layer: int
+    edited_layer: int  # the last edited layer (values are optimised there)
+
+
+def resident_bytes(model: torch.nn.Module) -> int:
+    """Parameters and buffers that occupy device memory (not accelerate's 'meta' placeholders)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors if t.device.type != "meta")
+
+
+def solver_matrices(constraint: str, mom2_adjustment: bool, remember_keys: bool) -> tuple[int, int]:
+    """m x m float64 matrices of the solver (see util/solve.py, rome/editor.py): (kept per edited
+    layer, transient while one layer is solved). Kept: C (cached Covariance), its Cholesky factor
+    for equality solves, K_p K_p^T (AlphaEdit, ENCORE), the null-space basis U (at most m x m;
+    AlphaEdit needs no C)."""
+    if constraint == "nullspace":
+        return 1 + remember_keys, 3
+    if constraint == "equality":
+        return 2 * mom2_adjustment + remember_keys, 2 * mom2_adjustment
+    return mom2_adjustment + remember_keys, 3
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    budget: int  # bytes
+    resident: int
+    key_request: int
+    value_request: int
+    value_fixed: int
+    solve: int
+    model: str = "the model"
+
+    @property
+    def room(self) -> int:
+        return int(self.budget * HEADROOM) - self.resident
+
+    def check(self) -> None:
+        """Raise MemoryBudgetError (one line) unless one request's every phase fits."""
+        phases = (self.key_request, self.value_fixed + self.value_request, self.solve)
+        if self.room < max(phases):
+            need = (self.resident + max(phases)) / HEADROOM
+            raise MemoryBudgetError(
+                f"max_gpu_memory {self.budget / GIB:.3g} GiB cannot hold an edit of {self.model}: weights and solver "
+                f"matrices take {self.resident / GIB:.3g} GiB, then one request's key forward {phases[0] / GIB:.3g} GiB, "
+                f"its value optimisation {phases[1] / GIB:.3g} GiB, a layer's solve {phases[2] / GIB:.3g} GiB; "
+                f"give at least {need / GIB:.3g} GiB")
+
+    def key_chunk(self) -> int:
+        self.check()
+        return int(self.room // self.key_request)
+
+    def value_chunk(self) -> int:
+        self.check()
+        return int((self.room - self.value_fixed) // self.value_request)
+
+
+def replay_copy_bytes(model: torch.nn.Module, modules: list[torch.nn.Module], autocast: torch.dtype | None) -> int:
+    """The matrices of `modules` copied once in the autocast dtype (rome/compute_v.py's _Replay)."""
+    if autocast is None:
+        return 0
+    size = torch.empty((), dtype=autocast).element_size()
+    return sum(p.numel() for module in modules for p in module.parameters() if p.dim() >= 2) * size
+
+
+def plan(model: torch.nn.Module, shape: ModelShape, edit: EditShape, budget_gib: float, autocast: torch.dtype | None,
+         replayed: list[torch.nn.Module], n_layers_solved: int, matrices: tuple[int, int] = (0, 0), name: str = "the model") -> MemoryPlan:
+    """The estimate of the module docstring for one edit; `matrices` as solver_matrices returns."""
+    w, T = shape.width, edit.tokens
+    w_values = w + (torch.empty((), dtype=autocast).element_size() if autocast is not None and autocast != next(model.parameters()).dtype else 0)
+    up = edit.loss_layer - edit.edited_layer
+    solver = FLOAT64 * shape.mlp ** 2
+    key_request = edit.templates * T * (shape.token_bytes(w, T) + w * (shape.mlp + shape.hidden))
+    rows = edit.templates + edit.kl_prompts
+    reads = edit.templates * edit.target_tokens + edit.kl_prompts
+    value_request = (rows * T * (shape.token_bytes(w_values, T) + 2 * shape.kv * w_values * (edit.loss_layer + 1 + up))
+                     + rows * edit.suffix * up * (w_values * (10 * shape.hidden + 4 * shape.mlp) + 4 * shape.heads * T)
+                     + reads * shape.vocab * (w_values + 12) + edit.kl_prompts * shape.vocab * 4)
+    return MemoryPlan(
+        budget=int(budget_gib * GIB),
+        resident=resident_bytes(model) + n_layers_solved * matrices[0] * solver,
+        key_request=key_request, value_request=value_request,
+        value_fixed=replay_copy_bytes(model, replayed, autocast),
+        solve=matrices[1] * solver, model=name,
+    )
+
+
+def stats_batch_tokens(shape: ModelShape, n_layers: int, width: int, window: int, free_bytes: int) -> int:
+    """Tokens per key-statistics batch that fit in half of `free_bytes`: per token the truncated
+    forward's live activations (`ModelShape.token_bytes` over windows of `window` tokens) and each
+    layer's retained keys with their float32 copy; per layer a float32 and a float64 Gram matrix."""
+    per_token = shape.token_bytes(width, window) + n_layers * shape.mlp * (width + 4)
+    fixed = n_layers * shape.mlp ** 2 * (4 + FLOAT64)
+    return max(0, (free_bytes // 2 - fixed) // per_token)
+
+
+def edit_shape(tok, requests: list[EditRequest], templates: list[str], kl_prompts: list[str], loss_layer: int,
+               edited_layer: int) -> EditShape:
+    """Upper bounds of an edit's row lengths, from its texts tokenised piece by piece (a row is a
+    template around a prompt with its target, or a KL prompt; templates precede the subject, so
+    they do not lengthen the suffix a value step replays; one token of margin for merges)."""
+    count = lambda text: len(tok(text)["input_ids"])  # noqa: E731
+    template = max(count(t.format("")) for t in templates)
+    rows, suffix = 0, 0
+    for r in requests:
+        for prompt, full in ((r.prompt, join_target(r.prompt.format(r.subject), r.target_new)),
+                             *((k, k.format(r.subject)) for k in kl_prompts)):
+            rows = max(rows, count(full))
+            suffix = max(suffix, count(full) - count(prompt[: prompt.index("{}")]) + 2)
+    target = max(count(r.target_new.strip()) for r in requests)
+    return EditShape(len(templates), len(kl_prompts), template + rows, min(suffix, template + rows), target, loss_layer, edited_layer)

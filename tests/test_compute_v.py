@@ -171,6 +171,22 @@ def test_llama_layer_function_replays_exactly_what_transformers_layers_compute(t
     assert torch.equal(ours.delta, theirs.delta) and ours.final_loss == theirs.final_loss and ours.steps == theirs.steps
 
 
+def test_unpadded_length_group_replays_as_the_modules_do(tiny_llama, monkeypatch):
+    # Every distinct suffix length its own group: one request's groups hold one row each, which
+    # transformers runs without a mask (plain causal); the function builds that mask itself.
+    monkeypatch.setattr(batch_layout, "GROUP_OVERHEAD_TOKENS", 0)
+    masks, mask_of = [], replay.LlamaStack._mask
+    monkeypatch.setattr(replay.LlamaStack, "_mask", staticmethod(lambda mask, aligned: masks.append(mask) or mask_of(mask, aligned)))
+    hp = tiny_hparams(v_num_grad_steps=6)
+    templates = EditContext().templates(tiny_llama, hp)
+    one = requests()[:1]
+    ours = compute_values(tiny_llama, one, 1, templates, hp, autocast=torch.bfloat16)
+    assert any(mask is None for mask in masks) and any(mask is not None for mask in masks)
+    monkeypatch.setattr(llama_layer, "is_plain_llama", lambda layer: False)
+    theirs = compute_values(tiny_llama, one, 1, templates, hp, autocast=torch.bfloat16)
+    assert torch.equal(ours.delta, theirs.delta) and ours.final_loss == theirs.final_loss
+
+
 def test_narrowed_replay_stack_computes_its_rows_as_the_whole_stack_did(tiny_llama, monkeypatch):
     hp = tiny_hparams(v_num_grad_steps=10, v_weight_decay=0.0)
     templates = EditContext().templates(tiny_llama, hp)

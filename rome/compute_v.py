@@ -32,7 +32,7 @@ import torch
 
 from rome.batch_layout import Active, Batch, build_batch
 from rome.hparams import EditHyperParams
-from rome.replay import ReplayRuntime, make_replay
+from rome.replay import Replay, ReplayRuntime, make_replay
 from util.models import LoadedModel, input_device
 from util.nethook import Trace
 from util.requests import EditRequest
@@ -89,10 +89,15 @@ def compute_values(
             *(sum((getattr(p, name) for p in parts), []) for name in ("steps", "final_loss", "target_prob", "delta_ratio")),
         )
     batch = build_batch(lm, requests, templates, hparams.fact_token, hparams.kl_prompts, hparams.kl_position)
-    n = len(requests)
-    reference = _reference_vectors(lm, batch, lm.arch.down_proj(layer) if site == "mlp" else lm.arch.layer(layer))
-    ref_norm = reference.norm(dim=-1)
     replay = make_replay(lm, batch, layer, hparams.v_loss_layer, runtime=runtime, fast=fast, autocast=autocast, compiled=compiled)
+    return _optimise(lm, batch, replay, lm.arch.down_proj(layer) if site == "mlp" else lm.arch.layer(layer), hparams)
+
+
+def _optimise(lm: LoadedModel, batch: Batch, replay: Replay, site_module: str, hparams: EditHyperParams) -> ValueResult:
+    """The optimisation of one batch's deltas, each step's log-probabilities from `replay`."""
+    n = len(batch.bare_row)
+    reference = _reference_vectors(lm, batch, site_module)
+    ref_norm = reference.norm(dim=-1)
     device = reference.device  # the edited layer's output device, where the replays add the deltas
     # float32 deltas for half-precision models, float64 for float64 models (exactness tests)
     param_dtype = torch.promote_types(next(lm.model.parameters()).dtype, torch.float32)
@@ -131,20 +136,24 @@ def compute_values(
             active = [i for k, i in enumerate(active) if live[k]]
             view = Active(batch, active, n)
             replay = replay.only(view)
-        with torch.no_grad():
-            # ||delta|| <= clamp_norm_factor ||reference||, decided on the device (no sync per request):
-            # a factor of exactly 1 leaves the deltas within the limit bitwise unchanged.
-            for i in active:
-                steps[i] += 1
-            norms = torch.stack([deltas[i].norm() for i in active])
-            limits = hparams.clamp_norm_factor * ref_norm[active].to(norms.device)
-            scales = torch.where(norms > limits, limits / norms, torch.ones_like(limits))
-            for j, i in enumerate(active):
-                deltas[i].mul_(scales[j])
+        for i in active:
+            steps[i] += 1
+        _clamp([deltas[i] for i in active], hparams.clamp_norm_factor * ref_norm[active])
 
     delta = torch.stack([d.detach().cpu() for d in deltas])
     reference = reference.cpu()
     return ValueResult(delta, reference, steps, final_loss, target_prob, (delta.norm(dim=-1) / reference.norm(dim=-1)).tolist())
+
+
+@torch.no_grad()
+def _clamp(deltas: list[torch.Tensor], limits: torch.Tensor) -> None:
+    """||delta|| <= limit, decided on the device (no sync per request): a factor of exactly 1
+    leaves the deltas within the limit bitwise unchanged."""
+    norms = torch.stack([delta.norm() for delta in deltas])
+    limits = limits.to(norms.device)
+    scales = torch.where(norms > limits, limits / norms, torch.ones_like(limits))
+    for delta, scale in zip(deltas, scales):
+        delta.mul_(scale)
 
 
 @torch.no_grad()

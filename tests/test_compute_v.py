@@ -220,3 +220,22 @@ def test_compiled_llama_layers_reach_the_same_loss(tiny_llama):
     # fused kernels round differently in bfloat16: close, not equal
     torch.testing.assert_close(torch.tensor(compiled.final_loss), torch.tensor(eager.final_loss), rtol=1e-2, atol=0)
     assert compiled.steps == eager.steps
+
+
+def test_replay_runtime_owns_the_compiled_function_and_the_attention_it_registers(tiny_gpt2):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    hp = tiny_hparams(v_num_grad_steps=2)
+    templates = EditContext().templates(tiny_gpt2, hp)
+    runtime = replay.ReplayRuntime()
+    assert replay.FLOAT32_SDPA not in ALL_ATTENTION_FUNCTIONS  # nothing registered by creating it
+    # GPT-2 under mixed precision: module copies whose attention is float32_sdpa, by name
+    compute_values(tiny_gpt2, requests(), 1, templates, hp, autocast=torch.bfloat16, runtime=runtime)
+    assert ALL_ATTENTION_FUNCTIONS[replay.FLOAT32_SDPA] is llama_layer.float32_sdpa
+    runtime.close()
+    assert replay.FLOAT32_SDPA not in ALL_ATTENTION_FUNCTIONS
+    compute_values(tiny_gpt2, requests(), 1, templates, hp, autocast=torch.bfloat16)  # a runtime of its own, closed
+    assert replay.FLOAT32_SDPA not in ALL_ATTENTION_FUNCTIONS
+    # torch.compile's wrapper: once per runtime, none shared through the process
+    assert runtime.layer_function(True) is runtime.layer_function(True) is not replay.ReplayRuntime().layer_function(True)
+    assert runtime.layer_function(False) is llama_layer.llama_layer

@@ -31,6 +31,7 @@ from editors import ALGORITHMS, load_algorithm_hparams
 from experiments.bench_eval import bench_counterfact, bench_probe, timed
 from experiments.benchmarking.device import device_report
 from rome.compute_v import compute_values
+from rome.replay import ReplayRuntime
 from rome.editor import EditContext
 from util.cli import run_cli
 from util.corpus import local_corpus, read_texts, local_files
@@ -95,21 +96,21 @@ def bench_rome(lm: LoadedModel, records, alg: str, ctx_args: dict) -> dict:
     templates = ctx.templates(lm, hparams)
     request, autocast = records[0].request, _autocast(ctx_args["value_dtype"])
     _, seconds = timed(compute_values, lm, [request], hparams.layers[0], templates, hparams, autocast=autocast,
-                       compiled=ctx_args["value_compile"])
+                       compiled=ctx_args["value_compile"], runtime=ctx.replay)
     with FlopCounterMode(display=False) as counter, MatmulShapes() as shapes:
-        compute_values(lm, [request], hparams.layers[0], templates, hparams, autocast=autocast)
+        compute_values(lm, [request], hparams.layers[0], templates, hparams, autocast=autocast, runtime=ctx.replay)
     return {"fast": times[True], "slow": times[False], "gflops": counter.get_total_flops() / seconds / 1e9,
             "matmul_ceiling": matmul_ceiling(shapes.counts)}
 
 
-def compile_warm_up(lm: LoadedModel, records, autocast: torch.dtype | None) -> float:
+def compile_warm_up(lm: LoadedModel, records, autocast: torch.dtype | None, runtime: ReplayRuntime) -> float:
     """Seconds to compile the replayed layers: a few steps on one request and on eight (row
     groups of one row and of several, the shapes torch.compile specialises on)."""
     hparams = dataclasses.replace(load_algorithm_hparams("EMMET", "smollm2-135m.yaml"), v_num_grad_steps=2)
     templates = EditContext().templates(lm, hparams)  # sampled before the timer
     start = time.perf_counter()
     for n in (1, 8):
-        compute_values(lm, [r.request for r in records[:n]], hparams.layers[-1], templates, hparams, "layer", autocast=autocast, compiled=True)
+        compute_values(lm, [r.request for r in records[:n]], hparams.layers[-1], templates, hparams, "layer", autocast=autocast, compiled=True, runtime=runtime)
     return time.perf_counter() - start
 
 
@@ -128,7 +129,7 @@ def bench_batch(lm: LoadedModel, records, alg: str, batch: int, ctx_args: dict, 
     sample = requests[:naive_requests]
     _, naive_values = timed(lambda: [compute_values(lm, [r], hparams.layers[-1], templates, hparams, site="layer", fast=False) for r in sample])
     _, fast_values = timed(compute_values, lm, sample, hparams.layers[-1], templates, hparams, "layer",
-                           autocast=_autocast(ctx_args["value_dtype"]), compiled=ctx_args["value_compile"])
+                           autocast=_autocast(ctx_args["value_dtype"]), compiled=ctx_args["value_compile"], runtime=ctx.replay)
     slow = fast / batch - fast_values / len(sample) + naive_values / len(sample)
     return {"batch": batch, "fast": fast / batch, "slow": slow, "estimated": len(sample) < batch, "steps": values_fast / batch}
 
@@ -218,7 +219,8 @@ def main() -> int:
     phases = set(args.phases.split(","))
     lm = load_model("smollm2-135m")
     corpus = str(Path(args.data_dir) / "wiki")
-    ctx_args = {"corpus_path": corpus, "value_dtype": args.value_dtype, "value_compile": args.value_compile}
+    # one ReplayRuntime for every context: the replayed layers are compiled once
+    ctx_args = {"corpus_path": corpus, "value_dtype": args.value_dtype, "value_compile": args.value_compile, "replay": ReplayRuntime()}
     batches = [int(b) for b in args.batches.split(",")]
     records = load_cases("cf", args.data_dir, limit=max(batches + [args.rome_edits, 8]))
     peaks = {"float32": matmul_peak(), "bfloat16": matmul_peak(torch.bfloat16)}
@@ -226,7 +228,7 @@ def main() -> int:
     print(f"smollm2-135m on {torch.get_num_threads()} threads, fast value optimisation in {args.value_dtype}; "
           f"matmul peak float32 {peaks['float32']:.0f} GFLOP/s, bfloat16 {peaks['bfloat16']:.0f} GFLOP/s\n")
     if args.value_compile:  # compiled once per process: not part of any edit's time
-        print(f"torch.compile of the replayed layers: {compile_warm_up(lm, records, _autocast(args.value_dtype)):.0f} s\n")
+        print(f"torch.compile of the replayed layers: {compile_warm_up(lm, records, _autocast(args.value_dtype), ctx_args['replay']):.0f} s\n")
     print("| phase | fast | straightforward | ratio | note |\n|---|---|---|---|---|")
     if "rome" in phases:
         for alg in ("R-ROME", "ROME"):
@@ -266,7 +268,8 @@ def device_main(args) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     records = load_cases("cf", args.data_dir, limit=max(batches))
     ctx_args = {"corpus_path": str(Path(args.data_dir) / "wiki"), "value_dtype": args.value_dtype, "value_compile": args.value_compile,
-                "key_chunk_size": args.key_chunk_size, "value_chunk_size": args.value_chunk_size, "max_gpu_memory": args.max_gpu_memory}
+                "key_chunk_size": args.key_chunk_size, "value_chunk_size": args.value_chunk_size, "max_gpu_memory": args.max_gpu_memory,
+                "replay": ReplayRuntime()}
     device_report(lm, records, args.algs.split(","), batches, args.hparams, args.overrides, ctx_args["corpus_path"],
                   args.stats_windows, args.dtype, ctx_args)
     return 0

@@ -21,6 +21,7 @@ import torch
 from rome.compute_u import KeyResult, compute_keys
 from rome.compute_v import compute_values
 from rome.hparams import EditHyperParams
+from rome.replay import ReplayRuntime
 from rome.templates import context_templates, template_groups
 from util.arch import edited_weight, to_stored
 from util.corpus import Corpus, resolve_corpus
@@ -49,7 +50,7 @@ class EditContext:
     # CPUs with avx512_bf16/AMX and on GPUs; values close to, not equal to, float32 ones)
     value_dtype: str = "float32"
     # with a mixed-precision value_dtype on Llama models: torch.compile the replayed layers
-    # (rome.compute_v._llama_layer; compiled in the first calls of a process, up to ~1.5 min on a 2-core CPU)
+    # (rome.llama_layer.llama_layer; compiled in the first calls of a runtime, up to ~1.5 min on a 2-core CPU)
     value_compile: bool = False
     # requests per padded key forward and per value optimisation batch: bound an edit's activation
     # memory at large batches (results equal to one chunk's up to rounding). None: derived from
@@ -60,6 +61,9 @@ class EditContext:
     # the statistics batch follow from it by util/memory.py's estimate; explicit chunk sizes win
     max_gpu_memory: float | None = None
     state: dict[str, Any] = field(default_factory=dict)  # per-run editor state, checkpointed
+    # what value optimisation keeps across edits: the compiled layer function, the float32
+    # attention given to transformers (rome/replay.py); share one between contexts to compile once
+    replay: ReplayRuntime = field(default_factory=ReplayRuntime, repr=False)
     _templates: dict = field(default_factory=dict, repr=False)
     _covariances: dict = field(default_factory=dict, repr=False)
     _nullspaces: dict = field(default_factory=dict, repr=False)
@@ -207,7 +211,7 @@ def edit_layers(
     key_chunk, value_chunk = ctx.chunk_sizes(lm, requests, hparams,
                                              solver_matrices(constraint, hparams.mom2_adjustment, remember_keys))
     values = compute_values(lm, requests, layers[-1], templates, hparams, site=site, fast=ctx.fast, autocast=autocast,
-                            compiled=ctx.value_compile, chunk_size=value_chunk)
+                            compiled=ctx.value_compile, chunk_size=value_chunk, runtime=ctx.replay)
     targets = values.target
     names = [lm.arch.weight_name(layer) for layer in layers]
     originals = snapshot(lm.model, names)

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-import rome.compute_v as compute_v
+import rome.batch_layout as batch_layout
+import rome.llama_layer as llama_layer
+import rome.replay as replay
 from rome.compute_v import compute_values
 from rome.editor import EditContext
 from tests.helpers import REQUESTS, tiny_hparams
@@ -51,14 +53,12 @@ def test_batched_equals_separate_and_early_stop_leaves_batch(tiny):
 @pytest.mark.parametrize("rebuild_fraction", [0.0, 1.0])
 def test_finished_requests_kept_in_the_replay_stack_do_not_change_the_others(tiny, monkeypatch, rebuild_fraction):
     # 0.0: finished requests stay in the stack to the end; 1.0: the stack is rebuilt at every stop.
-    import rome.compute_v as compute_v
-
     tiny.model.double()
     threshold = {"gpt2": 10.83, "llama": 10.74}[tiny.model.config.model_type]
     hp = tiny_hparams(v_num_grad_steps=10, v_weight_decay=0.0, v_loss_threshold=threshold)
     templates = EditContext().templates(tiny, hp)
     slow = compute_values(tiny, requests(), 1, templates, hp, fast=False)
-    monkeypatch.setattr(compute_v, "REBUILD_FRACTION", rebuild_fraction)
+    monkeypatch.setattr(replay, "REBUILD_FRACTION", rebuild_fraction)
     fast = compute_values(tiny, requests(), 1, templates, hp)
     assert_same_values(fast, slow)
     assert fast.steps == slow.steps and len(set(fast.steps)) > 1
@@ -71,9 +71,9 @@ def test_rows_grouped_by_length_give_the_values_of_one_group(tiny, monkeypatch, 
     hp = tiny_hparams(v_num_grad_steps=4)
     templates = EditContext().templates(tiny, hp)
     slow = compute_values(tiny, requests(), 1, templates, hp, fast=False)
-    monkeypatch.setattr(compute_v, "GROUP_OVERHEAD_TOKENS", overhead)
-    batch = compute_v.build_batch(tiny, requests(), templates, hp.fact_token, hp.kl_prompts)
-    stack = compute_v._GroupedStack(tiny, 1, hp.v_loss_layer, batch, torch.arange(len(batch.ids)))
+    monkeypatch.setattr(batch_layout, "GROUP_OVERHEAD_TOKENS", overhead)
+    batch = batch_layout.build_batch(tiny, requests(), templates, hp.fact_token, hp.kl_prompts)
+    stack = replay.make_replay(tiny, batch, 1, hp.v_loss_layer, runtime=replay.ReplayRuntime()).stack
     distinct = len(set((batch.mask.sum(1) - batch.fact_position).tolist()))
     assert distinct > 1 and len(stack.groups) == (distinct if overhead == 0 else 1)
     assert_same_values(compute_values(tiny, requests(), 1, templates, hp), slow)
@@ -98,11 +98,11 @@ def test_length_groups_partition_rows_at_least_cost(seed):
     generator = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, 12, (int(torch.randint(1, 40, (1,), generator=generator)),), generator=generator).tolist()
     for overhead in (0, 5, 30, 1000):
-        groups = compute_v.length_groups(lengths, overhead)
+        groups = batch_layout.length_groups(lengths, overhead)
         assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
         cost = sum(len(g) * max(lengths[i] for i in g) + overhead for g in groups)
         assert cost == brute_force_grouping_cost(lengths, overhead)
-    assert len(compute_v.length_groups(lengths, 0)) == len(set(lengths))
+    assert len(batch_layout.length_groups(lengths, 0)) == len(set(lengths))
 
 
 def test_chunked_batches_equal_one_batch(tiny):
@@ -134,7 +134,7 @@ def test_bfloat16_value_optimisation_reaches_the_same_loss(tiny):
     assert mixed.steps == full.steps
     # The replay ran on bfloat16 copies (attention in float32); the model itself is untouched.
     assert next(tiny.model.parameters()).dtype == torch.float32
-    assert tiny.model.config._attn_implementation != compute_v.FLOAT32_SDPA
+    assert tiny.model.config._attn_implementation != replay.FLOAT32_SDPA
 
 
 def test_float32_sdpa_keeps_grouped_heads_and_equals_transformers():
@@ -148,7 +148,7 @@ def test_float32_sdpa_keeps_grouped_heads_and_equals_transformers():
     key, value = (torch.randn(2, 2, 5, 8, generator=generator).bfloat16() for _ in range(2))
     mask = torch.zeros(2, 1, 3, 5)
     mask[0, :, :, 0] = mask[1, :, 0, 3:] = float("-inf")  # padding and causality
-    ours, _ = compute_v._float32_sdpa(Attention(), query, key, value, mask, dropout=0.0, scaling=0.3)
+    ours, _ = llama_layer.float32_sdpa(Attention(), query, key, value, mask, dropout=0.0, scaling=0.3)
     theirs, _ = sdpa_attention_forward(Attention(), query.float(), key.float(), value.float(), mask, dropout=0.0, scaling=0.3)
     assert ours.dtype == torch.float32 and ours.shape == (2, 3, 4, 8)
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
@@ -162,36 +162,53 @@ def _mixed_values(lm, compiled=False):
 
 def test_llama_layer_function_replays_exactly_what_transformers_layers_compute(tiny_llama, monkeypatch):
     calls = []
-    layer_function = compute_v._llama_layer
-    monkeypatch.setattr(compute_v, "_llama_layer", lambda *args: calls.append(1) or layer_function(*args))
+    layer_function = llama_layer.llama_layer
+    monkeypatch.setattr(llama_layer, "llama_layer", lambda *args: calls.append(1) or layer_function(*args))
     ours = _mixed_values(tiny_llama)
     assert calls, "the Llama replay did not use _llama_layer"
-    monkeypatch.setattr(compute_v, "_is_plain_llama", lambda layer: False)
+    monkeypatch.setattr(llama_layer, "is_plain_llama", lambda layer: False)
     theirs = _mixed_values(tiny_llama)  # transformers' modules with their cache and _float32_sdpa
     assert torch.equal(ours.delta, theirs.delta) and ours.final_loss == theirs.final_loss and ours.steps == theirs.steps
+
+
+def test_unpadded_length_group_replays_as_the_modules_do(tiny_llama, monkeypatch):
+    # Every distinct suffix length its own group: one request's groups hold one row each, which
+    # transformers runs without a mask (plain causal); the function builds that mask itself.
+    monkeypatch.setattr(batch_layout, "GROUP_OVERHEAD_TOKENS", 0)
+    masks, mask_of = [], replay.LlamaStack._mask
+    monkeypatch.setattr(replay.LlamaStack, "_mask", staticmethod(lambda mask, aligned: masks.append(mask) or mask_of(mask, aligned)))
+    hp = tiny_hparams(v_num_grad_steps=6)
+    templates = EditContext().templates(tiny_llama, hp)
+    one = requests()[:1]
+    ours = compute_values(tiny_llama, one, 1, templates, hp, autocast=torch.bfloat16)
+    assert any(mask is None for mask in masks) and any(mask is not None for mask in masks)
+    monkeypatch.setattr(llama_layer, "is_plain_llama", lambda layer: False)
+    theirs = compute_values(tiny_llama, one, 1, templates, hp, autocast=torch.bfloat16)
+    assert torch.equal(ours.delta, theirs.delta) and ours.final_loss == theirs.final_loss
 
 
 def test_narrowed_replay_stack_computes_its_rows_as_the_whole_stack_did(tiny_llama, monkeypatch):
     hp = tiny_hparams(v_num_grad_steps=10, v_weight_decay=0.0)
     templates = EditContext().templates(tiny_llama, hp)
-    batch = compute_v.build_batch(tiny_llama, requests(), templates, hp.fact_token, hp.kl_prompts)
+    batch = batch_layout.build_batch(tiny_llama, requests(), templates, hp.fact_token, hp.kl_prompts)
     rows = torch.arange(len(batch.ids))
-    stack = compute_v._GroupedStack(tiny_llama, 1, hp.v_loss_layer, batch, rows, torch.bfloat16)
+    functional = replay.make_replay(tiny_llama, batch, 1, hp.v_loss_layer, runtime=replay.ReplayRuntime(), autocast=torch.bfloat16)
+    stack = functional.stack
     kept = rows[batch.request_of_row != 1]  # one request finished: rows leave both length groups
     narrow = stack.narrowed(kept)
-    assert stack.narrowable and len(narrow.groups) == len(stack.groups) > 1
+    assert isinstance(functional, replay.LlamaReplay) and len(narrow.groups) == len(stack.groups) > 1
     assert sum(map(len, narrow.groups)) == len(kept) < sum(map(len, stack.groups))
     delta = torch.randn(len(rows), tiny_llama.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     whole = stack(delta, rows, batch.last_position)
     local = torch.arange(len(kept))
     assert torch.equal(narrow(delta[kept], local, batch.last_position[kept]), whole[kept])
-    fresh = compute_v._GroupedStack(tiny_llama, 1, hp.v_loss_layer, batch, kept, torch.bfloat16, stack.replay)
+    fresh = functional.build(kept)
     torch.testing.assert_close(fresh(delta[kept], local, batch.last_position[kept]), whole[kept])
     # In compute_values: requests stopping early leave by narrowing (the function) or by rebuilding (the modules).
     hp = tiny_hparams(v_num_grad_steps=10, v_weight_decay=0.0, v_loss_threshold=10.75)
     narrowed = compute_values(tiny_llama, requests(), 1, templates, hp, autocast=torch.bfloat16)
-    monkeypatch.setattr(compute_v, "_is_plain_llama", lambda layer: False)
-    monkeypatch.setattr(compute_v, "REBUILD_FRACTION", 1.0)
+    monkeypatch.setattr(llama_layer, "is_plain_llama", lambda layer: False)
+    monkeypatch.setattr(replay, "REBUILD_FRACTION", 1.0)
     rebuilt = compute_values(tiny_llama, requests(), 1, templates, hp, autocast=torch.bfloat16)
     assert narrowed.steps == rebuilt.steps and len(set(narrowed.steps)) > 1
     torch.testing.assert_close(torch.tensor(narrowed.final_loss), torch.tensor(rebuilt.final_loss), rtol=1e-4, atol=0)
@@ -203,3 +220,22 @@ def test_compiled_llama_layers_reach_the_same_loss(tiny_llama):
     # fused kernels round differently in bfloat16: close, not equal
     torch.testing.assert_close(torch.tensor(compiled.final_loss), torch.tensor(eager.final_loss), rtol=1e-2, atol=0)
     assert compiled.steps == eager.steps
+
+
+def test_replay_runtime_owns_the_compiled_function_and_the_attention_it_registers(tiny_gpt2):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    hp = tiny_hparams(v_num_grad_steps=2)
+    templates = EditContext().templates(tiny_gpt2, hp)
+    runtime = replay.ReplayRuntime()
+    assert replay.FLOAT32_SDPA not in ALL_ATTENTION_FUNCTIONS  # nothing registered by creating it
+    # GPT-2 under mixed precision: module copies whose attention is float32_sdpa, by name
+    compute_values(tiny_gpt2, requests(), 1, templates, hp, autocast=torch.bfloat16, runtime=runtime)
+    assert ALL_ATTENTION_FUNCTIONS[replay.FLOAT32_SDPA] is llama_layer.float32_sdpa
+    runtime.close()
+    assert replay.FLOAT32_SDPA not in ALL_ATTENTION_FUNCTIONS
+    compute_values(tiny_gpt2, requests(), 1, templates, hp, autocast=torch.bfloat16)  # a runtime of its own, closed
+    assert replay.FLOAT32_SDPA not in ALL_ATTENTION_FUNCTIONS
+    # torch.compile's wrapper: once per runtime, none shared through the process
+    assert runtime.layer_function(True) is runtime.layer_function(True) is not replay.ReplayRuntime().layer_function(True)
+    assert runtime.layer_function(False) is llama_layer.llama_layer

@@ -1,0 +1,341 @@
+"""Replays: the log-probabilities the value loss reads, for the current deltas.
+
+One protocol (`Replay`): `replay(deltas, view)` gives the log-probabilities at the view's target
+tokens and KL read positions with each active request's delta added at its rows' fact token;
+`replay.only(view)` is the replay for fewer requests (those of `view`, once others finished).
+`make_replay` picks the implementation once, from (fast, architecture, value dtype, compile):
+
+- `FullModel` (fast=False): the whole model with a hook, full logits; the straightforward path,
+  kept to check equality and measure the speed-up.
+- `ModuleReplay`: transformers' upper-layer modules (any architecture), replayed on the suffix
+  of rows aligned at their fact token, attending to a cached prefix (a DynamicCache).
+- `LlamaReplay`: the same on plain Llama layers under mixed precision, as one function
+  (rome.llama_layer.llama_layer, equal to the modules to the bit), optionally torch.compile'd.
+
+Both fast replays group rows by suffix length (rome.batch_layout) and apply the final norm and
+unembedding only at the positions the loss reads. What persists across calls (the compiled
+function, the attention registered into transformers) is owned by a `ReplayRuntime` the caller
+holds; nothing is registered or compiled at import.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Protocol
+
+import torch
+from transformers import DynamicCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from rome import llama_layer
+from rome.batch_layout import Active, Aligned, Batch, align, suffix_groups
+from util.models import LoadedModel, input_device
+from util.nethook import StopForward, Trace, add_to_output, hidden_of
+
+FLOAT32_SDPA = "kedit_float32_sdpa"  # the name the module copies' configs give float32_sdpa
+
+# Rebuild a replay of modules once the requests still optimised are at most this share of its own.
+REBUILD_FRACTION = 0.75
+
+
+class Replay(Protocol):
+    def __call__(self, deltas: torch.Tensor, view: Active) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs at the view's target tokens and at its KL rows' read positions, with
+        deltas[k] (the view's k-th request) added at its rows' fact token."""
+
+    def only(self, view: Active) -> "Replay":
+        """This replay for the requests of `view`, a subset of its own."""
+
+
+class ReplayRuntime:
+    """What the replays keep across value optimisations, held by the caller (EditContext.replay):
+    the torch.compile'd Llama layer function (compiling takes minutes on a CPU: once per runtime)
+    and float32_sdpa, put into transformers' attention functions when a replay first needs it and
+    taken out by `close`."""
+
+    def __init__(self) -> None:
+        self._compiled: Callable | None = None
+        self._registered = False
+
+    def layer_function(self, compiled: bool) -> Callable:
+        if not compiled:
+            return llama_layer.llama_layer
+        if self._compiled is None:
+            self._compiled = torch.compile(llama_layer.llama_layer, dynamic=True)
+        return self._compiled
+
+    def float32_attention(self) -> str:
+        """The attention implementation name of float32_sdpa, registered now (idempotent)."""
+        ALL_ATTENTION_FUNCTIONS[FLOAT32_SDPA] = llama_layer.float32_sdpa
+        self._registered = True
+        return FLOAT32_SDPA
+
+    def close(self) -> None:
+        if self._registered and FLOAT32_SDPA in ALL_ATTENTION_FUNCTIONS:
+            del ALL_ATTENTION_FUNCTIONS[FLOAT32_SDPA]
+        self._registered = False
+
+
+def make_replay(lm: LoadedModel, batch: Batch, layer: int, loss_layer: int, *, runtime: ReplayRuntime, fast: bool = True,
+                autocast: torch.dtype | None = None, compiled: bool = False) -> Replay:
+    """The replay of all of `batch`'s rows, chosen once (see the module docstring)."""
+    if not fast:
+        return FullModel(lm, batch, layer)
+    upper = UpperModules(lm, layer, loss_layer, autocast)
+    rows = torch.arange(len(batch.ids))
+    # Mixed precision on plain Llama layers of a float32 model: one function, which torch.compile can fuse.
+    if upper.copied and upper.layers and all(map(llama_layer.is_plain_llama, upper.layers)) and upper.norm.weight.dtype == torch.float32:
+        weights, function = [llama_layer.LlamaWeights.of(m) for m in upper.layers], runtime.layer_function(compiled)
+        return LlamaReplay(upper, lambda r: Grouped.of(
+            batch, r, lambda g: LlamaStack(lm, upper, layer, loss_layer, align(batch, g, upper.device), weights, function)), rows)
+    if upper.copied:
+        upper.use_attention(runtime.float32_attention())
+    return ModuleReplay(upper, lambda r: Grouped.of(
+        batch, r, lambda g: ModuleStack(lm, upper, layer, loss_layer, align(batch, g, upper.device))), rows)
+
+
+def log_softmax32(logits: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
+class FullModel:
+    """The straightforward path: the whole model, the delta added by a hook, full logits."""
+
+    def __init__(self, lm: LoadedModel, batch: Batch, layer: int):
+        self.lm, self.batch, self.layer = lm, batch, layer
+
+    def __call__(self, deltas: torch.Tensor, view: Active) -> tuple[torch.Tensor, torch.Tensor]:
+        lm, device = self.lm, input_device(self.lm.model)
+
+        def added(hidden: torch.Tensor) -> torch.Tensor:  # each row's delta at its fact token, zeros elsewhere
+            rows = torch.arange(len(view.rows), device=hidden.device)
+            values = deltas[view.row_request.to(deltas.device)].to(hidden.device, hidden.dtype)
+            return torch.zeros_like(hidden).index_put((rows, view.fact.to(hidden.device)), values)
+
+        with Trace(lm.model, lm.arch.layer(self.layer), edit_output=add_to_output(added)):
+            logits = lm.model(input_ids=self.batch.ids[view.rows].to(device), attention_mask=self.batch.mask[view.rows].to(device),
+                              use_cache=False).logits
+        log_probs = log_softmax32(logits)
+        at = lambda rows, positions: log_probs[rows.to(log_probs.device), positions.to(log_probs.device)]  # noqa: E731
+        return at(view.t_row, view.t_position), at(view.kl_rows, view.kl_positions)
+
+    def only(self, view: Active) -> "FullModel":
+        return self  # it runs the view's rows at every call
+
+
+class UpperModules:
+    """The modules a fast step runs: the layers above the edited one, the final norm and the
+    unembedding. Under mixed precision their matrices are copied once into that dtype: autocast
+    would otherwise re-cast every weight at every step, which for a single request's few dozen
+    tokens costs as much as the matmuls. The copies are frozen snapshots, valid for one
+    compute_values call (the edited matrices all lie at or below the edited layer). Modules placed
+    by accelerate (hooks) are used as they are."""
+
+    def __init__(self, lm: LoadedModel, layer: int, loss_layer: int, autocast: torch.dtype | None):
+        self.originals = [lm.model.get_submodule(lm.arch.layer(j)) for j in range(layer + 1, loss_layer + 1)]
+        modules = [*self.originals, lm.model.get_submodule(lm.arch.final_norm), lm.model.get_submodule(lm.arch.unembed)]
+        self.copied = autocast is not None and not any(hasattr(m, "_hf_hook") for m in modules)
+        if self.copied:
+            modules = [copy.deepcopy(m) for m in modules]
+            for weight in (w for m in modules for w in m.parameters() if w.dim() >= 2):
+                weight.data = weight.data.to(autocast)  # matrices only: norms keep their dtype
+        *self.layers, self.norm, self.unembed = modules
+        self.autocast, self.device = autocast, input_device(lm.model)
+
+    def use_attention(self, name: str) -> None:
+        """Give the copies' sdpa attention the implementation `name` (their configs are copies too)."""
+        for part in (p for m in self.layers for p in m.modules()):
+            config = getattr(part, "config", None)
+            if getattr(config, "_attn_implementation", None) == "sdpa":
+                config._attn_implementation = name
+
+    def precision(self):
+        """Mixed precision (e.g. bfloat16 matmuls) when asked for; a no-op otherwise."""
+        return torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None)
+
+    def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        return log_softmax32(self.unembed(self.norm(hidden)))
+
+    def unedited_forward(self, lm: LoadedModel, layer: int, loss_layer: int, aligned: Aligned, cache: DynamicCache):
+        """One forward without the delta over the aligned rows, up to the loss layer, filling
+        `cache`: the edited layer's suffix output and each upper layer's (args, kwargs)."""
+        calls = []
+        handles = [m.register_forward_pre_hook(lambda m, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
+                   for m in self.originals]
+        try:
+            with torch.no_grad(), self.precision(), Trace(lm.model, lm.arch.layer(layer)) as base, \
+                    Trace(lm.model, lm.arch.layer(loss_layer), stop=True):
+                lm.model(input_ids=aligned.ids, attention_mask=aligned.mask, position_ids=aligned.positions,
+                         past_key_values=cache, use_cache=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return base.output[:, aligned.prefix:], calls
+
+
+class ModuleStack:
+    """One length group's upper layers replayed as transformers' modules on columns prefix.. (the
+    suffix), attending to the cached prefix. Their arguments (masks, rotary embeddings, cache
+    positions) are captured from one unedited suffix forward and replayed."""
+
+    def __init__(self, lm: LoadedModel, upper: UpperModules, layer: int, loss_layer: int, aligned: Aligned):
+        self.modules, self.aligned = upper.layers, aligned
+        self.cache = DynamicCache()
+        self.hidden, _ = upper.unedited_forward(lm, layer, loss_layer, aligned, self.cache)
+        self.prefix_kv = [(c.keys[..., : aligned.prefix, :], c.values[..., : aligned.prefix, :]) for c in self.cache.layers]
+        self.calls: list[tuple[tuple, dict]] = []
+        if not self.modules:
+            return
+        handles = [m.register_forward_pre_hook(self._capture, with_kwargs=True) for m in upper.originals]
+        self._reset_cache()
+        try:
+            with torch.no_grad(), upper.precision():
+                lm.model(input_ids=aligned.ids[:, aligned.prefix:], attention_mask=aligned.mask,
+                         position_ids=aligned.positions[:, aligned.prefix:], past_key_values=self.cache, use_cache=True)
+        except StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _capture(self, module, args, kwargs):
+        self.calls.append((args, kwargs))
+        if len(self.calls) == len(self.modules):
+            raise StopForward("captured the arguments of every upper layer")
+
+    def _reset_cache(self) -> None:
+        for cached, (keys, values) in zip(self.cache.layers, self.prefix_kv):
+            cached.keys, cached.values = keys, values
+
+    def __call__(self, added: torch.Tensor) -> torch.Tensor:
+        """Suffix hidden states at the loss layer with `added` summed into the edited layer's output."""
+        hidden = self.hidden + added
+        self._reset_cache()
+        for module, (args, kwargs) in zip(self.modules, self.calls):
+            out = module(hidden, *args[1:], **kwargs) if args else module(**{**kwargs, "hidden_states": hidden})
+            hidden = hidden_of(out)
+        return hidden
+
+
+class LlamaStack:
+    """One length group's upper Llama layers replayed by one function on the suffix: per layer the
+    cached prefix's keys/values and the suffix rows of the mask and rotary embeddings, all per
+    row, so that the stack narrows to fewer rows by slicing."""
+
+    def __init__(self, lm: LoadedModel, upper: UpperModules, layer: int, loss_layer: int, aligned: Aligned,
+                 weights: list[llama_layer.LlamaWeights], function: Callable):
+        self.aligned, self.weights, self.function = aligned, weights, function
+        cache = DynamicCache()
+        self.hidden, calls = upper.unedited_forward(lm, layer, loss_layer, aligned, cache)
+        prefix = aligned.prefix
+        # Own tensors, not views, like those of narrowed stacks: torch.compile guards on the difference.
+        own = lambda t: t.clone(memory_format=torch.contiguous_format)  # noqa: E731
+        self.kv = [(own(c.keys[..., :prefix, :]), own(c.values[..., :prefix, :])) for c in cache.layers[layer + 1:loss_layer + 1]]
+        self.masks = [own(self._mask(kwargs.get("attention_mask"), aligned)) for _, kwargs in calls]
+        self.rotary = [tuple(own(t[:, prefix:]) for t in kwargs["position_embeddings"]) for _, kwargs in calls]
+
+    @staticmethod
+    def _mask(mask: torch.Tensor | None, aligned: Aligned) -> torch.Tensor:
+        """The suffix queries' rows of the layer's 4-d mask; transformers passes none when no row is
+        padded (plain causal attention), which here is the causal mask shifted by the prefix."""
+        if mask is not None:
+            return mask[:, :, aligned.prefix:]
+        width = aligned.ids.shape[1]
+        return torch.ones(width - aligned.prefix, width, dtype=torch.bool, device=aligned.ids.device).tril(aligned.prefix)[None, None]
+
+    def narrowed(self, local: torch.Tensor) -> "LlamaStack":
+        """This stack on a subset of its rows (`local`), without a forward."""
+        narrow = copy.copy(self)
+        local = local.to(self.hidden.device)
+        rows = lambda t: t[local] if len(t) == len(self.hidden) else t  # noqa: E731 (a batch dim of 1 broadcasts)
+        narrow.hidden, narrow.aligned = self.hidden[local], self.aligned.narrowed(local)
+        narrow.kv = [(keys[local], values[local]) for keys, values in self.kv]
+        narrow.masks = [rows(mask) for mask in self.masks]
+        narrow.rotary = [tuple(map(rows, pair)) for pair in self.rotary]
+        return narrow
+
+    def __call__(self, added: torch.Tensor) -> torch.Tensor:
+        hidden = self.hidden + added
+        with torch.autocast(self.hidden.device.type, enabled=False):  # the function casts explicitly
+            for weights, (keys, values), (cos, sin), mask in zip(self.weights, self.kv, self.rotary, self.masks):
+                hidden = self.function(hidden, keys, values, cos, sin, mask, weights)
+        return hidden
+
+
+class Grouped:
+    """Rows grouped by suffix length, one stack per group: one stack would pad every row to the
+    longest suffix, which for a batch of 64 requests nearly doubles the tokens replayed per step."""
+
+    def __init__(self, rows: torch.Tensor, groups: list[torch.Tensor], stacks: list):
+        self.rows, self.groups, self.stacks = rows, groups, stacks  # rows: batch rows, ascending
+        self.group_of, self.local = torch.empty(len(rows), dtype=torch.long), torch.empty(len(rows), dtype=torch.long)
+        for k, g in enumerate(groups):
+            self.group_of[g], self.local[g] = k, torch.arange(len(g))
+
+    @staticmethod
+    def of(batch: Batch, rows: torch.Tensor, make_stack: Callable[[torch.Tensor], object]) -> "Grouped":
+        groups = suffix_groups(batch, rows)
+        return Grouped(rows, groups, [make_stack(rows[g]) for g in groups])
+
+    def narrowed(self, rows: torch.Tensor) -> "Grouped":
+        """The stacks on `rows` (ascending batch rows, a subset of their own), sliced without a forward."""
+        new_index = torch.full((len(self.rows),), -1, dtype=torch.long)
+        kept = torch.isin(self.rows, rows)
+        new_index[kept] = torch.searchsorted(rows, self.rows[kept])
+        groups, stacks = [], []
+        for group, stack in zip(self.groups, self.stacks):
+            local = torch.nonzero(kept[group])[:, 0]
+            if len(local):
+                groups.append(new_index[group[local]])
+                stacks.append(stack.narrowed(local))
+        return Grouped(rows, groups, stacks)
+
+    def __call__(self, row_delta: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Hidden states at the loss layer at (row, original position) pairs, with each row's delta
+        (row_delta[row]) added to the edited layer's output at its fact token."""
+        pieces, order = [], []
+        for k, (group, stack) in enumerate(zip(self.groups, self.stacks)):
+            asked = (self.group_of[rows] == k).nonzero()[:, 0]
+            if not len(asked):
+                continue
+            added = torch.zeros_like(stack.hidden)
+            added[:, 0] = row_delta[group.to(row_delta.device)].to(added.device, added.dtype)
+            top = stack(added)
+            local = self.local[rows[asked]]
+            pieces.append(top[local.to(top.device), stack.aligned.column(local, positions[asked]).to(top.device)])
+            order.append(asked)
+        return torch.cat(pieces)[torch.argsort(torch.cat(order)).to(pieces[0].device)]
+
+
+class _GroupedReplay:
+    """Log-probs from a Grouped stack (`build(batch rows)`): the final norm and unembedding only
+    where the loss reads."""
+
+    def __init__(self, upper: UpperModules, build: Callable[[torch.Tensor], Grouped], rows: torch.Tensor, stack: Grouped | None = None):
+        self.upper, self.build = upper, build
+        self.stack = stack or build(rows)
+
+    def __call__(self, deltas: torch.Tensor, view: Active) -> tuple[torch.Tensor, torch.Tensor]:
+        row_delta = deltas[view.row_request.to(deltas.device)]
+        local = torch.searchsorted(self.stack.rows, view.rows)  # the view's rows among the stack's
+        if len(local) < len(self.stack.rows):  # rows of finished requests: computed, not read (rows are independent)
+            row_delta = row_delta.new_zeros(len(self.stack.rows), row_delta.shape[1]).index_copy(0, local.to(row_delta.device), row_delta)
+        rows, positions = view.read_at()
+        with self.upper.precision():
+            # One unembedding call for targets and KL prompts: at a few rows it is bound by reading the vocab matrix.
+            log_probs = self.upper.log_probs(self.stack(row_delta, local[rows], positions))
+        return log_probs[: len(view.t_row)], log_probs[len(view.t_row):]
+
+
+class LlamaReplay(_GroupedReplay):
+    def only(self, view: Active) -> "LlamaReplay":
+        return LlamaReplay(self.upper, self.build, view.rows, self.stack.narrowed(view.rows))  # finished requests leave at no cost
+
+
+class ModuleReplay(_GroupedReplay):
+    """Rebuilding a stack of modules costs about two steps (its unedited forwards), so finished
+    requests stay in it (computed, not read) until at most REBUILD_FRACTION of its rows are live."""
+
+    def only(self, view: Active) -> "ModuleReplay":
+        if len(view.rows) > REBUILD_FRACTION * len(self.stack.rows):
+            return self
+        return ModuleReplay(self.upper, self.build, view.rows)

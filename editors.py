@@ -114,5 +114,7 @@ def edit(
     prepare_tokenizer(tok)
     lm = LoadedModel(model, tok, arch_for(model), name or getattr(model.config, "_name_or_path", "") or "model")
     built = [r if isinstance(r, EditRequest) else make_request(r, f"request {i}") for i, r in enumerate(requests)]
-    context = context or EditContext(corpus_path=Environment.read().corpus, max_gpu_memory=max_gpu_memory)
+    environment = Environment.read()
+    context = context or EditContext(corpus_path=environment.corpus, offline=environment.offline,
+                                     max_gpu_memory=max_gpu_memory)
     return _algorithm_of(hparams).apply(lm, built, hparams, context)

@@ -43,7 +43,10 @@ class EditContext:
     """State owned by the caller and reused across edits of one run."""
 
     seed: int = 0
-    corpus_path: str | None = None  # statistics corpus; None = $KEDIT_CORPUS, Wikipedia, or sampled
+    # statistics corpus; None: Wikipedia when online, else text sampled from the model. The caller
+    # resolves $KEDIT_CORPUS (util/environment.py) and passes it here
+    corpus_path: str | None = None
+    offline: bool = False  # HF_HUB_OFFLINE / HF_DATASETS_OFFLINE: never try Wikipedia
     stats: StatsCache = field(default_factory=StatsCache)
     fast: bool = True  # fast value optimisation (see rome/compute_v.py)
     # "bfloat16": value optimisation's replayed layers in mixed precision (several times faster on
@@ -78,7 +81,8 @@ class EditContext:
     def corpus(self, lm: LoadedModel, hparams: EditHyperParams) -> Corpus:
         if self._corpus is None:
             n_tokens = hparams.mom2_n_samples * hparams.mom2_sample_tokens
-            self._corpus = resolve_corpus(self.corpus_path, lm.model, lm.tok, lm.name, n_tokens, self.seed)
+            self._corpus = resolve_corpus(self.corpus_path, lm.model, lm.tok, lm.name, n_tokens, self.seed,
+                                         offline=self.offline)
         return self._corpus
 
     def moments(self, lm: LoadedModel, hparams: EditHyperParams) -> dict[int, SecondMoment]:

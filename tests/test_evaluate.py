@@ -243,3 +243,21 @@ def test_generation_prompt_budget_takes_prompts_from_the_first_records():
     chosen = prompt_budget(records, 4)
     assert [(r.case_id, r.generation_prompts) for r in chosen] == [(0, ("a", "b", "c")), (1, ("S1 is in",))]
     assert [r.generation_prompts for r in prompt_budget(records[1:], 5)] == [("S1 is in", "S1 lies in"), ("d",)]
+
+
+def test_offline_environment_keeps_the_statistics_corpus_off_the_network(monkeypatch):
+    """HF_*_OFFLINE, read once into the options, reaches the EditContext: Wikipedia is never tried."""
+    from types import SimpleNamespace
+
+    import util.corpus
+    from rome.editor import EditContext
+
+    asked = []
+    monkeypatch.setattr(util.corpus, "online", lambda host="huggingface.co", timeout=2.0, offline=False: asked.append(offline) or not offline)
+    monkeypatch.setattr(util.corpus, "wikipedia_stream", lambda: "wikipedia")
+    monkeypatch.setattr(util.corpus, "sampled_corpus", lambda *a, **k: "sampled")
+    lm = SimpleNamespace(model=None, tok=None, name="tiny")
+    hparams = SimpleNamespace(mom2_n_samples=1, mom2_sample_tokens=8)
+    assert EditContext(offline=True).corpus(lm, hparams) == "sampled"
+    assert EditContext().corpus(lm, hparams) == "wikipedia"
+    assert asked == [True, False]

@@ -193,7 +193,7 @@ def new_session(options: RunOptions, lm: LoadedModel | None = None, hparams: Edi
 def prepared_context(options: RunOptions, lm: LoadedModel, hparams: EditHyperParams) -> EditContext:
     """An EditContext whose templates and key statistics come from the unedited model: computed
     lazily at the first edit they would be, but a continued run restores edited weights first."""
-    ctx = EditContext(seed=options.seed, corpus_path=options.corpus, value_dtype=options.value_dtype,
+    ctx = EditContext(seed=options.seed, corpus_path=options.corpus, offline=options.environment.offline, value_dtype=options.value_dtype,
                       value_compile=options.value_compile, max_gpu_memory=options.max_gpu_memory)
     ctx.templates(lm, hparams)
     if hparams.mom2_adjustment:

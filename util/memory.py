@@ -140,7 +140,7 @@ class MemoryPlan:
 
 
 def replay_copy_bytes(model: torch.nn.Module, modules: list[torch.nn.Module], autocast: torch.dtype | None) -> int:
-    """The matrices of `modules` copied once in the autocast dtype (rome/compute_v.py's _Replay)."""
+    """The matrices of `modules` copied once in the autocast dtype (rome/replay.py's UpperModules)."""
     if autocast is None:
         return 0
     size = torch.empty((), dtype=autocast).element_size()
@@ -189,7 +189,8 @@ def edit_shape(tok, requests: list[EditRequest], templates: list[str], kl_prompt
     for r in requests:
         for prompt, full in ((r.prompt, join_target(r.prompt.format(r.subject), r.target_new)),
                              *((k, k.format(r.subject)) for k in kl_prompts)):
-            rows = max(rows, count(full))
-            suffix = max(suffix, count(full) - count(prompt[: prompt.index("{}")]) + 2)
+            length = count(full)
+            rows = max(rows, length)
+            suffix = max(suffix, length - count(prompt[: prompt.index("{}")]) + 2)
     target = max(count(r.target_new.strip()) for r in requests)
     return EditShape(len(templates), len(kl_prompts), template + rows, min(suffix, template + rows), target, loss_layer, edited_layer)

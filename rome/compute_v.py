@@ -11,9 +11,10 @@ being edited at the bare prompt's fact token: the down projection's output (ROME
 the layer's output (MEMIT-style, site "layer"); the target value is reference + delta.
 
 All requests are optimised together: one batched forward/backward per step, each request its own
-delta and its own Adam state, a request leaving the batch once its loss is below the threshold
-or, with `v_argmax_stop_steps` > 0 (ENCORE's most-probable early stopping), once every target
-token has been the top prediction after every templated prompt at that many steps.
+delta (a row of one matrix) and its own Adam state (`RowAdam`), a request stopping once its loss
+is below the threshold or, with `v_argmax_stop_steps` > 0 (ENCORE's most-probable early
+stopping), once every target token has been the top prediction after every templated prompt at
+that many steps. Stopping is decided on the device; the host reads it every `sync_every` steps.
 
 Each step's log-probabilities come from a replay (rome/replay.py), chosen once. The fast path
 (default) is fast because the layers up to the edited one do not depend on the delta: they run
@@ -36,6 +37,10 @@ from rome.replay import Replay, ReplayRuntime, make_replay
 from util.models import LoadedModel, input_device
 from util.nethook import Trace
 from util.requests import EditRequest
+
+# Value steps between the host's reads of the stopping state on an accelerator: each read waits
+# for the queued steps; a stopped request may be computed (not changed) up to this many steps more.
+SYNC_EVERY = 4
 
 
 @dataclass
@@ -64,6 +69,7 @@ def compute_values(
     autocast: torch.dtype | None = None,
     compiled: bool = False,
     runtime: ReplayRuntime | None = None,
+    sync_every: int | None = None,
 ) -> ValueResult:
     """Optimise one delta per request at `layer` (see the module docstring).
 
@@ -74,15 +80,18 @@ def compute_values(
     float32 (the deltas and Adam stay float32). `compiled` (with `autocast`, Llama models): the
     replayed layers run torch.compile'd (compiled once per `runtime`; values close to, not equal
     to, the eager ones). `runtime`: what replays keep across calls (EditContext.replay); without
-    one, a runtime lives for this call only."""
+    one, a runtime lives for this call only. `sync_every`: steps between the host's reads of which
+    requests still run (None: every step on a CPU, where a read costs nothing and stopped rows
+    leave soonest; SYNC_EVERY on an accelerator); the results do not depend on it."""
     if runtime is None:
         runtime = ReplayRuntime()
         try:
-            return compute_values(lm, requests, layer, templates, hparams, site, fast, chunk_size, autocast, compiled, runtime)
+            return compute_values(lm, requests, layer, templates, hparams, site, fast, chunk_size, autocast, compiled, runtime, sync_every)
         finally:
             runtime.close()
     if len(requests) > chunk_size:
-        parts = [compute_values(lm, requests[i:i + chunk_size], layer, templates, hparams, site, fast, chunk_size, autocast, compiled, runtime)
+        parts = [compute_values(lm, requests[i:i + chunk_size], layer, templates, hparams, site, fast, chunk_size, autocast, compiled, runtime,
+                                sync_every)
                  for i in range(0, len(requests), chunk_size)]
         return ValueResult(
             torch.cat([p.delta for p in parts]), torch.cat([p.reference for p in parts]),
@@ -90,70 +99,102 @@ def compute_values(
         )
     batch = build_batch(lm, requests, templates, hparams.fact_token, hparams.kl_prompts, hparams.kl_position)
     replay = make_replay(lm, batch, layer, hparams.v_loss_layer, runtime=runtime, fast=fast, autocast=autocast, compiled=compiled)
-    return _optimise(lm, batch, replay, lm.arch.down_proj(layer) if site == "mlp" else lm.arch.layer(layer), hparams)
+    return _optimise(lm, batch, replay, lm.arch.down_proj(layer) if site == "mlp" else lm.arch.layer(layer), hparams, sync_every)
 
 
-def _optimise(lm: LoadedModel, batch: Batch, replay: Replay, site_module: str, hparams: EditHyperParams) -> ValueResult:
-    """The optimisation of one batch's deltas, each step's log-probabilities from `replay`."""
+def _optimise(lm: LoadedModel, batch: Batch, replay: Replay, site_module: str, hparams: EditHyperParams,
+              sync_every: int | None = None) -> ValueResult:
+    """The optimisation of one batch's deltas, each step's log-probabilities from `replay`.
+
+    The stopping rules are decided on the device, and a stopped request's row is frozen there (no
+    update, no Adam moment change); the host reads which requests still run only every
+    `sync_every` steps (and at the last), to break off and to drop stopped rows from the replay.
+    So between reads a GPU queues steps without waiting, and the results do not depend on
+    `sync_every`: a stopped row is computed but neither read nor changed until it leaves."""
     n = len(batch.bare_row)
     reference = _reference_vectors(lm, batch, site_module)
     ref_norm = reference.norm(dim=-1)
     device = reference.device  # the edited layer's output device, where the replays add the deltas
+    sync_every = sync_every or (1 if device.type == "cpu" else SYNC_EVERY)
     # float32 deltas for half-precision models, float64 for float64 models (exactness tests)
     param_dtype = torch.promote_types(next(lm.model.parameters()).dtype, torch.float32)
-    deltas = [torch.nn.Parameter(torch.zeros(reference.shape[1], device=device, dtype=param_dtype)) for _ in range(n)]
-    optimizer = torch.optim.Adam(deltas, lr=hparams.v_lr)
-    steps, final_loss, target_prob = [0] * n, [float("nan")] * n, [float("nan")] * n
-    argmax_steps = [0] * n  # steps at which every target token was the argmax (MPES)
-    active, kl_reference = list(range(n)), None  # active: the requests still optimised, ascending
-    view = Active(batch, active, n)
+    values = torch.zeros(n, reference.shape[1], device=device, dtype=param_dtype)  # request k's delta: row k
+    adam = RowAdam(values, hparams.v_lr)
+    limits = (hparams.clamp_norm_factor * ref_norm).to(device)
+    final_loss, target_prob = (torch.full((n,), float("nan"), dtype=torch.float64, device=device) for _ in range(2))
+    steps, argmax_steps = (torch.zeros(n, dtype=torch.long, device=device) for _ in range(2))  # updates; steps on top (MPES)
+    alive = torch.ones(n, dtype=torch.bool, device=device)
+    active, kl_reference = list(range(n)), None  # active: the requests still in the replay, ascending
+    view, rows = Active(batch, active, n), torch.arange(n, device=device)
 
     for step in range(hparams.v_num_grad_steps):
-        delta_stack = torch.stack([deltas[i] for i in active])
+        delta_stack = values[rows].requires_grad_()
         target_lp, kl_lp = replay(delta_stack, view)
         if kl_reference is None:  # first step: delta = 0, the original distribution
             kl_reference = dict(zip(view.kl_original.tolist(), kl_lp.detach()))
         loss, prob = _loss(hparams, batch, view, target_lp, kl_lp, kl_reference, delta_stack, ref_norm[view.requests].to(device), len(active))
-        on_top = _targets_on_top(view, target_lp, len(active)) if hparams.v_argmax_stop_steps else torch.zeros_like(prob, dtype=torch.bool)
-        # One host sync per step for the stopping rules (not one per request): float64 holds
-        # float32 values exactly, so these are the numbers .item() would give.
-        losses, probs, tops = torch.stack([loss.detach().double(), prob.double(), on_top.double()]).tolist()
-        live = []
-        for k, i in enumerate(active):
-            final_loss[i], target_prob[i] = losses[k], probs[k]
-            argmax_steps[i] += bool(tops[k])
-            live.append(not (final_loss[i] < hparams.v_loss_threshold or step == hparams.v_num_grad_steps - 1
-                             or 0 < hparams.v_argmax_stop_steps <= argmax_steps[i]))
-        if not any(live):
+        running = alive[rows]
+        losses = loss.detach().double()  # compared in float64, as the recorded value
+        final_loss[rows] = torch.where(running, losses, final_loss[rows])
+        target_prob[rows] = torch.where(running, prob.double(), target_prob[rows])
+        if hparams.v_argmax_stop_steps:
+            argmax_steps[rows] += running & _targets_on_top(view, target_lp, len(active))
+        stop = (losses < hparams.v_loss_threshold) | (step == hparams.v_num_grad_steps - 1)
+        if hparams.v_argmax_stop_steps:
+            stop |= argmax_steps[rows] >= hparams.v_argmax_stop_steps
+        live = running & ~stop
+        read = (step + 1) % sync_every == 0 or step == hparams.v_num_grad_steps - 1
+        live_now = live.tolist() if read else None  # the one host sync, every sync_every steps
+        if read and not any(live_now):
             break
-        optimizer.zero_grad(set_to_none=True)
-        loss[torch.tensor(live, device=loss.device)].sum().backward()
-        for k, i in enumerate(active):
-            if not live[k]:  # a zero gradient would still move Adam's momentum; None skips the parameter
-                deltas[i].grad = None
-        optimizer.step()
-        if not all(live):
-            active = [i for k, i in enumerate(active) if live[k]]
-            view = Active(batch, active, n)
+        torch.where(live, loss, torch.zeros_like(loss)).sum().backward()
+        updated = adam.step(rows, delta_stack.grad, live, step + 1)
+        updated = updated * _clamp_scales(updated, limits[rows]).to(updated.dtype)[:, None]
+        values[rows] = torch.where(live[:, None], updated, values[rows])
+        alive[rows] = live
+        steps[rows] += live
+        if read and not all(live_now):
+            active = [i for i, keep in zip(active, live_now) if keep]
+            view, rows = Active(batch, active, n), torch.tensor(active, device=device)
             replay = replay.only(view)
-        for i in active:
-            steps[i] += 1
-        _clamp([deltas[i] for i in active], hparams.clamp_norm_factor * ref_norm[active])
 
-    delta = torch.stack([d.detach().cpu() for d in deltas])
-    reference = reference.cpu()
-    return ValueResult(delta, reference, steps, final_loss, target_prob, (delta.norm(dim=-1) / reference.norm(dim=-1)).tolist())
+    delta, reference = values.cpu(), reference.cpu()
+    return ValueResult(delta, reference, steps.tolist(), final_loss.tolist(), target_prob.tolist(),
+                       (delta.norm(dim=-1) / reference.norm(dim=-1)).tolist())
 
 
-@torch.no_grad()
-def _clamp(deltas: list[torch.Tensor], limits: torch.Tensor) -> None:
-    """||delta|| <= limit, decided on the device (no sync per request): a factor of exactly 1
-    leaves the deltas within the limit bitwise unchanged."""
-    norms = torch.stack([delta.norm() for delta in deltas])
+class RowAdam:
+    """torch.optim.Adam (its defaults) over the rows of one matrix, each row a request's delta
+    with its own moments. A row not `live` keeps its value and moments, as Adam leaves a
+    parameter without gradient; live rows have all been updated at every step so far (a stopped
+    request never resumes), so one step count serves them. Elementwise the same operations as
+    torch's Adam (single-tensor and foreach), one kernel each for the whole batch."""
+
+    def __init__(self, values: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.values, self.lr, self.betas, self.eps = values, lr, betas, eps
+        self.exp_avg, self.exp_avg_sq = torch.zeros_like(values), torch.zeros_like(values)
+
+    @torch.no_grad()
+    def step(self, rows: torch.Tensor, grad: torch.Tensor, live: torch.Tensor, count: int) -> torch.Tensor:
+        """The updated values of `rows` (not written back) after update number `count`; the moments
+        of live rows are written back."""
+        beta1, beta2 = self.betas
+        exp_avg = self.exp_avg[rows].lerp_(grad, 1 - beta1)
+        exp_avg_sq = self.exp_avg_sq[rows].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        keep = live[:, None]
+        self.exp_avg[rows] = torch.where(keep, exp_avg, self.exp_avg[rows])
+        self.exp_avg_sq[rows] = torch.where(keep, exp_avg_sq, self.exp_avg_sq[rows])
+        bias_correction1, bias_correction2 = 1 - beta1 ** float(count), 1 - beta2 ** float(count)
+        denom = (exp_avg_sq.sqrt() / bias_correction2 ** 0.5).add_(self.eps)
+        return self.values[rows].addcdiv_(exp_avg, denom, value=-(self.lr / bias_correction1))
+
+
+def _clamp_scales(deltas: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
+    """Per row, the factor that brings ||delta|| down to its limit: exactly 1 within it, so that
+    such rows stay bitwise unchanged."""
+    norms = deltas.norm(dim=-1)
     limits = limits.to(norms.device)
-    scales = torch.where(norms > limits, limits / norms, torch.ones_like(limits))
-    for delta, scale in zip(deltas, scales):
-        delta.mul_(scale)
+    return torch.where(norms > limits, limits / norms, torch.ones_like(limits))
 
 
 @torch.no_grad()

@@ -55,6 +55,9 @@ class EditContext:
     # with a mixed-precision value_dtype on Llama models: torch.compile the replayed layers
     # (rome.llama_layer.llama_layer; compiled in the first calls of a runtime, up to ~1.5 min on a 2-core CPU)
     value_compile: bool = False
+    # value steps between the host's reads of which requests still run (rome/compute_v.py); None:
+    # every step on a CPU, compute_v.SYNC_EVERY on an accelerator. The values do not depend on it
+    value_sync_every: int | None = None
     # requests per padded key forward and per value optimisation batch: bound an edit's activation
     # memory at large batches (results equal to one chunk's up to rounding). None: derived from
     # max_gpu_memory when it is given, else KEY_CHUNK / VALUE_CHUNK
@@ -215,7 +218,8 @@ def edit_layers(
     key_chunk, value_chunk = ctx.chunk_sizes(lm, requests, hparams,
                                              solver_matrices(constraint, hparams.mom2_adjustment, remember_keys))
     values = compute_values(lm, requests, layers[-1], templates, hparams, site=site, fast=ctx.fast, autocast=autocast,
-                            compiled=ctx.value_compile, chunk_size=value_chunk, runtime=ctx.replay)
+                            compiled=ctx.value_compile, chunk_size=value_chunk, runtime=ctx.replay,
+                            sync_every=ctx.value_sync_every)
     targets = values.target
     names = [lm.arch.weight_name(layer) for layer in layers]
     originals = snapshot(lm.model, names)

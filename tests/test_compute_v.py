@@ -239,3 +239,43 @@ def test_replay_runtime_owns_the_compiled_function_and_the_attention_it_register
     # torch.compile's wrapper: once per runtime, none shared through the process
     assert runtime.layer_function(True) is runtime.layer_function(True) is not replay.ReplayRuntime().layer_function(True)
     assert runtime.layer_function(False) is llama_layer.llama_layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_row_adam_is_torch_adam_per_request_with_stopped_requests_frozen(dtype):
+    # One Adam per request's delta (torch's, skipping a parameter without gradient) against RowAdam
+    # on the rows of one matrix, requests stopping at steps 2, 4 and never: equal to the bit.
+    from rome.compute_v import RowAdam
+
+    generator = torch.Generator().manual_seed(0)
+    n, d, lr, stops = 3, 17, 0.3, [2, 4, 99]
+    separate = [torch.nn.Parameter(torch.zeros(d, dtype=dtype)) for _ in range(n)]
+    optimizer = torch.optim.Adam(separate, lr=lr)
+    values = torch.zeros(n, d, dtype=dtype)
+    rows_adam = RowAdam(values, lr)
+    for step in range(6):
+        grad = torch.randn(n, d, generator=generator, dtype=dtype)
+        live = torch.tensor([step < s for s in stops])
+        for i, p in enumerate(separate):
+            p.grad = grad[i].clone() if live[i] else None
+        optimizer.step()
+        rows = torch.arange(n)
+        values[rows] = torch.where(live[:, None], rows_adam.step(rows, grad, live, step + 1), values[rows])
+        assert torch.equal(values, torch.stack([p.detach() for p in separate])), step
+
+
+@pytest.mark.parametrize("argmax_stop", [0, 2])
+def test_values_do_not_depend_on_how_often_the_host_reads_the_stopping_state(tiny, argmax_stop):
+    # Requests stop at different steps; the host learns it every step, every third, or only at the
+    # end (stopped rows then stay in the replay, frozen): the same values and step counts.
+    tiny.model.double()
+    threshold = {"gpt2": 10.83, "llama": 10.74}[tiny.model.config.model_type]
+    hp = tiny_hparams(v_num_grad_steps=10, v_weight_decay=0.0, v_loss_threshold=threshold, v_argmax_stop_steps=argmax_stop)
+    templates = EditContext().templates(tiny, hp)
+    every = compute_values(tiny, requests(), 1, templates, hp, sync_every=1)
+    assert len(set(every.steps)) > 1, "the threshold should stop requests at different steps"
+    for sync_every in (3, 100):
+        other = compute_values(tiny, requests(), 1, templates, hp, sync_every=sync_every)
+        assert other.steps == every.steps
+        torch.testing.assert_close(other.delta, every.delta, rtol=1e-12, atol=0)
+        torch.testing.assert_close(torch.tensor(other.final_loss), torch.tensor(every.final_loss), rtol=1e-12, atol=0)

@@ -110,3 +110,27 @@ def test_an_edit_under_max_gpu_memory_stays_within_it(tokenizer, tmp_path):
     peak = torch.cuda.max_memory_allocated()
     assert result.chunk_sizes["values"] == 1
     assert peak <= ctx.max_gpu_memory * GIB, (peak / GIB, ctx.max_gpu_memory)
+
+
+def test_value_steps_between_reads_do_not_wait_for_the_gpu(tokenizer):
+    # The host reads the stopping state only every sync_every steps: with one read at the end, 8
+    # and 16 steps make the same number of synchronising calls (counted by CUDA's sync debug mode).
+    import warnings
+
+    from rome.compute_v import compute_values
+
+    lm = tiny_on("llama", tokenizer, "cuda")
+    requests = [make_request(r) for r in REQUESTS]
+    counts = []
+    for steps in (8, 16):
+        hp = tiny_hparams(v_num_grad_steps=steps, v_loss_threshold=0.0)
+        templates = EditContext().templates(lm, hp)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                compute_values(lm, requests, 1, templates, hp, sync_every=steps)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    assert counts[0] == counts[1], counts

@@ -19,8 +19,9 @@ holds; nothing is registered or compiled at import.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 from transformers import DynamicCache
@@ -28,10 +29,11 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from rome import llama_layer
 from rome.batch_layout import Active, Aligned, Batch, align, suffix_groups
+from util.memory import matrices_to_copy
 from util.models import LoadedModel, input_device
 from util.nethook import StopForward, Trace, add_to_output, hidden_of
 
-FLOAT32_SDPA = "kedit_float32_sdpa"  # the name the module copies' configs give float32_sdpa
+FLOAT32_SDPA = "kedit_float32_sdpa"  # the name replayed modules' configs give float32_sdpa while they replay
 
 # Rebuild a replay of modules once the requests still optimised are at most this share of its own.
 REBUILD_FRACTION = 0.75
@@ -87,7 +89,7 @@ def make_replay(lm: LoadedModel, batch: Batch, layer: int, loss_layer: int, *, r
         weights, function = [llama_layer.LlamaWeights.of(m) for m in upper.layers], runtime.layer_function(compiled)
         return LlamaReplay(upper, lambda r: Grouped.of(
             batch, r, lambda g: LlamaStack(lm, upper, layer, loss_layer, align(batch, g, upper.device), weights, function)), rows)
-    if upper.copied:
+    if upper.mixed:
         upper.use_attention(runtime.float32_attention())
     return ModuleReplay(upper, lambda r: Grouped.of(
         batch, r, lambda g: ModuleStack(lm, upper, layer, loss_layer, align(batch, g, upper.device))), rows)
@@ -124,29 +126,52 @@ class FullModel:
 
 class UpperModules:
     """The modules a fast step runs: the layers above the edited one, the final norm and the
-    unembedding. Under mixed precision their matrices are copied once into that dtype: autocast
+    unembedding. Under mixed precision (`mixed`) their matrices run in that dtype; when some is not
+    in it yet they are all copied once into it (`copied`, util.memory.matrices_to_copy): autocast
     would otherwise re-cast every weight at every step, which for a single request's few dozen
     tokens costs as much as the matmuls. The copies are frozen snapshots, valid for one
-    compute_values call (the edited matrices all lie at or below the edited layer). Modules placed
-    by accelerate (hooks) are used as they are."""
+    compute_values call (the edited matrices all lie at or below the edited layer). When every
+    matrix already is in that dtype (a bfloat16 model with bfloat16 values) the model's own
+    modules run: a copy would double them in memory for nothing. Modules placed by accelerate
+    (hooks) are used as they are, without mixed precision's float32 attention."""
 
     def __init__(self, lm: LoadedModel, layer: int, loss_layer: int, autocast: torch.dtype | None):
         self.originals = [lm.model.get_submodule(lm.arch.layer(j)) for j in range(layer + 1, loss_layer + 1)]
         modules = [*self.originals, lm.model.get_submodule(lm.arch.final_norm), lm.model.get_submodule(lm.arch.unembed)]
-        self.copied = autocast is not None and not any(hasattr(m, "_hf_hook") for m in modules)
+        self.mixed = autocast is not None and not any(hasattr(m, "_hf_hook") for m in modules)
+        self.copied = self.mixed and bool(matrices_to_copy(modules, autocast))
         if self.copied:
             modules = [copy.deepcopy(m) for m in modules]
-            for weight in (w for m in modules for w in m.parameters() if w.dim() >= 2):
-                weight.data = weight.data.to(autocast)  # matrices only: norms keep their dtype
+            for weight in matrices_to_copy(modules, autocast):
+                weight.data = weight.data.to(autocast)
         *self.layers, self.norm, self.unembed = modules
         self.autocast, self.device = autocast, input_device(lm.model)
+        self._attention: tuple[str, list] | None = None
 
     def use_attention(self, name: str) -> None:
-        """Give the copies' sdpa attention the implementation `name` (their configs are copies too)."""
-        for part in (p for m in self.layers for p in m.modules()):
-            config = getattr(part, "config", None)
-            if getattr(config, "_attn_implementation", None) == "sdpa":
+        """Run the layers' sdpa attention as the implementation `name` while they replay (`attention`)."""
+        configs = (getattr(p, "config", None) for m in self.layers for p in m.modules())
+        # by identity: the model's own layers share one config (the model's), copies have their own
+        sdpa = {id(c): c for c in configs if getattr(c, "_attn_implementation", None) == "sdpa"}
+        self._attention = name, list(sdpa.values())
+
+    @contextlib.contextmanager
+    def attention(self) -> Iterator[None]:
+        """The attention `use_attention` named, for the duration of the block, the configs' own
+        restored on exit: transformers reads `config._attn_implementation` at every forward, and the
+        model's own modules share the config of the whole model (its other forwards keep sdpa)."""
+        if self._attention is None:
+            yield
+            return
+        name, configs = self._attention
+        before = [c._attn_implementation for c in configs]
+        try:
+            for config in configs:
                 config._attn_implementation = name
+            yield
+        finally:
+            for config, implementation in zip(configs, before):
+                config._attn_implementation = implementation
 
     def precision(self):
         """Mixed precision (e.g. bfloat16 matmuls) when asked for; a no-op otherwise."""
@@ -178,7 +203,7 @@ class ModuleStack:
     positions) are captured from one unedited suffix forward and replayed."""
 
     def __init__(self, lm: LoadedModel, upper: UpperModules, layer: int, loss_layer: int, aligned: Aligned):
-        self.modules, self.aligned = upper.layers, aligned
+        self.upper, self.modules, self.aligned = upper, upper.layers, aligned
         self.cache = DynamicCache()
         self.hidden, _ = upper.unedited_forward(lm, layer, loss_layer, aligned, self.cache)
         self.prefix_kv = [(c.keys[..., : aligned.prefix, :], c.values[..., : aligned.prefix, :]) for c in self.cache.layers]
@@ -210,9 +235,10 @@ class ModuleStack:
         """Suffix hidden states at the loss layer with `added` summed into the edited layer's output."""
         hidden = self.hidden + added
         self._reset_cache()
-        for module, (args, kwargs) in zip(self.modules, self.calls):
-            out = module(hidden, *args[1:], **kwargs) if args else module(**{**kwargs, "hidden_states": hidden})
-            hidden = hidden_of(out)
+        with self.upper.attention():
+            for module, (args, kwargs) in zip(self.modules, self.calls):
+                out = module(hidden, *args[1:], **kwargs) if args else module(**{**kwargs, "hidden_states": hidden})
+                hidden = hidden_of(out)
         return hidden
 
 

@@ -10,10 +10,11 @@ from editors import ALGORITHMS, edit
 from experiments.pipeline.run_config import RunOptions
 from util.errors import RunError
 from rome.editor import KEY_CHUNK, VALUE_CHUNK
+from rome.replay import UpperModules
 from tests.helpers import REQUESTS, context, tiny_hparams
 from util.deltas import restore
 from util.errors import HparamsError, MemoryBudgetError
-from util.memory import GIB, HEADROOM, ModelShape, edit_shape, plan, resident_bytes, solver_matrices, stats_batch_tokens
+from util.memory import GIB, HEADROOM, ModelShape, edit_shape, plan, replay_copy_bytes, resident_bytes, solver_matrices, stats_batch_tokens
 from util.requests import make_request
 from util.stats import StatsCache, batch_tokens_for
 
@@ -118,3 +119,20 @@ def test_alphaedit_keeps_no_covariance_on_the_device(tiny, tmp_path):
     ctx = context(tmp_path)
     ALGORITHMS["AlphaEdit"].apply(tiny, REQS[:1], hp, ctx)
     assert not ctx._covariances and len(ctx._nullspaces) == 1
+
+
+def test_replay_copies_count_only_when_the_model_is_not_in_the_value_dtype(tiny):
+    """The estimate follows rome/replay.py: a float32 model's replayed matrices are copied in
+    bfloat16 (the bytes of storage the copies add), a bfloat16 model's are not copied at all."""
+    def copies(lm):
+        upper = UpperModules(lm, 1, 3, torch.bfloat16)
+        model_storage = {p.data_ptr() for p in lm.model.parameters()}
+        added = {p.data_ptr(): p.numel() * p.element_size() for m in (*upper.layers, upper.norm, upper.unembed)
+                 for p in m.parameters() if p.dim() >= 2 and p.data_ptr() not in model_storage}
+        return upper.copied, sum(added.values()), replay_copy_bytes([*upper.originals, upper.norm, upper.unembed], torch.bfloat16)
+
+    copied, added, estimate = copies(tiny)
+    assert copied and added == estimate > 0
+    assert replay_copy_bytes(UpperModules(tiny, 1, 3, None).layers, None) == 0
+    tiny.model.to(torch.bfloat16)
+    assert copies(tiny) == (False, 0, 0)

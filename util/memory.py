@@ -24,7 +24,9 @@ estimate in bytes, written out so that it can be checked against the code it des
                                                                       loss reads; KL references
             rows = templates + KL prompts, reads = templates x target tokens + KL prompts,
             L_up = layers replayed above the edited one, L_loss = layers up to the loss layer;
-            once per batch under mixed precision: the replayed layers and unembedding in that dtype
+            once per batch under mixed precision: the replayed layers and unembedding copied in that
+            dtype, only when some of their matrices are not in it already (`matrices_to_copy`:
+            nothing for a bfloat16 model with bfloat16 values, whose own modules are replayed)
   solve     while one layer's C or system is built and solved, 3 m^2 x 8 (a float64 system, its
             factor, a product; AlphaEdit's eigendecomposition), 2 m^2 x 8 for equality solves
             (C0's copy and C before C is factorised)
@@ -139,12 +141,21 @@ class MemoryPlan:
         return int((self.room - self.value_fixed) // self.value_request)
 
 
-def replay_copy_bytes(model: torch.nn.Module, modules: list[torch.nn.Module], autocast: torch.dtype | None) -> int:
-    """The matrices of `modules` copied once in the autocast dtype (rome/replay.py's UpperModules)."""
+def matrices_to_copy(modules: list[torch.nn.Module], autocast: torch.dtype | None) -> list[torch.nn.Parameter]:
+    """The matrices (parameters of two or more dimensions; norms keep their dtype) of a replay's
+    `modules` that rome/replay.py's UpperModules copies once into the autocast dtype: all of them
+    when some is not in that dtype (autocast would re-cast it at every step), none when all are
+    (a bfloat16 model with bfloat16 values: the modules themselves run), none without autocast."""
     if autocast is None:
-        return 0
-    size = torch.empty((), dtype=autocast).element_size()
-    return sum(p.numel() for module in modules for p in module.parameters() if p.dim() >= 2) * size
+        return []
+    matrices = [p for module in modules for p in module.parameters() if p.dim() >= 2]
+    return matrices if any(p.dtype != autocast for p in matrices) else []
+
+
+def replay_copy_bytes(modules: list[torch.nn.Module], autocast: torch.dtype | None) -> int:
+    """Bytes of the copies `matrices_to_copy` names, in the autocast dtype (0 when nothing is copied)."""
+    copies = matrices_to_copy(modules, autocast)
+    return sum(p.numel() for p in copies) * torch.empty((), dtype=autocast).element_size() if copies else 0
 
 
 def plan(model: torch.nn.Module, shape: ModelShape, edit: EditShape, budget_gib: float, autocast: torch.dtype | None,
@@ -164,7 +175,7 @@ def plan(model: torch.nn.Module, shape: ModelShape, edit: EditShape, budget_gib:
         budget=int(budget_gib * GIB),
         resident=resident_bytes(model) + n_layers_solved * matrices[0] * solver,
         key_request=key_request, value_request=value_request,
-        value_fixed=replay_copy_bytes(model, replayed, autocast),
+        value_fixed=replay_copy_bytes(replayed, autocast),
         solve=matrices[1] * solver, model=name,
     )
 

@@ -15,7 +15,7 @@ from alphaedit.alphaedit_main import AlphaEditHyperParams
 from rome.editor import EditContext
 from rome.templates import generate_templates
 from tests.conftest import tiny_gpt2_model, tiny_llama_model
-from tests.helpers import REQUESTS, context, rel, tiny_hparams, write_corpus
+from tests.helpers import EXTRA, REQUESTS, context, rel, tiny_hparams, write_corpus
 from editors import ALGORITHMS
 from util.arch import arch_for
 from util.corpus import local_corpus
@@ -27,17 +27,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 TOLERANCE = 1e-8
 BUILD = {"gpt2": tiny_gpt2_model, "llama": tiny_llama_model}
-# Per editor: hparams on top of tests.helpers' tiny ones (two layers where the editor spreads).
-EXTRA = {
-    "ROME": dict(original_implementation=True),
-    "R-ROME": dict(),
-    "MEMIT": dict(layers=[1, 2], mom2_update_weight=50.0),
-    "EMMET": dict(layers=[1, 2], mom2_update_weight=10.0, emmet_lambda=0.1),
-    "AlphaEdit": dict(layers=[1, 2], nullspace_threshold=1e-3, L2=1e-4),
-    "ENCORE": dict(layers=[1, 2], mom2_update_weight=10.0, update_norm_lambda=0.01),
-    "PRUNE": dict(layers=[1, 2], mom2_update_weight=50.0),
-    "RECT": dict(layers=[1, 2], mom2_update_weight=50.0),
-}
 
 
 def tiny_on(arch: str, tok, device: str) -> LoadedModel:

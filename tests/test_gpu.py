@@ -99,3 +99,41 @@ def test_an_edit_under_max_gpu_memory_stays_within_it(tokenizer, tmp_path):
     peak = torch.cuda.max_memory_allocated()
     assert result.chunk_sizes["values"] == 1
     assert peak <= ctx.max_gpu_memory * GIB, (peak / GIB, ctx.max_gpu_memory)
+
+
+@pytest.mark.parametrize("alg", ["MEMIT", "EMMET", "AlphaEdit", "ENCORE"])
+def test_kept_matrices_in_pinned_host_memory_give_the_device_update(alg, tokenizer, tmp_path):
+    """Under a budget that cannot hold them, C, its factor, U and K_p K_p^T live in pinned host memory,
+    a state restored from a checkpoint (host memory, unpinned) is kept there too, and the updates equal
+    those with everything on the GPU (chunk sizes given, so that only the placement differs)."""
+    from rome.editor import EDITED_KEYS
+    from tests.helpers import host_budget
+    from util.state import state_from_tensors, state_to_tensors
+
+    constraint = {"MEMIT": "least_squares", "EMMET": "equality", "AlphaEdit": "nullspace", "ENCORE": "least_squares"}[alg]
+    hp = tiny_hparams(ALGORITHMS[alg].hparams_class, **EXTRA[alg])
+    requests = [make_request(r) for r in REQUESTS]
+    stats = StatsCache(tmp_path / "stats")
+    runs = {}
+    for where in ("device", "host"):
+        lm = tiny_on("llama", tokenizer, "cuda")
+        ctx = context(tmp_path, stats=stats, key_chunk_size=2, value_chunk_size=2)
+        if where == "host":
+            ctx.max_gpu_memory = min(host_budget(lm, ctx, hp, part, constraint, alg in ("AlphaEdit", "ENCORE"))
+                                     for part in (requests[:2], requests[2:]))
+        first = ALGORITHMS[alg].apply(lm, requests[:2], hp, ctx)
+        ctx.state = state_from_tensors(*state_to_tensors(ctx.state))  # as a resumed run has it: host, unpinned
+        second = ALGORITHMS[alg].apply(lm, requests[2:], hp, ctx)
+        assert first.solver_matrices == second.solver_matrices == where
+        kept = [t for cov in ctx._covariances.values() for t in (cov.matrix, cov._factor) if t is not None]
+        kept += [*ctx._nullspaces.values(), *ctx.state.get(EDITED_KEYS, {}).values()]
+        assert kept
+        for tensor in kept:
+            if where == "host":
+                assert tensor.device.type == "cpu" and tensor.is_pinned()
+            else:
+                assert tensor.device.type == "cuda"
+        runs[where] = (first.deltas, second.deltas, ctx.state.get(EDITED_KEYS, {}))
+    for device, host in zip(runs["device"], runs["host"]):
+        for name in device:
+            torch.testing.assert_close(host[name].cpu(), device[name].cpu(), rtol=1e-12, atol=0)

@@ -143,6 +143,11 @@ def test_kept_matrices_go_to_host_memory_when_the_device_cannot_hold_them(tiny, 
     assert tight.key_chunk() >= 1 and tight.value_chunk() >= 1
     with pytest.raises(MemoryBudgetError, match="weights and solver matrices take"):
         replace(tight, host=False).check()  # what the plan said before host memory was an option
+    # room for every request's values in one batch in host placement: the kept matrices would fit on
+    # the device, but only with one batch more there, so they go to host memory as well
+    snug = budget_plan(tiny, ctx, hp, (weights + len(REQS) * roomy.value_request + 64) / HEADROOM / GIB, matrices)
+    assert replace(snug, host=False).fits() and replace(snug, host=False).value_chunk() < len(REQS)
+    assert snug.host and snug.used_chunks(len(REQS)) == (len(REQS), len(REQS))
     ctx.max_gpu_memory = gib
     assert ctx.edit_plan(tiny, REQS, hp, matrices) == (tight.key_chunk(), tight.value_chunk(), True)
     ctx.max_gpu_memory = 1.0

@@ -177,9 +177,8 @@ class EditContext:
         placement = self.placement(lm, layer, host)
         grams = self.state.setdefault(EDITED_KEYS, {})
         name = lm.arch.down_proj(layer)
-        gram = placement.keep(keys.double() @ keys.double().T)
-        # out of place: a rollback mark may share the previous sum
-        grams[name] = gram if name not in grams else placement.keep(placement.keep(grams[name]) + gram)
+        gram = keys.double() @ keys.double().T
+        grams[name] = placement.keep(gram) if name not in grams else placement.add(grams[name], gram)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from util.memory import (GIB, HEADROOM, ModelShape, SolverPlacement, edit_shape,
                          stats_batch_tokens)
 from util.requests import make_request
 from util.solve import Covariance
+from util.state import state_from_tensors, state_to_tensors
 from util.stats import StatsCache, batch_tokens_for
 
 REQS = [make_request(r) for r in REQUESTS]
@@ -166,6 +167,8 @@ def test_solver_placement_keeps_where_it_says():
     assert SolverPlacement(torch.device("cpu")).keep(t) is t and SolverPlacement(torch.device("cpu"), host=True).keep(t) is t
     assert SolverPlacement(meta).keep(t).device == meta and SolverPlacement(meta).kept_on == meta
     assert SolverPlacement(meta, host=True).keep(t) is t and SolverPlacement(meta, host=True).kept_on == torch.device("cpu")
+    total = SolverPlacement(meta, host=True).add(t, t)  # K_p K_p^T grows where it is kept, into a new tensor
+    assert total.device.type == "cpu" and torch.equal(total, 2 * t) and torch.equal(t, torch.ones(3, 3, dtype=torch.float64))
     # a Covariance keeps its factor beside its matrix, where its placement says, not on the solve's device
     C0 = torch.eye(3, dtype=torch.float64) * 2
     cov = Covariance(3, C0).kept(SolverPlacement(meta, host=True).keep)
@@ -179,7 +182,9 @@ def test_solver_placement_keeps_where_it_says():
 def test_kept_matrices_in_host_memory_give_the_same_update(alg, tiny_llama, tmp_path):
     """A budget that sends the kept matrices to host memory changes where they live, not the update:
     bitwise equal deltas and K_p K_p^T over two sequential edits (chunk sizes given, so that only the
-    placement differs; on the CPU host and device memory are one, so this checks the data flow)."""
+    placement differs, with the run state restored from its checkpoint form between the edits; on
+    the CPU host and device memory are one, so this checks the data flow; tests/test_gpu.py checks
+    where the matrices live on a GPU)."""
     lm = tiny_llama
     lm.model.double()
     hp = tiny_hparams(ALGORITHMS[alg].hparams_class, **{**EXTRA[alg], "v_num_grad_steps": 3})
@@ -190,6 +195,7 @@ def test_kept_matrices_in_host_memory_give_the_same_update(alg, tiny_llama, tmp_
         if where == "host":  # the placement is planned per edit: a budget too small for both
             ctx.max_gpu_memory = min(host_budget(lm, ctx, hp, part, *KEPT[alg]) for part in (REQS[:2], REQS[2:]))
         first = ALGORITHMS[alg].apply(lm, REQS[:2], hp, ctx)
+        ctx.state = state_from_tensors(*state_to_tensors(ctx.state))  # as a resumed run has it
         second = ALGORITHMS[alg].apply(lm, REQS[2:], hp, ctx)
         restore(lm.model, first.originals)
         assert first.solver_matrices == second.solver_matrices == where

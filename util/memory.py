@@ -138,6 +138,14 @@ class SolverPlacement:
             return tensor
         return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin).copy_(tensor)
 
+    def add(self, kept: torch.Tensor, addend: torch.Tensor) -> torch.Tensor:
+        """kept + addend, formed where the matrices are kept, as a new tensor (a rollback mark of the
+        run state may still hold `kept`)."""
+        kept = self.keep(kept)
+        total = torch.empty(kept.shape, dtype=kept.dtype, device=kept.device,
+                            pin_memory=self.host and self.device.type == "cuda")
+        return torch.add(kept, addend.to(kept.device), out=total)
+
 
 @dataclass(frozen=True)
 class MemoryPlan:

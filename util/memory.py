@@ -95,7 +95,7 @@ class EditShape:
     target_tokens: int  # longest target
     loss_layer: int
     edited_layer: int  # the last edited layer (values are optimised there)
-    requests: int = 1  # requests in the edit: a chunk larger than this buys nothing
+    requests: int  # requests in the edit: a chunk larger than this buys nothing
 
 
 def resident_bytes(model: torch.nn.Module) -> int:

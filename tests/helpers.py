@@ -30,6 +30,11 @@ EXTRA = {
     "RECT": dict(layers=[1, 2], mom2_update_weight=50.0),
 }
 
+# The editors whose solver keeps m x m matrices across edits: (constraint, remember_keys) as their
+# apply functions pass them to rome.editor.edit_layers (for budgets that place those matrices).
+KEPT = {"MEMIT": ("least_squares", False), "EMMET": ("equality", False), "AlphaEdit": ("nullspace", True),
+        "ENCORE": ("least_squares", True)}
+
 
 def tiny_hparams(cls=ROMEHyperParams, **overrides) -> EditHyperParams:
     values = {**TINY_COMMON, "layers": [1], **overrides}

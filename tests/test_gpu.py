@@ -12,15 +12,16 @@ import pytest
 import torch
 
 from alphaedit.alphaedit_main import AlphaEditHyperParams
-from rome.editor import EditContext
+from rome.editor import EDITED_KEYS, EditContext
 from rome.templates import generate_templates
 from tests.conftest import tiny_gpt2_model, tiny_llama_model
-from tests.helpers import EXTRA, REQUESTS, context, rel, tiny_hparams, write_corpus
+from tests.helpers import EXTRA, KEPT, REQUESTS, context, host_budget, rel, tiny_hparams, write_corpus
 from editors import ALGORITHMS
 from util.arch import arch_for
 from util.corpus import local_corpus
 from util.models import LoadedModel
 from util.requests import make_request
+from util.state import state_from_tensors, state_to_tensors
 from util.stats import StatsCache
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -101,16 +102,11 @@ def test_an_edit_under_max_gpu_memory_stays_within_it(tokenizer, tmp_path):
     assert peak <= ctx.max_gpu_memory * GIB, (peak / GIB, ctx.max_gpu_memory)
 
 
-@pytest.mark.parametrize("alg", ["MEMIT", "EMMET", "AlphaEdit", "ENCORE"])
+@pytest.mark.parametrize("alg", sorted(KEPT))
 def test_kept_matrices_in_pinned_host_memory_give_the_device_update(alg, tokenizer, tmp_path):
     """Under a budget that cannot hold them, C, its factor, U and K_p K_p^T live in pinned host memory,
     a state restored from a checkpoint (host memory, unpinned) is kept there too, and the updates equal
     those with everything on the GPU (chunk sizes given, so that only the placement differs)."""
-    from rome.editor import EDITED_KEYS
-    from tests.helpers import host_budget
-    from util.state import state_from_tensors, state_to_tensors
-
-    constraint = {"MEMIT": "least_squares", "EMMET": "equality", "AlphaEdit": "nullspace", "ENCORE": "least_squares"}[alg]
     hp = tiny_hparams(ALGORITHMS[alg].hparams_class, **EXTRA[alg])
     requests = [make_request(r) for r in REQUESTS]
     stats = StatsCache(tmp_path / "stats")
@@ -119,7 +115,7 @@ def test_kept_matrices_in_pinned_host_memory_give_the_device_update(alg, tokeniz
         lm = tiny_on("llama", tokenizer, "cuda")
         ctx = context(tmp_path, stats=stats, key_chunk_size=2, value_chunk_size=2)
         if where == "host":
-            ctx.max_gpu_memory = min(host_budget(lm, ctx, hp, part, constraint, alg in ("AlphaEdit", "ENCORE"))
+            ctx.max_gpu_memory = min(host_budget(lm, ctx, hp, part, *KEPT[alg])
                                      for part in (requests[:2], requests[2:]))
         first = ALGORITHMS[alg].apply(lm, requests[:2], hp, ctx)
         ctx.state = state_from_tensors(*state_to_tensors(ctx.state))  # as a resumed run has it: host, unpinned

@@ -12,7 +12,7 @@ from editors import ALGORITHMS, edit
 from experiments.pipeline.run_config import RunOptions
 from util.errors import RunError
 from rome.editor import EDITED_KEYS, KEY_CHUNK, VALUE_CHUNK
-from tests.helpers import EXTRA, REQUESTS, context, host_budget, tiny_hparams
+from tests.helpers import EXTRA, KEPT, REQUESTS, context, host_budget, tiny_hparams
 from util.deltas import restore
 from util.errors import HparamsError, MemoryBudgetError
 from util.memory import (GIB, HEADROOM, ModelShape, SolverPlacement, edit_shape, plan, resident_bytes, solver_matrices,
@@ -123,11 +123,6 @@ def test_alphaedit_keeps_no_covariance_on_the_device(tiny, tmp_path):
     ctx = context(tmp_path)
     ALGORITHMS["AlphaEdit"].apply(tiny, REQS[:1], hp, ctx)
     assert not ctx._covariances and len(ctx._nullspaces) == 1
-
-
-# The editors whose solver keeps m x m matrices across edits: (constraint, remember_keys).
-KEPT = {"MEMIT": ("least_squares", False), "EMMET": ("equality", False), "AlphaEdit": ("nullspace", True),
-        "ENCORE": ("least_squares", True)}
 
 
 def test_kept_matrices_go_to_host_memory_when_the_device_cannot_hold_them(tiny, tmp_path):

@@ -131,6 +131,22 @@ class EditContext:
         """Where the solver's matrices of `layer` are kept (`edit_plan` says whether in host memory)."""
         return SolverPlacement(edited_weight(lm.model, lm.arch, layer).device, host)
 
+    def keep_solver_matrices(self, lm: LoadedModel, host: bool) -> None:
+        """Move every matrix the solver keeps for `lm` (C and its factor, U, K_p K_p^T of any layer)
+        to where an edit's plan puts them, before its value optimisation counts on the room that leaves
+        (an earlier edit, or a benchmark's warm-up, may have kept them elsewhere)."""
+        modules = {lm.arch.down_proj(layer): layer for layer in range(lm.model.config.num_hidden_layers)}
+        for (name, layer, *_), cov in self._covariances.items():  # keys: (model, layer, ...)
+            if name == lm.name:
+                cov.kept(self.placement(lm, layer, host).keep)
+        for key, basis in self._nullspaces.items():
+            if key[0] == lm.name:
+                self._nullspaces[key] = self.placement(lm, key[1], host).keep(basis)
+        grams = self.state.get(EDITED_KEYS, {})
+        for module, gram in grams.items():
+            if module in modules:
+                grams[module] = self.placement(lm, modules[module], host).keep(gram)
+
     def second_moments(self, lm: LoadedModel, hparams: EditHyperParams) -> dict[int, torch.Tensor]:
         """C0 of every edited layer, computed in one pass where missing."""
         return {layer: moment.mom2 for layer, moment in self.moments(lm, hparams).items()}
@@ -236,6 +252,7 @@ def edit_layers(
     autocast = None if ctx.value_dtype == "float32" else DTYPES[ctx.value_dtype]
     key_chunk, value_chunk, host = ctx.edit_plan(lm, requests, hparams,
                                                  solver_matrices(constraint, hparams.mom2_adjustment, remember_keys))
+    ctx.keep_solver_matrices(lm, host)
     values = compute_values(lm, requests, layers[-1], templates, hparams, site=site, fast=ctx.fast, autocast=autocast,
                             compiled=ctx.value_compile, chunk_size=value_chunk, runtime=ctx.replay)
     targets = values.target

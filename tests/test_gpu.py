@@ -11,6 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import rome.editor
+
 from alphaedit.alphaedit_main import AlphaEditHyperParams
 from rome.editor import EDITED_KEYS, EditContext
 from rome.templates import generate_templates
@@ -102,11 +104,25 @@ def test_an_edit_under_max_gpu_memory_stays_within_it(tokenizer, tmp_path):
     assert peak <= ctx.max_gpu_memory * GIB, (peak / GIB, ctx.max_gpu_memory)
 
 
+def kept_matrices(ctx: EditContext) -> list[torch.Tensor]:
+    kept = [t for cov in ctx._covariances.values() for t in (cov.matrix, cov._factor) if t is not None]
+    return kept + [*ctx._nullspaces.values(), *ctx.state.get(EDITED_KEYS, {}).values()]
+
+
+def on_host_first(ctx: EditContext, compute_values):
+    """compute_values, once every kept matrix is checked to be in host memory when it starts."""
+    def call(*args, **kwargs):
+        assert all(t.device.type == "cpu" for t in kept_matrices(ctx)), "kept matrices on the GPU during values"
+        return compute_values(*args, **kwargs)
+    return call
+
+
 @pytest.mark.parametrize("alg", sorted(KEPT))
-def test_kept_matrices_in_pinned_host_memory_give_the_device_update(alg, tokenizer, tmp_path):
-    """Under a budget that cannot hold them, C, its factor, U and K_p K_p^T live in pinned host memory,
-    a state restored from a checkpoint (host memory, unpinned) is kept there too, and the updates equal
-    those with everything on the GPU (chunk sizes given, so that only the placement differs)."""
+def test_kept_matrices_in_pinned_host_memory_give_the_device_update(alg, tokenizer, tmp_path, monkeypatch):
+    """Under a budget that cannot hold them, C, its factor, U and K_p K_p^T live in pinned host memory
+    (those a warm-up made on the GPU leave it before the edit's values), a state restored from a
+    checkpoint (host memory, unpinned) is kept there too, and the updates equal those with everything
+    on the GPU (chunk sizes given, so that only the placement differs)."""
     hp = tiny_hparams(ALGORITHMS[alg].hparams_class, **EXTRA[alg])
     requests = [make_request(r) for r in REQUESTS]
     stats = StatsCache(tmp_path / "stats")
@@ -117,12 +133,17 @@ def test_kept_matrices_in_pinned_host_memory_give_the_device_update(alg, tokeniz
         if where == "host":
             ctx.max_gpu_memory = min(host_budget(lm, ctx, hp, part, *KEPT[alg])
                                      for part in (requests[:2], requests[2:]))
+            for layer in hp.layers:  # a warm-up on the GPU: the edit moves them out before its values
+                if alg == "AlphaEdit":
+                    ctx.nullspace(lm, layer, hp, hp.nullspace_threshold)
+                else:
+                    ctx.covariance(lm, layer, hp)
+            monkeypatch.setattr(rome.editor, "compute_values", on_host_first(ctx, rome.editor.compute_values))
         first = ALGORITHMS[alg].apply(lm, requests[:2], hp, ctx)
         ctx.state = state_from_tensors(*state_to_tensors(ctx.state))  # as a resumed run has it: host, unpinned
         second = ALGORITHMS[alg].apply(lm, requests[2:], hp, ctx)
         assert first.solver_matrices == second.solver_matrices == where
-        kept = [t for cov in ctx._covariances.values() for t in (cov.matrix, cov._factor) if t is not None]
-        kept += [*ctx._nullspaces.values(), *ctx.state.get(EDITED_KEYS, {}).values()]
+        kept = kept_matrices(ctx)
         assert kept
         for tensor in kept:
             if where == "host":

@@ -27,7 +27,7 @@ from util.arch import edited_weight, to_stored
 from util.corpus import Corpus, resolve_corpus
 from util.deltas import Deltas, apply_deltas, snapshot
 from util.errors import MemoryBudgetError, ModelLoadError
-from util.memory import GIB, HEADROOM, ModelShape, edit_shape, plan, resident_bytes, solver_matrices
+from util.memory import GIB, HEADROOM, ModelShape, SolverPlacement, edit_shape, plan, resident_bytes, solver_matrices
 from util.models import DTYPES, LoadedModel, input_device
 from util.requests import EditRequest
 from util.solve import Covariance, solve_update
@@ -110,57 +110,94 @@ class EditContext:
 
     def chunk_sizes(self, lm: LoadedModel, requests: list[EditRequest], hparams: EditHyperParams,
                     matrices: tuple[int, int] = (0, 0)) -> tuple[int, int]:
-        """Requests per key forward and per value optimisation batch: the explicit sizes, else what
-        fits in max_gpu_memory (util/memory.py; `matrices`: m x m float64 matrices the solver keeps
-        per edited layer and needs while solving one, util.memory.solver_matrices; none when
-        nothing is solved), else KEY_CHUNK / VALUE_CHUNK."""
-        if self.max_gpu_memory is None or (self.key_chunk_size and self.value_chunk_size):
-            return self.key_chunk_size or KEY_CHUNK, self.value_chunk_size or VALUE_CHUNK
+        """Requests per key forward and per value optimisation batch (`edit_plan`)."""
+        key_chunk, value_chunk, _ = self.edit_plan(lm, requests, hparams, matrices)
+        return key_chunk, value_chunk
+
+    def edit_plan(self, lm: LoadedModel, requests: list[EditRequest], hparams: EditHyperParams,
+                  matrices: tuple[int, int] = (0, 0)) -> tuple[int, int, bool]:
+        """(requests per key forward, per value optimisation batch, whether the solver's kept matrices
+        live in host memory): the explicit chunk sizes, else what fits in max_gpu_memory
+        (util/memory.py's plan, which also places the matrices; `matrices`: m x m float64 matrices
+        the solver keeps per edited layer and needs while solving one, util.memory.solver_matrices;
+        none when nothing is solved), else KEY_CHUNK / VALUE_CHUNK on the device."""
+        if self.max_gpu_memory is None:
+            return self.key_chunk_size or KEY_CHUNK, self.value_chunk_size or VALUE_CHUNK, False
         shape = edit_shape(lm.tok, requests, self.templates(lm, hparams), hparams.kl_prompts, hparams.v_loss_layer, hparams.layers[-1])
         autocast = None if self.value_dtype == "float32" else DTYPES[self.value_dtype]
         replayed = [lm.model.get_submodule(lm.arch.layer(j)) for j in range(hparams.layers[-1] + 1, hparams.v_loss_layer + 1)]
         budget = plan(lm.model, ModelShape.of(lm), shape, self.max_gpu_memory, autocast,
                       [*replayed, lm.model.get_submodule(lm.arch.unembed)], len(hparams.layers), matrices, lm.name)
-        return self.key_chunk_size or budget.key_chunk(), self.value_chunk_size or budget.value_chunk()
+        return self.key_chunk_size or budget.key_chunk(), self.value_chunk_size or budget.value_chunk(), budget.host
+
+    def placement(self, lm: LoadedModel, layer: int, host: bool) -> SolverPlacement:
+        """Where the solver's matrices of `layer` are kept (`edit_plan` says whether in host memory)."""
+        return SolverPlacement(edited_weight(lm.model, lm.arch, layer).device, host)
+
+    def keep_solver_matrices(self, lm: LoadedModel, host: bool) -> None:
+        """Move every matrix the solver keeps for `lm` (C and its factor, U, K_p K_p^T of any layer)
+        to where an edit's plan puts them, before its value optimisation counts on the room that leaves
+        (an earlier edit, or a benchmark's warm-up, may have kept them elsewhere)."""
+        modules = {lm.arch.down_proj(layer): layer for layer in range(lm.model.config.num_hidden_layers)}
+        for (name, layer, *_), cov in self._covariances.items():  # keys: (model, layer, ...)
+            if name == lm.name:
+                cov.kept(self.placement(lm, layer, host).keep)
+        for key, basis in self._nullspaces.items():
+            if key[0] == lm.name:
+                self._nullspaces[key] = self.placement(lm, key[1], host).keep(basis)
+        grams = self.state.get(EDITED_KEYS, {})
+        for module, gram in grams.items():
+            if module in modules:
+                grams[module] = self.placement(lm, modules[module], host).keep(gram)
 
     def second_moments(self, lm: LoadedModel, hparams: EditHyperParams) -> dict[int, torch.Tensor]:
         """C0 of every edited layer, computed in one pass where missing."""
         return {layer: moment.mom2 for layer, moment in self.moments(lm, hparams).items()}
 
-    def covariance(self, lm: LoadedModel, layer: int, hparams: EditHyperParams) -> Covariance:
-        """C = mom2_update_weight * C0 (or I without mom2 adjustment) on the edited weight's device,
-        copied there and factorised once per run."""
+    def covariance(self, lm: LoadedModel, layer: int, hparams: EditHyperParams, host: bool = False) -> Covariance:
+        """C = mom2_update_weight * C0 (or I without mom2 adjustment) and its factor, kept on the edited
+        weight's device or, with `host`, in host memory (moved there when an earlier edit kept it
+        elsewhere); built once per run, factorised on the weight's device at its first solve."""
         weight = edited_weight(lm.model, lm.arch, layer)
         if not hparams.mom2_adjustment:
             return Covariance(weight.shape[1], layer=lm.arch.down_proj(layer))
+        placement = self.placement(lm, layer, host)
         key = (lm.name, layer, hparams.mom2_update_weight, hparams.mom2_n_samples, hparams.mom2_sample_tokens,
                hparams.mom2_dtype, weight.device)
         if key not in self._covariances:
-            mom2 = self.second_moments(lm, hparams)[layer].to(weight.device)
+            mom2 = self.second_moments(lm, hparams)[layer].to(placement.kept_on)
             self._covariances[key] = Covariance(weight.shape[1], mom2, hparams.mom2_update_weight, layer=lm.arch.down_proj(layer))
-        return self._covariances[key]
+        return self._covariances[key].kept(placement.keep)
 
-    def nullspace(self, lm: LoadedModel, layer: int, hparams: EditHyperParams, threshold: float) -> torch.Tensor:
-        """AlphaEdit's null-space basis U of C0 at `layer` (P = U U^T) on the edited weight's device:
-        from the statistics cache (util/stats.py keeps it on disk next to C0), else computed there
-        (an eigendecomposition of m x m: seconds on a GPU, minutes on a CPU) and cached."""
-        device = edited_weight(lm.model, lm.arch, layer).device
-        key = (lm.name, layer, threshold, hparams.mom2_n_samples, hparams.mom2_sample_tokens, hparams.mom2_dtype, device)
+    def nullspace(self, lm: LoadedModel, layer: int, hparams: EditHyperParams, threshold: float, host: bool = False) -> torch.Tensor:
+        """AlphaEdit's null-space basis U of C0 at `layer` (P = U U^T), kept on the edited weight's
+        device or, with `host`, in host memory: from the statistics cache (util/stats.py keeps it on
+        disk next to C0), else computed on the weight's device (an eigendecomposition of m x m:
+        seconds on a GPU, minutes on a CPU) and cached."""
+        placement = self.placement(lm, layer, host)
+        key = (lm.name, layer, threshold, hparams.mom2_n_samples, hparams.mom2_sample_tokens, hparams.mom2_dtype, placement.device)
         if key not in self._nullspaces:
-            self._nullspaces[key] = self.stats.nullspace(self.moments(lm, hparams)[layer], threshold, device)
+            self._nullspaces[key] = self.stats.nullspace(self.moments(lm, hparams)[layer], threshold, placement.device)
+        self._nullspaces[key] = placement.keep(self._nullspaces[key])
         return self._nullspaces[key]
 
-    def edited_keys(self, lm: LoadedModel, layer: int) -> torch.Tensor | None:
-        """K_p K_p^T (float64, m x m) of the keys earlier edits wrote into `layer`; None before any."""
-        return self.state.get(EDITED_KEYS, {}).get(lm.arch.down_proj(layer))
+    def edited_keys(self, lm: LoadedModel, layer: int, host: bool = False) -> torch.Tensor | None:
+        """K_p K_p^T (float64, m x m) of the keys earlier edits wrote into `layer`, None before any;
+        kept where `placement(lm, layer, host)` says (a sum restored from a checkpoint moves there once)."""
+        grams = self.state.get(EDITED_KEYS, {})
+        name = lm.arch.down_proj(layer)
+        if name in grams:
+            grams[name] = self.placement(lm, layer, host).keep(grams[name])
+        return grams.get(name)
 
-    def remember_keys(self, lm: LoadedModel, layer: int, keys: torch.Tensor) -> None:
-        """Add K K^T of this edit's keys (m x n) to the run's K_p K_p^T at `layer`, kept on the keys'
-        device (the edited weight's); a sum restored from a checkpoint moves there once."""
+    def remember_keys(self, lm: LoadedModel, layer: int, keys: torch.Tensor, host: bool = False) -> None:
+        """Add K K^T of this edit's keys (m x n, on the edited weight's device, where the product is
+        formed) to the run's K_p K_p^T at `layer`; the sum is accumulated where it is kept."""
+        placement = self.placement(lm, layer, host)
         grams = self.state.setdefault(EDITED_KEYS, {})
         name = lm.arch.down_proj(layer)
         gram = keys.double() @ keys.double().T
-        grams[name] = gram if name not in grams else grams[name].to(gram.device) + gram
+        grams[name] = placement.keep(gram) if name not in grams else placement.add(grams[name], gram)
 
 
 @dataclass
@@ -171,6 +208,7 @@ class EditResult:
     layers: list[dict]  # per layer: update norms, residual, solve time
     value_deltas: torch.Tensor  # (n, d) the optimised residual change per request
     chunk_sizes: dict[str, int] = field(default_factory=dict)  # requests per key forward / value batch
+    solver_matrices: str = "device"  # where the solver's kept matrices live: "device" or "host" (memory)
 
 
 def edit_keys(lm: LoadedModel, requests: list[EditRequest], layers: list[int], hparams: EditHyperParams,
@@ -215,8 +253,9 @@ def edit_layers(
     layers = hparams.layers
     site_module = lm.arch.down_proj(layers[-1]) if site == "mlp" else lm.arch.layer(layers[-1])
     autocast = None if ctx.value_dtype == "float32" else DTYPES[ctx.value_dtype]
-    key_chunk, value_chunk = ctx.chunk_sizes(lm, requests, hparams,
-                                             solver_matrices(constraint, hparams.mom2_adjustment, remember_keys))
+    key_chunk, value_chunk, host = ctx.edit_plan(lm, requests, hparams,
+                                                 solver_matrices(constraint, hparams.mom2_adjustment, remember_keys))
+    ctx.keep_solver_matrices(lm, host)
     values = compute_values(lm, requests, layers[-1], templates, hparams, site=site, fast=ctx.fast, autocast=autocast,
                             compiled=ctx.value_compile, chunk_size=value_chunk, runtime=ctx.replay,
                             sync_every=ctx.value_sync_every)
@@ -233,12 +272,13 @@ def edit_layers(
         current = keys.site_output if residual_from == "bare_prompt" else keys.site_mean
         residual = (targets.to(device, torch.float64) - current.to(device, torch.float64)).T / (len(layers) - i)  # d x n
         k_constraint = keys.k_bare[layer].to(device, torch.float64).T if bare_key_residual else k_star
-        cov = None if constraint == "nullspace" else ctx.covariance(lm, layer, hparams)  # AlphaEdit needs only U
+        cov = None if constraint == "nullspace" else ctx.covariance(lm, layer, hparams, host)  # AlphaEdit needs only U
+        # kept matrices in host memory are moved in by the solve and freed with its locals
         delta, info = solve_update(
             residual, k_constraint, cov, constraint, mu=mu,
             K_dir=k_star if bare_key_residual else None, layer=lm.arch.down_proj(layer),
-            prior=ctx.edited_keys(lm, layer) if remember_keys else None,
-            basis=ctx.nullspace(lm, layer, hparams, nullspace_threshold) if constraint == "nullspace" else None,
+            prior=ctx.edited_keys(lm, layer, host) if remember_keys else None,
+            basis=ctx.nullspace(lm, layer, hparams, nullspace_threshold, host) if constraint == "nullspace" else None,
         )
         layer_records.append({**_layer_record(layer, delta, weight, k_constraint, residual, info.seconds), **info.extras})
         solved_keys.append(k_constraint)
@@ -247,13 +287,14 @@ def edit_layers(
         deltas[names[i]] = stored.cpu()
     if remember_keys:
         for layer, keys in zip(layers, solved_keys):
-            ctx.remember_keys(lm, layer, keys)
+            ctx.remember_keys(lm, layer, keys, host)
     request_records = [
         {"case_id": r.case_id, "v_steps": values.steps[j], "v_loss": values.final_loss[j],
          "v_target_prob": values.target_prob[j], "delta_ratio": values.delta_ratio[j]}
         for j, r in enumerate(requests)
     ]
-    return EditResult(deltas, originals, request_records, layer_records, values.delta, {"keys": key_chunk, "values": value_chunk})
+    return EditResult(deltas, originals, request_records, layer_records, values.delta, {"keys": key_chunk, "values": value_chunk},
+                      "host" if host else "device")
 
 
 def check_editable(lm: LoadedModel, layers: list[int]) -> None:

@@ -2,17 +2,38 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from rome.editor import EditContext
 from rome.hparams import EditHyperParams, ROMEHyperParams
 from util.hparams import build_hparams
+from util.memory import GIB, HEADROOM, ModelShape, edit_shape, plan, solver_matrices
+from util.models import LoadedModel
+from util.requests import EditRequest
 
 TINY_COMMON = dict(
     fact_token="subject_last", v_num_grad_steps=8, v_lr=0.5, v_loss_layer=3, v_weight_decay=0.5,
     clamp_norm_factor=4.0, kl_factor=0.0625, context_template_length_params=[[5, 3]],
     mom2_adjustment=True, mom2_n_samples=8, mom2_sample_tokens=64, mom2_update_weight=1.0,
 )
+
+# Per editor: hparams on top of tiny_hparams' (two layers where the editor spreads).
+EXTRA = {
+    "ROME": dict(original_implementation=True),
+    "R-ROME": dict(),
+    "MEMIT": dict(layers=[1, 2], mom2_update_weight=50.0),
+    "EMMET": dict(layers=[1, 2], mom2_update_weight=10.0, emmet_lambda=0.1),
+    "AlphaEdit": dict(layers=[1, 2], nullspace_threshold=1e-3, L2=1e-4),
+    "ENCORE": dict(layers=[1, 2], mom2_update_weight=10.0, update_norm_lambda=0.01),
+    "PRUNE": dict(layers=[1, 2], mom2_update_weight=50.0),
+    "RECT": dict(layers=[1, 2], mom2_update_weight=50.0),
+}
+
+# The editors whose solver keeps m x m matrices across edits: (constraint, remember_keys) as their
+# apply functions pass them to rome.editor.edit_layers (for budgets that place those matrices).
+KEPT = {"MEMIT": ("least_squares", False), "EMMET": ("equality", False), "AlphaEdit": ("nullspace", True),
+        "ENCORE": ("least_squares", True)}
 
 
 def tiny_hparams(cls=ROMEHyperParams, **overrides) -> EditHyperParams:
@@ -71,3 +92,13 @@ def run_options(folder: Path) -> "RunOptions":
         number_of_few_shots=2, number_of_tests=4, generation_test_interval=2, generation_prompts=2, generation_tokens=6,
         perplexity_tokens=96, corpus=str(write_corpus(folder)), data_dir=str(data), results_dir=str(folder / "results"),
     )
+
+
+def host_budget(lm: LoadedModel, ctx: EditContext, hp: EditHyperParams, requests: list[EditRequest], constraint: str,
+                remember_keys: bool) -> float:
+    """GiB of max_gpu_memory that holds an edit of `requests` (float32 values) with the solver's kept
+    matrices in host memory but not with them on the device (two or more edited layers)."""
+    shape = edit_shape(lm.tok, requests, ctx.templates(lm, hp), hp.kl_prompts, hp.v_loss_layer, hp.layers[-1])
+    matrices = solver_matrices(constraint, hp.mom2_adjustment, remember_keys)
+    estimate = replace(plan(lm.model, ModelShape.of(lm), shape, 1.0, None, [], len(hp.layers), matrices), host=True)
+    return (estimate.resident + max(estimate.phases()) + 64) / HEADROOM / GIB

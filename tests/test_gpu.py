@@ -11,33 +11,25 @@ from __future__ import annotations
 import pytest
 import torch
 
+import rome.editor
+
 from alphaedit.alphaedit_main import AlphaEditHyperParams
-from rome.editor import EditContext
+from rome.editor import EDITED_KEYS, EditContext
 from rome.templates import generate_templates
 from tests.conftest import tiny_gpt2_model, tiny_llama_model
-from tests.helpers import REQUESTS, context, rel, tiny_hparams, write_corpus
+from tests.helpers import EXTRA, KEPT, REQUESTS, context, host_budget, rel, tiny_hparams, write_corpus
 from editors import ALGORITHMS
 from util.arch import arch_for
 from util.corpus import local_corpus
 from util.models import LoadedModel
 from util.requests import make_request
+from util.state import state_from_tensors, state_to_tensors
 from util.stats import StatsCache
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 TOLERANCE = 1e-8
 BUILD = {"gpt2": tiny_gpt2_model, "llama": tiny_llama_model}
-# Per editor: hparams on top of tests.helpers' tiny ones (two layers where the editor spreads).
-EXTRA = {
-    "ROME": dict(original_implementation=True),
-    "R-ROME": dict(),
-    "MEMIT": dict(layers=[1, 2], mom2_update_weight=50.0),
-    "EMMET": dict(layers=[1, 2], mom2_update_weight=10.0, emmet_lambda=0.1),
-    "AlphaEdit": dict(layers=[1, 2], nullspace_threshold=1e-3, L2=1e-4),
-    "ENCORE": dict(layers=[1, 2], mom2_update_weight=10.0, update_norm_lambda=0.01),
-    "PRUNE": dict(layers=[1, 2], mom2_update_weight=50.0),
-    "RECT": dict(layers=[1, 2], mom2_update_weight=50.0),
-}
 
 
 def tiny_on(arch: str, tok, device: str) -> LoadedModel:
@@ -134,3 +126,55 @@ def test_value_steps_between_reads_do_not_wait_for_the_gpu(tokenizer):
                 torch.cuda.set_sync_debug_mode("default")
         counts.append(sum("synchroniz" in str(w.message) for w in caught))
     assert counts[0] == counts[1], counts
+
+
+def kept_matrices(ctx: EditContext) -> list[torch.Tensor]:
+    kept = [t for cov in ctx._covariances.values() for t in (cov.matrix, cov._factor) if t is not None]
+    return kept + [*ctx._nullspaces.values(), *ctx.state.get(EDITED_KEYS, {}).values()]
+
+
+def on_host_first(ctx: EditContext, compute_values):
+    """compute_values, once every kept matrix is checked to be in host memory when it starts."""
+    def call(*args, **kwargs):
+        assert all(t.device.type == "cpu" for t in kept_matrices(ctx)), "kept matrices on the GPU during values"
+        return compute_values(*args, **kwargs)
+    return call
+
+
+@pytest.mark.parametrize("alg", sorted(KEPT))
+def test_kept_matrices_in_pinned_host_memory_give_the_device_update(alg, tokenizer, tmp_path, monkeypatch):
+    """Under a budget that cannot hold them, C, its factor, U and K_p K_p^T live in pinned host memory
+    (those a warm-up made on the GPU leave it before the edit's values), a state restored from a
+    checkpoint (host memory, unpinned) is kept there too, and the updates equal those with everything
+    on the GPU (chunk sizes given, so that only the placement differs)."""
+    hp = tiny_hparams(ALGORITHMS[alg].hparams_class, **EXTRA[alg])
+    requests = [make_request(r) for r in REQUESTS]
+    stats = StatsCache(tmp_path / "stats")
+    runs = {}
+    for where in ("device", "host"):
+        lm = tiny_on("llama", tokenizer, "cuda")
+        ctx = context(tmp_path, stats=stats, key_chunk_size=2, value_chunk_size=2)
+        if where == "host":
+            ctx.max_gpu_memory = min(host_budget(lm, ctx, hp, part, *KEPT[alg])
+                                     for part in (requests[:2], requests[2:]))
+            for layer in hp.layers:  # a warm-up on the GPU: the edit moves them out before its values
+                if alg == "AlphaEdit":
+                    ctx.nullspace(lm, layer, hp, hp.nullspace_threshold)
+                else:
+                    ctx.covariance(lm, layer, hp)
+            monkeypatch.setattr(rome.editor, "compute_values", on_host_first(ctx, rome.editor.compute_values))
+        first = ALGORITHMS[alg].apply(lm, requests[:2], hp, ctx)
+        ctx.state = state_from_tensors(*state_to_tensors(ctx.state))  # as a resumed run has it: host, unpinned
+        second = ALGORITHMS[alg].apply(lm, requests[2:], hp, ctx)
+        assert first.solver_matrices == second.solver_matrices == where
+        kept = kept_matrices(ctx)
+        assert kept
+        for tensor in kept:
+            if where == "host":
+                assert tensor.device.type == "cpu" and tensor.is_pinned()
+            else:
+                assert tensor.device.type == "cuda"
+        runs[where] = (first.deltas, second.deltas, ctx.state.get(EDITED_KEYS, {}))
+    for device, host in zip(runs["device"], runs["host"]):
+        for name in device:
+            torch.testing.assert_close(host[name].cpu(), device[name].cpu(), rtol=1e-12, atol=0)

@@ -2,6 +2,8 @@
 derived from it, checked on the CPU (the estimate depends on shapes and dtypes, not the device)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -9,13 +11,16 @@ import rome.compute_v
 from editors import ALGORITHMS, edit
 from experiments.pipeline.run_config import RunOptions
 from util.errors import RunError
-from rome.editor import KEY_CHUNK, VALUE_CHUNK
+from rome.editor import EDITED_KEYS, KEY_CHUNK, VALUE_CHUNK
 from rome.replay import UpperModules
-from tests.helpers import REQUESTS, context, tiny_hparams
+from tests.helpers import EXTRA, KEPT, REQUESTS, context, host_budget, tiny_hparams
 from util.deltas import restore
 from util.errors import HparamsError, MemoryBudgetError
-from util.memory import GIB, HEADROOM, ModelShape, edit_shape, plan, replay_copy_bytes, resident_bytes, solver_matrices, stats_batch_tokens
+from util.memory import (GIB, HEADROOM, ModelShape, SolverPlacement, edit_shape, plan, replay_copy_bytes, resident_bytes,
+                         solver_matrices, stats_batch_tokens)
 from util.requests import make_request
+from util.solve import Covariance
+from util.state import state_from_tensors, state_to_tensors
 from util.stats import StatsCache, batch_tokens_for
 
 REQS = [make_request(r) for r in REQUESTS]
@@ -136,3 +141,79 @@ def test_replay_copies_count_only_when_the_model_is_not_in_the_value_dtype(tiny)
     assert replay_copy_bytes(UpperModules(tiny, 1, 3, None).layers, None) == 0
     tiny.model.to(torch.bfloat16)
     assert copies(tiny) == (False, 0, 0)
+
+
+def test_kept_matrices_go_to_host_memory_when_the_device_cannot_hold_them(tiny, tmp_path):
+    hp, ctx = emmet_hparams(), context(tmp_path)
+    matrices = solver_matrices("equality", True, True)  # C, its factor, K_p K_p^T kept; 2 transient
+    m, weights = ModelShape.of(tiny).mlp, resident_bytes(tiny.model)
+    roomy = budget_plan(tiny, ctx, hp, 1.0, matrices)
+    # enough budget: kept on the device, the numbers of before
+    assert not roomy.host and roomy.resident == weights + 2 * 3 * m * m * 8 and roomy.solve == 2 * m * m * 8
+    gib = host_budget(tiny, ctx, hp, REQS, "equality", True)
+    tight = budget_plan(tiny, ctx, hp, gib, matrices)
+    # room for the weights and one layer's solve with its kept matrices moved in, not for every kept one
+    assert tight.host and tight.resident == weights and tight.solve == (2 + 3) * m * m * 8
+    assert tight.key_chunk() >= 1 and tight.value_chunk() >= 1
+    with pytest.raises(MemoryBudgetError, match="weights and solver matrices take"):
+        replace(tight, host=False).check()  # what the plan said before host memory was an option
+    # room for every request's values in one batch in host placement: the kept matrices would fit on
+    # the device, but only with one batch more there, so they go to host memory as well
+    snug = budget_plan(tiny, ctx, hp, (weights + len(REQS) * roomy.value_request + 64) / HEADROOM / GIB, matrices)
+    assert replace(snug, host=False).fits() and replace(snug, host=False).value_chunk() < len(REQS)
+    assert snug.host and snug.used_chunks(len(REQS)) == (len(REQS), len(REQS))
+    ctx.max_gpu_memory = gib
+    assert ctx.edit_plan(tiny, REQS, hp, matrices) == (tight.key_chunk(), tight.value_chunk(), True)
+    ctx.max_gpu_memory = 1.0
+    assert ctx.edit_plan(tiny, REQS, hp, matrices) == (roomy.key_chunk(), roomy.value_chunk(), False)
+    # a budget that cannot hold the host plan either still stops with one line, naming the weights alone
+    with pytest.raises(MemoryBudgetError, match=r"weights take [\d.]+ GiB") as err:
+        budget_plan(tiny, ctx, hp, weights / GIB, matrices).check()
+    assert "\n" not in str(err.value)
+
+
+def test_solver_placement_keeps_where_it_says():
+    """Device placement moves a matrix to the weight's device; host placement leaves a host tensor
+    where it is (pinned only for a CUDA weight). 'meta' stands in for a device the CPU is not."""
+    t = torch.ones(3, 3, dtype=torch.float64)
+    meta = torch.device("meta")
+    assert SolverPlacement(torch.device("cpu")).keep(t) is t and SolverPlacement(torch.device("cpu"), host=True).keep(t) is t
+    assert SolverPlacement(meta).keep(t).device == meta and SolverPlacement(meta).kept_on == meta
+    assert SolverPlacement(meta, host=True).keep(t) is t and SolverPlacement(meta, host=True).kept_on == torch.device("cpu")
+    total = SolverPlacement(meta, host=True).add(t, t)  # K_p K_p^T grows where it is kept, into a new tensor
+    assert total.device.type == "cpu" and torch.equal(total, 2 * t) and torch.equal(t, torch.ones(3, 3, dtype=torch.float64))
+    # a Covariance keeps its factor beside its matrix, where its placement says, not on the solve's device
+    C0 = torch.eye(3, dtype=torch.float64) * 2
+    cov = Covariance(3, C0).kept(SolverPlacement(meta, host=True).keep)
+    torch.testing.assert_close(cov.solve(torch.ones(3, 1, dtype=torch.float64)), torch.full((3, 1), 0.5, dtype=torch.float64))
+    assert cov.matrix.device.type == cov._factor.device.type == "cpu"
+    cov.kept(SolverPlacement(meta).keep)  # a later edit that fits on the device moves both there
+    assert cov.matrix.device == cov._factor.device == meta
+
+
+@pytest.mark.parametrize("alg", sorted(KEPT))
+def test_kept_matrices_in_host_memory_give_the_same_update(alg, tiny_llama, tmp_path):
+    """A budget that sends the kept matrices to host memory changes where they live, not the update:
+    bitwise equal deltas and K_p K_p^T over two sequential edits (chunk sizes given, so that only the
+    placement differs, with the run state restored from its checkpoint form between the edits; on
+    the CPU host and device memory are one, so this checks the data flow; tests/test_gpu.py checks
+    where the matrices live on a GPU)."""
+    lm = tiny_llama
+    lm.model.double()
+    hp = tiny_hparams(ALGORITHMS[alg].hparams_class, **{**EXTRA[alg], "v_num_grad_steps": 3})
+    stats = StatsCache(tmp_path / "stats")
+    runs = {}
+    for where in ("device", "host"):
+        ctx = context(tmp_path, stats=stats, key_chunk_size=2, value_chunk_size=2)
+        if where == "host":  # the placement is planned per edit: a budget too small for both
+            ctx.max_gpu_memory = min(host_budget(lm, ctx, hp, part, *KEPT[alg]) for part in (REQS[:2], REQS[2:]))
+        first = ALGORITHMS[alg].apply(lm, REQS[:2], hp, ctx)
+        ctx.state = state_from_tensors(*state_to_tensors(ctx.state))  # as a resumed run has it
+        second = ALGORITHMS[alg].apply(lm, REQS[2:], hp, ctx)
+        restore(lm.model, first.originals)
+        assert first.solver_matrices == second.solver_matrices == where
+        runs[where] = (first.deltas, second.deltas, ctx.state.get(EDITED_KEYS, {}))
+    for device, host in zip(runs["device"], runs["host"]):
+        assert device.keys() == host.keys()
+        for name in device:
+            assert torch.equal(device[name], host[name]), name

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from alphaedit.alphaedit_main import AlphaEditHyperParams
-from rome.editor import EditContext
+from rome.editor import EDITED_KEYS, EditContext
 from tests.helpers import REQUESTS, context, tiny_hparams
 from editors import ALGORITHMS
 from util.deltas import restore
@@ -115,3 +115,27 @@ def test_edits_in_small_chunks_equal_one_chunk(tiny64, tmp_path, monkeypatch):
     assert sorted(set(sizes)) == [("compute_keys", 1), ("compute_values", 1)] and len(sizes) == 3 * 3  # keys at 2 layers, values
     for name, delta in whole.deltas.items():
         torch.testing.assert_close(chunked.deltas[name], delta, rtol=1e-9, atol=1e-12 * delta.abs().max().item())
+
+
+
+def test_an_edit_first_moves_the_kept_matrices_where_its_plan_says(tiny, tmp_path):
+    """C (with its factor), U and K_p K_p^T cached by an earlier edit or a benchmark's warm-up go where
+    an edit's plan keeps them before its value optimisation counts on the room that leaves
+    (EditContext.keep_solver_matrices). 'meta' stands in for a GPU: weights moved there, the matrices
+    cached on the CPU stand for host memory."""
+    hp = tiny_hparams(AlphaEditHyperParams, layers=[1, 2], nullspace_threshold=1e-3)
+    ctx = context(tmp_path)
+    cov = ctx.covariance(tiny, 1, hp)
+    cov.solve(torch.ones(cov.dim, 1, dtype=torch.float64))  # its factor, kept beside it
+    ctx.nullspace(tiny, 2, hp, hp.nullspace_threshold)
+    ctx.remember_keys(tiny, 2, torch.ones(cov.dim, 2))
+
+    def kept():
+        return [cov.matrix, cov._factor, *ctx._nullspaces.values(), *ctx.state[EDITED_KEYS].values()]
+
+    before = kept()
+    ctx.keep_solver_matrices(tiny, host=True)  # host memory is where they are: nothing moves
+    assert all(a is b for a, b in zip(kept(), before))
+    tiny.model.to("meta")
+    ctx.keep_solver_matrices(tiny, host=False)  # the plan keeps them on the weights' device
+    assert len(kept()) == 4 and all(t.device.type == "meta" for t in kept())

@@ -12,7 +12,7 @@ estimate in bytes, written out so that it can be checked against the code it des
            layer's attention scores in float32
 
   resident  the parameters and buffers on the device, plus per edited layer the solver's m x m
-            float64 matrices kept across edits (`solver_matrices`)
+            float64 matrices kept across edits (`solver_matrices`) when they are kept on the device
   keys      per request: templates x T x (token + w (m + d)), the retained down-projection input
             and site output included
   values    per request: rows x T x (token + 2 kv w (L_loss + L_up))   the unedited forward and its
@@ -29,7 +29,17 @@ estimate in bytes, written out so that it can be checked against the code it des
             nothing for a bfloat16 model with bfloat16 values, whose own modules are replayed)
   solve     while one layer's C or system is built and solved, 3 m^2 x 8 (a float64 system, its
             factor, a product; AlphaEdit's eigendecomposition), 2 m^2 x 8 for equality solves
-            (C0's copy and C before C is factorised)
+            (C0's copy and C before C is factorised); plus, when the kept matrices live in host
+            memory, that layer's kept matrices, moved in for its solve and freed after it
+
+Placement of the kept matrices (`MemoryPlan.host`, decided by `plan` alone): on the edited weight's
+device (always without a budget) when the edit fits with them resident in chunks as large as
+without them (each chunk capped at the edit's requests), else in host memory (`SolverPlacement`:
+pinned under CUDA), each moved to the device only while its layer is solved. Moving a layer's
+matrices in costs some 20 ms per GiB over PCIe 5, far less than the value optimisation of the
+extra chunks that keeping them resident would force (Llama-3-8B shape, bf16, batch 1,024 in
+40 GiB, no bf16 replay copy: 35 requests per value batch in host placement, 11 on the device for
+AlphaEdit and ENCORE).
 
 A chunk holds as many requests as fit in HEADROOM of the budget once `resident` is taken (keys
 and values run at different times, each with the whole room); the CUDA context itself is outside
@@ -37,7 +47,7 @@ torch's count and the budget. A budget that cannot hold one request stops with o
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -87,6 +97,7 @@ class EditShape:
     target_tokens: int  # longest target
     loss_layer: int
     edited_layer: int  # the last edited layer (values are optimised there)
+    requests: int  # requests in the edit: a chunk larger than this buys nothing
 
 
 def resident_bytes(model: torch.nn.Module) -> int:
@@ -108,29 +119,79 @@ def solver_matrices(constraint: str, mom2_adjustment: bool, remember_keys: bool)
 
 
 @dataclass(frozen=True)
+class SolverPlacement:
+    """Where the solver's kept m x m matrices (C and its factor, K_p K_p^T, AlphaEdit's U) live for a
+    weight on `device`: there, or with `host` in host memory, pinned when `device` is a GPU so that
+    moving one in for a solve is a fast, stream-ordered copy. Solves always run on `device`
+    (util/solve.py moves what it is handed to the keys' device; those copies die with the solve)."""
+    device: torch.device  # the edited weight's
+    host: bool = False
+
+    @property
+    def kept_on(self) -> torch.device:
+        return torch.device("cpu") if self.host else self.device
+
+    def keep(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` where the matrices are kept: itself when it is there already, else a copy."""
+        if not self.host:
+            return tensor.to(self.device)
+        pin = self.device.type == "cuda"
+        if tensor.device.type == "cpu" and (not pin or tensor.is_pinned()):
+            return tensor
+        return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin).copy_(tensor)
+
+    def add(self, kept: torch.Tensor, addend: torch.Tensor) -> torch.Tensor:
+        """kept + addend, formed where the matrices are kept, as a new tensor (a rollback mark of the
+        run state may still hold `kept`)."""
+        kept = self.keep(kept)
+        total = torch.empty(kept.shape, dtype=kept.dtype, device=kept.device,
+                            pin_memory=self.host and self.device.type == "cuda")
+        return torch.add(kept, addend.to(kept.device), out=total)
+
+
+@dataclass(frozen=True)
 class MemoryPlan:
     budget: int  # bytes
-    resident: int
+    weights: int  # the parameters and buffers on the device
     key_request: int
     value_request: int
     value_fixed: int
-    solve: int
+    kept: int  # the solver's matrices kept across edits, every edited layer
+    kept_layer: int  # the same for one layer (moved in for its solve when kept in host memory)
+    transient: int  # what one layer's solve allocates besides the kept matrices
+    host: bool = False  # the kept matrices live in host memory
     model: str = "the model"
+
+    @property
+    def resident(self) -> int:
+        return self.weights + (0 if self.host else self.kept)
+
+    @property
+    def solve(self) -> int:
+        return self.transient + (self.kept_layer if self.host else 0)
 
     @property
     def room(self) -> int:
         return int(self.budget * HEADROOM) - self.resident
 
+    def phases(self) -> tuple[int, int, int]:
+        """Bytes of one request's key forward, of its value optimisation, of one layer's solve."""
+        return self.key_request, self.value_fixed + self.value_request, self.solve
+
+    def fits(self) -> bool:
+        """One request's every phase fits."""
+        return self.room >= max(self.phases())
+
     def check(self) -> None:
         """Raise MemoryBudgetError (one line) unless one request's every phase fits."""
-        phases = (self.key_request, self.value_fixed + self.value_request, self.solve)
-        if self.room < max(phases):
+        if not self.fits():
+            phases = self.phases()
             need = (self.resident + max(phases)) / HEADROOM
             raise MemoryBudgetError(
-                f"max_gpu_memory {self.budget / GIB:.3g} GiB cannot hold an edit of {self.model}: weights and solver "
-                f"matrices take {self.resident / GIB:.3g} GiB, then one request's key forward {phases[0] / GIB:.3g} GiB, "
-                f"its value optimisation {phases[1] / GIB:.3g} GiB, a layer's solve {phases[2] / GIB:.3g} GiB; "
-                f"give at least {need / GIB:.3g} GiB")
+                f"max_gpu_memory {self.budget / GIB:.3g} GiB cannot hold an edit of {self.model}: weights"
+                f"{'' if self.host else ' and solver matrices'} take {self.resident / GIB:.3g} GiB, then one request's key "
+                f"forward {phases[0] / GIB:.3g} GiB, its value optimisation {phases[1] / GIB:.3g} GiB, a layer's solve "
+                f"{phases[2] / GIB:.3g} GiB; give at least {need / GIB:.3g} GiB")
 
     def key_chunk(self) -> int:
         self.check()
@@ -139,6 +200,10 @@ class MemoryPlan:
     def value_chunk(self) -> int:
         self.check()
         return int((self.room - self.value_fixed) // self.value_request)
+
+    def used_chunks(self, requests: int) -> tuple[int, int]:
+        """The chunks an edit of `requests` runs in: (keys, values), each at most `requests`."""
+        return min(self.key_chunk(), requests), min(self.value_chunk(), requests)
 
 
 def matrices_to_copy(modules: list[torch.nn.Module], autocast: torch.dtype | None) -> list[torch.nn.Parameter]:
@@ -159,8 +224,12 @@ def replay_copy_bytes(modules: list[torch.nn.Module], autocast: torch.dtype | No
 
 
 def plan(model: torch.nn.Module, shape: ModelShape, edit: EditShape, budget_gib: float, autocast: torch.dtype | None,
-         replayed: list[torch.nn.Module], n_layers_solved: int, matrices: tuple[int, int] = (0, 0), name: str = "the model") -> MemoryPlan:
-    """The estimate of the module docstring for one edit; `matrices` as solver_matrices returns."""
+         replayed: list[torch.nn.Module], n_layers_solved: int, matrices: tuple[int, int] = (0, 0), name: str = "the model",
+         weights: int | None = None) -> MemoryPlan:
+    """The estimate of the module docstring for one edit, with the kept matrices placed (on the
+    device if they shrink none of the edit's chunks there, else in host memory); `matrices` as
+    solver_matrices returns; `weights`: the bytes of the model on the device (default: `resident_bytes(model)`;
+    give it for a model built on the 'meta' device to plan a shape without its memory)."""
     w, T = shape.width, edit.tokens
     w_values = w + (torch.empty((), dtype=autocast).element_size() if autocast is not None and autocast != next(model.parameters()).dtype else 0)
     up = edit.loss_layer - edit.edited_layer
@@ -171,13 +240,17 @@ def plan(model: torch.nn.Module, shape: ModelShape, edit: EditShape, budget_gib:
     value_request = (rows * T * (shape.token_bytes(w_values, T) + 2 * shape.kv * w_values * (edit.loss_layer + 1 + up))
                      + rows * edit.suffix * up * (w_values * (10 * shape.hidden + 4 * shape.mlp) + 4 * shape.heads * T)
                      + reads * shape.vocab * (w_values + 12) + edit.kl_prompts * shape.vocab * 4)
-    return MemoryPlan(
-        budget=int(budget_gib * GIB),
-        resident=resident_bytes(model) + n_layers_solved * matrices[0] * solver,
-        key_request=key_request, value_request=value_request,
-        value_fixed=replay_copy_bytes(replayed, autocast),
-        solve=matrices[1] * solver, model=name,
+    on_device = MemoryPlan(
+        budget=int(budget_gib * GIB), weights=resident_bytes(model) if weights is None else weights,
+        key_request=key_request, value_request=value_request, value_fixed=replay_copy_bytes(replayed, autocast),
+        kept=n_layers_solved * matrices[0] * solver, kept_layer=matrices[0] * solver, transient=matrices[1] * solver, model=name,
     )
+    in_host = replace(on_device, host=True)
+    # the one placement decision: the device while the matrices cost the edit no chunk there
+    # (a plan that fits on the device also fits in host: it frees all layers' matrices, moves one layer's in)
+    if on_device.fits() and on_device.used_chunks(edit.requests) == in_host.used_chunks(edit.requests):
+        return on_device
+    return in_host
 
 
 def stats_batch_tokens(shape: ModelShape, n_layers: int, width: int, window: int, free_bytes: int) -> int:
@@ -204,4 +277,5 @@ def edit_shape(tok, requests: list[EditRequest], templates: list[str], kl_prompt
             rows = max(rows, length)
             suffix = max(suffix, length - count(prompt[: prompt.index("{}")]) + 2)
     target = max(count(r.target_new.strip()) for r in requests)
-    return EditShape(len(templates), len(kl_prompts), template + rows, min(suffix, template + rows), target, loss_layer, edited_layer)
+    return EditShape(len(templates), len(kl_prompts), template + rows, min(suffix, template + rows), target, loss_layer,
+                     edited_layer, len(requests))

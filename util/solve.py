@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -59,17 +60,33 @@ def cholesky(matrix: torch.Tensor, layer: str, what: str) -> torch.Tensor:
 
 
 class Covariance:
-    """C = weight * C0 + extra (or the identity), with its Cholesky factor computed once."""
+    """C = weight * C0 + extra (or the identity), with its Cholesky factor computed once.
+
+    The matrix and its factor are kept where the matrix was made, or where `kept(keep)` says
+    (rome/editor.py gives util.memory.SolverPlacement.keep, which may say host memory); solves run
+    on the device of their right-hand side, where the factor is computed once and moved in per
+    solve. A cached factor moves one m x m matrix in, where refactorising would move C in and redo
+    an O(m^3) float64 Cholesky (about 50 ms at m = 14336 on a GPU) besides: caching is cheaper."""
 
     def __init__(self, dim: int, mom2: torch.Tensor | None = None, weight: float = 1.0, extra: torch.Tensor | None = None, layer: str = "?"):
         self.dim, self.layer = dim, layer
+        self._keep: Callable[[torch.Tensor], torch.Tensor] | None = None
         if mom2 is None and extra is None:
             self.matrix = None  # identity
         else:
             # on the device of the statistics handed in (the edited weight's): never a default device
             matrix = torch.zeros(dim, dim, dtype=torch.float64, device=extra.device) if mom2 is None else weight * mom2.double()
             self.matrix = matrix + extra.to(matrix.device, torch.float64) if extra is not None else matrix
-        self._factors: dict[torch.device, torch.Tensor] = {}  # per device the solves run on
+        self._factor: torch.Tensor | None = None  # kept beside the matrix
+
+    def kept(self, keep: Callable[[torch.Tensor], torch.Tensor]) -> "Covariance":
+        """Keep the matrix and its factor where `keep` puts them from now on (moving them if needed)."""
+        self._keep = keep
+        if self.matrix is not None:
+            self.matrix = keep(self.matrix)
+        if self._factor is not None:
+            self._factor = keep(self._factor)
+        return self
 
     def dense(self, device: torch.device | str = "cpu") -> torch.Tensor:
         if self.matrix is None:
@@ -77,12 +94,15 @@ class Covariance:
         return self.matrix.to(device)
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
-        """C^-1 rhs, on rhs's device (the factor is computed once per device)."""
+        """C^-1 rhs, on rhs's device (the factor is computed there once, then kept beside C)."""
         if self.matrix is None:
             return rhs.double()
-        if rhs.device not in self._factors:
-            self._factors[rhs.device] = cholesky(self.matrix.to(rhs.device), self.layer, "preservation covariance C")
-        return torch.cholesky_solve(rhs.double(), self._factors[rhs.device])
+        if self._factor is None:
+            factor = cholesky(self.matrix.to(rhs.device), self.layer, "preservation covariance C")
+            self._factor = factor.to(self.matrix.device) if self._keep is None else self._keep(factor)
+        else:
+            factor = self._factor.to(rhs.device)
+        return torch.cholesky_solve(rhs.double(), factor)
 
 
 @dataclass

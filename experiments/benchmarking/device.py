@@ -107,10 +107,15 @@ def bench_editor(lm: LoadedModel, requests, alg: str, hparams_file: str, overrid
     """One edit of `requests` (one batch; ROME and r-ROME edit them one after another)."""
     hparams = load_algorithm_hparams(alg, hparams_file, overrides)
     ctx = EditContext(**ctx_args)
-    for layer in hparams.layers:  # statistics, factorisations and null spaces: once per run, not timed
-        ctx.covariance(lm, layer, hparams)
-        if alg == "AlphaEdit":
-            ctx.nullspace(lm, layer, hparams, hparams.nullspace_threshold)
+    # statistics, C and null spaces: once per run, not timed; under a budget made in host memory, from
+    # where the edit moves them to the device if its plan keeps them there (never the other way round
+    # while the measured peak counts them)
+    host = ctx.max_gpu_memory is not None
+    for layer in hparams.layers:
+        if alg == "AlphaEdit":  # AlphaEdit solves with U alone
+            ctx.nullspace(lm, layer, hparams, hparams.nullspace_threshold, host)
+        else:
+            ctx.covariance(lm, layer, hparams, host)
     ctx.templates(lm, hparams)
     with Measured(input_device(lm.model)) as measured:
         result = ALGORITHMS[alg].apply(lm, requests, hparams, ctx)

@@ -70,8 +70,8 @@ def test_cuda_update_equals_cpu_update(alg, arch, tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("arch", sorted(BUILD))
-def test_templates_and_statistics_agree_across_devices(arch, tokenizer, tmp_path):
-    corpus = local_corpus(write_corpus(tmp_path))
+def test_templates_and_statistics_agree_across_devices(arch, tokenizer, tmp_path, caches):
+    corpus = local_corpus(write_corpus(tmp_path), caches)
     models = {device: tiny_on(arch, tokenizer, device) for device in ("cpu", "cuda")}
     templates = {d: generate_templates(lm, [[5, 3], [8, 2]], seed=7) for d, lm in models.items()}
     assert templates["cpu"] == templates["cuda"]

@@ -28,9 +28,9 @@ RUN apt-get update \
     && mkdir -p /opt/venv /app/results /cache/kedit /cache/huggingface /data/downloads \
     && chown -R kedit:kedit /opt/venv /app /cache /data
 
-# Caches and data live on volumes (see docker-compose.yml): util/paths.py reads KEDIT_CACHE; the
-# command lines read KEDIT_DATA_DIR (datasets placed there) and KEDIT_DOWNLOAD_DIR (fetched ones)
-# through util/environment.py.
+# Caches and data live on volumes (see docker-compose.yml): the command lines read KEDIT_CACHE,
+# KEDIT_DATA_DIR (datasets placed there) and KEDIT_DOWNLOAD_DIR (fetched ones) through
+# util/environment.py.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \

@@ -1,11 +1,12 @@
 """The algorithm registry and a small Python API for notebooks. It sits above the editor packages
 it lists (none of them imports it), so util/ stays below every editor.
 
-    from editors import edit
-    result = edit(model, tok, [{"prompt": "{} plays the sport of", "subject": "LeBron James",
-                                "target_new": "football"}], "hparams/R-ROME/smollm2-135m.yaml")
-    result.deltas                 # {parameter name: change}, already applied to `model`
-    restore(model, result.originals)   # util.deltas.restore: undo exactly
+    from editors import edit, load
+    lm = load("smollm2-135m")     # util.models.load_model, its model cache from the environment
+    result = edit(lm.model, lm.tok, [{"prompt": "{} plays the sport of", "subject": "LeBron James",
+                                      "target_new": "football"}], "hparams/R-ROME/smollm2-135m.yaml")
+    result.deltas                 # {parameter name: change}, already applied to the model
+    restore(lm.model, result.originals)   # util.deltas.restore: undo exactly
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from util.arch import arch_for
 from util.environment import Environment
 from util.errors import HparamsError
 from util.hparams import load_hparams
-from util.models import LoadedModel, prepare_tokenizer
+from util.models import LoadedModel, load_model, prepare_tokenizer
 from util.paths import PROJECT_ROOT
 from util.requests import EditRequest, make_request
 
@@ -87,6 +88,21 @@ def _algorithm_of(hparams: EditHyperParams) -> Algorithm:
     raise HparamsError(f"no algorithm takes hparams of type {type(hparams).__name__}")
 
 
+def load(name: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    """util.models.load_model with the model cache of $KEDIT_CACHE / $KEDIT_MODEL_CACHE, read here,
+    at the notebook API's edge."""
+    return load_model(name, dtype, device, model_cache=Environment.read().caches.models)
+
+
+def new_context(max_gpu_memory: float | None = None) -> EditContext:
+    """An EditContext from the environment variables, read here, at the notebook API's edge: the
+    statistics corpus from $KEDIT_CORPUS (else as util/corpus.py describes), the cache folders
+    from $KEDIT_CACHE / $KEDIT_MODEL_CACHE (util/environment.py)."""
+    environment = Environment.read()
+    return EditContext(environment.caches, corpus_path=environment.corpus, offline=environment.offline,
+                       max_gpu_memory=max_gpu_memory)
+
+
 def edit(
     model: torch.nn.Module,
     tok,
@@ -101,8 +117,7 @@ def edit(
 
     hparams: an hparams object, or a YAML path (then `alg_name` picks the class, default from the
     folder name hparams/<ALG>/...). context: reuse one across calls to keep templates and
-    statistics; the default takes its corpus from $KEDIT_CORPUS (read here, at the notebook API's
-    edge) or falls back as util/corpus.py describes.
+    statistics (new_context() makes one); the default is new_context(max_gpu_memory).
     max_gpu_memory: GiB of device memory the edit may hold, weights included (chunk sizes and the
     statistics batch follow from it, util/memory.py); for the default context, a given one carries
     its own (EditContext.max_gpu_memory)."""
@@ -114,7 +129,5 @@ def edit(
     prepare_tokenizer(tok)
     lm = LoadedModel(model, tok, arch_for(model), name or getattr(model.config, "_name_or_path", "") or "model")
     built = [r if isinstance(r, EditRequest) else make_request(r, f"request {i}") for i, r in enumerate(requests)]
-    environment = Environment.read()
-    context = context or EditContext(corpus_path=environment.corpus, offline=environment.offline,
-                                     max_gpu_memory=max_gpu_memory)
+    context = context or new_context(max_gpu_memory)
     return _algorithm_of(hparams).apply(lm, built, hparams, context)

@@ -15,6 +15,7 @@ from data.cases import load_cases
 from data.probes import load_probe
 from experiments.metrics.counterfact import evaluate_cases
 from experiments.metrics.probes import build_prompts, evaluate_probe
+from util.environment import Environment
 from util.models import LoadedModel, load_model
 from util.tokens import encode_with_target
 
@@ -97,7 +98,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = load_model(args.model)
+    lm = load_model(args.model, model_cache=Environment.read().caches.models)
     print(f"model {args.model}, torch threads {torch.get_num_threads()}")
     cf = bench_counterfact(lm, args.data_dir, args.records)
     print(f"counterfact: {cf['records']} records, {cf['pairs']} prompt/target pairs")

@@ -36,7 +36,9 @@ from rome.editor import EditContext
 from util.cli import run_cli
 from util.corpus import local_corpus, read_texts, local_files
 from util.deltas import restore
+from util.environment import Environment
 from util.models import LoadedModel, load_model
+from util.paths import Caches
 from util.stats import StatsCache, fast_bfloat16
 
 
@@ -103,11 +105,12 @@ def bench_rome(lm: LoadedModel, records, alg: str, ctx_args: dict) -> dict:
             "matmul_ceiling": matmul_ceiling(shapes.counts)}
 
 
-def compile_warm_up(lm: LoadedModel, records, autocast: torch.dtype | None, runtime: ReplayRuntime) -> float:
+def compile_warm_up(lm: LoadedModel, records, ctx_args: dict) -> float:
     """Seconds to compile the replayed layers: a few steps on one request and on eight (row
     groups of one row and of several, the shapes torch.compile specialises on)."""
     hparams = dataclasses.replace(load_algorithm_hparams("EMMET", "smollm2-135m.yaml"), v_num_grad_steps=2)
-    templates = EditContext().templates(lm, hparams)  # sampled before the timer
+    templates = EditContext(**ctx_args).templates(lm, hparams)  # sampled before the timer
+    autocast, runtime = _autocast(ctx_args["value_dtype"]), ctx_args["replay"]
     start = time.perf_counter()
     for n in (1, 8):
         compute_values(lm, [r.request for r in records[:n]], hparams.layers[-1], templates, hparams, "layer", autocast=autocast, compiled=True, runtime=runtime)
@@ -175,8 +178,8 @@ def naive_statistics(lm: LoadedModel, layer: int, texts, n_tokens: int, max_len:
     return count / (time.perf_counter() - start)
 
 
-def bench_stats(lm: LoadedModel, corpus_path: str, n_windows: int, layer: int) -> dict:
-    corpus = local_corpus(corpus_path)
+def bench_stats(lm: LoadedModel, corpus_path: str, n_windows: int, layer: int, caches: Caches) -> dict:
+    corpus = local_corpus(corpus_path, caches)
     rates = {}
     for dtype in ["float32"] + (["bfloat16"] if fast_bfloat16(torch.device("cpu")) else []):
         with tempfile.TemporaryDirectory() as tmp:
@@ -217,10 +220,12 @@ def main() -> int:
     if args.value_compile and args.value_dtype == "float32":
         parser.error("--value_compile applies to mixed-precision values: add --value_dtype bfloat16")
     phases = set(args.phases.split(","))
-    lm = load_model("smollm2-135m")
+    caches = Environment.read().caches
+    lm = load_model("smollm2-135m", model_cache=caches.models)
     corpus = str(Path(args.data_dir) / "wiki")
     # one ReplayRuntime for every context: the replayed layers are compiled once
-    ctx_args = {"corpus_path": corpus, "value_dtype": args.value_dtype, "value_compile": args.value_compile, "replay": ReplayRuntime()}
+    ctx_args = {"caches": caches, "corpus_path": corpus, "value_dtype": args.value_dtype, "value_compile": args.value_compile,
+                "replay": ReplayRuntime()}
     batches = [int(b) for b in args.batches.split(",")]
     records = load_cases("cf", args.data_dir, limit=max(batches + [args.rome_edits, 8]))
     peaks = {"float32": matmul_peak(), "bfloat16": matmul_peak(torch.bfloat16)}
@@ -228,7 +233,7 @@ def main() -> int:
     print(f"smollm2-135m on {torch.get_num_threads()} threads, fast value optimisation in {args.value_dtype}; "
           f"matmul peak float32 {peaks['float32']:.0f} GFLOP/s, bfloat16 {peaks['bfloat16']:.0f} GFLOP/s\n")
     if args.value_compile:  # compiled once per process: not part of any edit's time
-        print(f"torch.compile of the replayed layers: {compile_warm_up(lm, records, _autocast(args.value_dtype), ctx_args['replay']):.0f} s\n")
+        print(f"torch.compile of the replayed layers: {compile_warm_up(lm, records, ctx_args):.0f} s\n")
     print("| phase | fast | straightforward | ratio | note |\n|---|---|---|---|---|")
     if "rome" in phases:
         for alg in ("R-ROME", "ROME"):
@@ -249,7 +254,7 @@ def main() -> int:
                 note = f"{b['fast'] / single['fast']:.2f} of single-edit time; {b['steps']:.1f} steps/request"
                 print(row(f"{alg} batch {batch}", b["fast"], b["slow"], "s/edit", note + (" (straightforward est.)" if b["estimated"] else "")), flush=True)
     if "stats" in phases:
-        s = bench_stats(lm, corpus, args.stats_windows, 4)
+        s = bench_stats(lm, corpus, args.stats_windows, 4, caches)
         best = max(v for k, v in s.items() if k != "naive")
         print(row("statistics (layer 4)", best, s["naive"], "tokens/s",
                   ", ".join(f"{k} {v:.0f}" for k, v in s.items() if k != "naive")), flush=True)
@@ -264,10 +269,11 @@ def main() -> int:
 
 def device_main(args) -> int:
     """The device report (experiments/benchmarking/device.py) for --device / --model_name."""
-    lm = load_model(args.model_name, args.dtype, args.device)
+    caches = Environment.read().caches
+    lm = load_model(args.model_name, args.dtype, args.device, model_cache=caches.models)
     batches = [int(b) for b in args.batches.split(",")]
     records = load_cases("cf", args.data_dir, limit=max(batches))
-    ctx_args = {"corpus_path": str(Path(args.data_dir) / "wiki"), "value_dtype": args.value_dtype, "value_compile": args.value_compile,
+    ctx_args = {"caches": caches, "corpus_path": str(Path(args.data_dir) / "wiki"), "value_dtype": args.value_dtype, "value_compile": args.value_compile,
                 "key_chunk_size": args.key_chunk_size, "value_chunk_size": args.value_chunk_size, "max_gpu_memory": args.max_gpu_memory,
                 "replay": ReplayRuntime()}
     device_report(lm, records, args.algs.split(","), batches, args.hparams, args.overrides, ctx_args["corpus_path"],

@@ -11,6 +11,7 @@ import argparse
 
 from experiments.pipeline.export import export_run
 from util.cli import run_cli
+from util.environment import Environment
 
 
 def main() -> int:
@@ -20,7 +21,7 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="output folder (default: <run>/model_<edits>)")
     parser.add_argument("--device", default="cpu", help="where to load the base model: cpu, cuda or auto")
     args = parser.parse_args()
-    path = export_run(args.run, args.out, args.at, device=args.device)
+    path = export_run(args.run, args.out, args.at, device=args.device, model_cache=Environment.read().caches.models)
     print(f"edited model: {path}  (AutoModelForCausalLM.from_pretrained('{path}'))")
     return 0
 

@@ -55,9 +55,9 @@ def describe(layer: int, mom2: torch.Tensor, count: int) -> str:
     )
 
 
-def import_main(args: argparse.Namespace) -> int:
-    lm = load_model(args.model_name, device=args.device)
-    cache = StatsCache()
+def import_main(args: argparse.Namespace, env: Environment) -> int:
+    lm = load_model(args.model_name, device=args.device, model_cache=env.caches.models)
+    cache = StatsCache(env.caches.stats)
     keys = import_stats(lm, args.import_dir, cache)
     manifest = read_manifest(Path(args.import_dir))
     print(f"imported C0 of {len(keys)} layer(s) of {manifest['model']} for {lm.name}: checked against its weights")
@@ -71,14 +71,14 @@ def import_main(args: argparse.Namespace) -> int:
 
 def main() -> int:
     args = parse_args()
-    if args.import_dir:
-        return import_main(args)
-    layers = [int(x) for x in args.layers.split(",")]
-    lm = load_model(args.model_name, device=args.device)
     env = Environment.read()
+    if args.import_dir:
+        return import_main(args, env)
+    layers = [int(x) for x in args.layers.split(",")]
+    lm = load_model(args.model_name, device=args.device, model_cache=env.caches.models)
     corpus = resolve_corpus(args.corpus or env.corpus, lm.model, lm.tok, lm.name, args.n_samples * args.sample_tokens,
-                            args.seed, offline=env.offline)
-    cache = StatsCache()
+                            args.seed, offline=env.offline, caches=env.caches)
+    cache = StatsCache(env.caches.stats)
     start = time.perf_counter()
     moments = cache.second_moments(lm, layers, corpus, args.n_samples, args.sample_tokens, args.dtype)
     elapsed = time.perf_counter() - start

@@ -51,10 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def sweep(args: argparse.Namespace) -> list[dict]:
-    lm = load_model(args.model_name)
     env = Environment.read()
+    lm = load_model(args.model_name, model_cache=env.caches.models)
     records = load_cases(args.ds_name, args.data_dir, limit=args.n_records, env=env)
-    ctx = EditContext(seed=args.seed, corpus_path=args.corpus or env.corpus, offline=env.offline)
+    ctx = EditContext(env.caches, seed=args.seed, corpus_path=args.corpus or env.corpus, offline=env.offline)
     alg = algorithm(args.alg_name)
     base = load_algorithm_hparams(args.alg_name, args.hparams_fname, args.set)
     width = len(base.layers)

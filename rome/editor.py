@@ -29,6 +29,7 @@ from util.deltas import Deltas, apply_deltas, snapshot
 from util.errors import MemoryBudgetError, ModelLoadError
 from util.memory import GIB, HEADROOM, ModelShape, SolverPlacement, edit_shape, plan, resident_bytes, solver_matrices
 from util.models import DTYPES, LoadedModel, input_device
+from util.paths import Caches
 from util.requests import EditRequest
 from util.solve import Covariance, solve_update
 from util.stats import SecondMoment, StatsCache, batch_tokens_for
@@ -42,12 +43,15 @@ EDITED_KEYS = "edited_keys"  # EditContext.state[EDITED_KEYS][down projection mo
 class EditContext:
     """State owned by the caller and reused across edits of one run."""
 
+    # the cache folders of templates, sampled corpora, corpus file hashes and statistics; the
+    # caller reads them from the environment at its edge (util/environment.py, Environment.caches)
+    caches: Caches
     seed: int = 0
     # statistics corpus; None: Wikipedia when online, else text sampled from the model. The caller
     # resolves $KEDIT_CORPUS (util/environment.py) and passes it here
     corpus_path: str | None = None
     offline: bool = False  # HF_HUB_OFFLINE / HF_DATASETS_OFFLINE: never try Wikipedia
-    stats: StatsCache = field(default_factory=StatsCache)
+    stats: StatsCache | None = None  # None: a StatsCache under caches.stats
     fast: bool = True  # fast value optimisation (see rome/compute_v.py)
     # "bfloat16": value optimisation's replayed layers in mixed precision (several times faster on
     # CPUs with avx512_bf16/AMX and on GPUs; values close to, not equal to, float32 ones)
@@ -75,17 +79,21 @@ class EditContext:
     _nullspaces: dict = field(default_factory=dict, repr=False)
     _corpus: Corpus | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        if self.stats is None:
+            self.stats = StatsCache(self.caches.stats)
+
     def templates(self, lm: LoadedModel, hparams: EditHyperParams) -> list[str]:
         key = (lm.name, self.seed, str(hparams.context_template_length_params))
         if key not in self._templates:
-            self._templates[key] = context_templates(lm, hparams.context_template_length_params, self.seed)
+            self._templates[key] = context_templates(lm, hparams.context_template_length_params, self.seed, self.caches.templates)
         return self._templates[key]
 
     def corpus(self, lm: LoadedModel, hparams: EditHyperParams) -> Corpus:
         if self._corpus is None:
             n_tokens = hparams.mom2_n_samples * hparams.mom2_sample_tokens
             self._corpus = resolve_corpus(self.corpus_path, lm.model, lm.tok, lm.name, n_tokens, self.seed,
-                                         offline=self.offline)
+                                         offline=self.offline, caches=self.caches)
         return self._corpus
 
     def moments(self, lm: LoadedModel, hparams: EditHyperParams) -> dict[int, SecondMoment]:

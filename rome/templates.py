@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import torch
 
 from util.models import LoadedModel, input_device
-from util.paths import cache_dir, slug
+from util.paths import slug
 
 TEMPLATE_SEEDS = ["The", "Therefore", "Because", "I", "You"]
 TOP_K = 5
 
 
-def template_cache_path(model_name: str, seed: int, length_params: list[list[int]]):
+def template_cache_path(folder: Path, model_name: str, seed: int, length_params: list[list[int]]) -> Path:
+    """Where the templates of (model, seed, lengths) are kept under `folder` (Caches.templates)."""
     spec = "_".join(f"{length}x{count}" for length, count in length_params)
     # "cpu": sampled with a CPU generator (earlier caches used the device's RNG)
-    return cache_dir() / "templates" / slug(model_name) / f"seed{seed}_{spec}_cpu.json"
+    return Path(folder) / slug(model_name) / f"seed{seed}_{spec}_cpu.json"
 
 
 def template_groups(length_params: list[list[int]], key_average: str) -> list[int]:
@@ -72,9 +74,9 @@ def generate_templates(lm: LoadedModel, length_params: list[list[int]], seed: in
     return templates
 
 
-def context_templates(lm: LoadedModel, length_params: list[list[int]], seed: int) -> list[str]:
-    """Templates from the on-disk cache, generated on first use."""
-    path = template_cache_path(lm.name, seed, length_params)
+def context_templates(lm: LoadedModel, length_params: list[list[int]], seed: int, folder: Path) -> list[str]:
+    """Templates from the on-disk cache under `folder` (Caches.templates), generated on first use."""
+    path = template_cache_path(folder, lm.name, seed, length_params)
     if path.is_file():
         return json.loads(path.read_text())
     templates = generate_templates(lm, length_params, seed)

@@ -9,18 +9,21 @@ import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from util.arch import arch_for
+from util.environment import Environment
 from util.models import LoadedModel, dequantised_folder, load_model, prepare_tokenizer
-from util.paths import PROJECT_ROOT, model_cache_dir
+from util.paths import PROJECT_ROOT, Caches
 
-# Pin the model cache before any test isolates KEDIT_CACHE: the dequantised embedded model
-# (~20 s to build) is shared by all tests and sessions.
-os.environ.setdefault("KEDIT_MODEL_CACHE", str(model_cache_dir()))
+# The test session reads the environment once, as a command line does. The model cache is pinned
+# before any test isolates KEDIT_CACHE: the dequantised embedded model (~20 s to build) is shared
+# by all tests, sessions and the command lines they start.
+MODEL_CACHE = Environment.read().caches.models
+os.environ.setdefault("KEDIT_MODEL_CACHE", str(MODEL_CACHE))
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
     """The embedded model's real tokenizer (cached with its dequantised copy)."""
-    tok = AutoTokenizer.from_pretrained(dequantised_folder("smollm2-135m"), trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(dequantised_folder("smollm2-135m", MODEL_CACHE), trust_remote_code=False)
     prepare_tokenizer(tok)
     return tok
 
@@ -68,7 +71,7 @@ def tiny_llama(tokenizer) -> LoadedModel:
 
 @pytest.fixture(scope="session")
 def embedded() -> LoadedModel:
-    return load_model("smollm2-135m")
+    return load_model("smollm2-135m", model_cache=MODEL_CACHE)
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +83,10 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(autouse=True)
-def isolated_cache(tmp_path_factory, monkeypatch):
-    """Tests write caches (statistics, templates, corpora) to a temporary folder."""
-    monkeypatch.setenv("KEDIT_CACHE", str(tmp_path_factory.mktemp("cache")))
+def caches(tmp_path_factory, monkeypatch) -> Caches:
+    """Tests write caches (statistics, templates, corpora) to a temporary folder: code a test calls
+    is given these folders; command lines it runs (in or out of process) read the same root from
+    KEDIT_CACHE at their edge."""
+    root = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("KEDIT_CACHE", str(root))
+    return Caches(root, MODEL_CACHE)

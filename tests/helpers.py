@@ -7,10 +7,12 @@ from pathlib import Path
 
 from rome.editor import EditContext
 from rome.hparams import EditHyperParams, ROMEHyperParams
+from util.environment import Environment
 from util.hparams import build_hparams
 from util.memory import GIB, HEADROOM, ModelShape, edit_shape, plan, solver_matrices
 from util.models import LoadedModel
 from util.requests import EditRequest
+from util.paths import Caches
 
 TINY_COMMON = dict(
     fact_token="subject_last", v_num_grad_steps=8, v_lr=0.5, v_loss_layer=3, v_weight_decay=0.5,
@@ -55,8 +57,11 @@ def write_corpus(folder: Path) -> Path:
 
 
 def context(tmp_path: Path, **kw) -> EditContext:
-    """An EditContext whose key statistics come from the small corpus written to tmp_path."""
-    return EditContext(seed=0, corpus_path=str(write_corpus(tmp_path)), **kw)
+    """An EditContext whose key statistics come from the small corpus written to tmp_path, its
+    caches under tmp_path/cache."""
+    from tests.conftest import MODEL_CACHE
+
+    return EditContext(Caches(tmp_path / "cache", MODEL_CACHE), seed=0, corpus_path=str(write_corpus(tmp_path)), **kw)
 
 
 def rel(a, b) -> float:
@@ -76,7 +81,8 @@ PROBE_WORDS = "good bad film great awful fine plot actor".split()
 
 def run_options(folder: Path) -> "RunOptions":
     """Options of a small evaluate run on the tiny Llama: 5 demo edits, one probe task, data and
-    corpus written under `folder`, results in folder/results."""
+    corpus written under `folder`, results in folder/results; the environment read now, as a
+    command line would (its caches: the test's, tests/conftest.py)."""
     from experiments.pipeline.run_config import RunOptions
     from util.paths import PROJECT_ROOT
 
@@ -91,6 +97,7 @@ def run_options(folder: Path) -> "RunOptions":
         dataset_size_limit=5, sequential=True, downstream_eval_steps=2, downstream_tasks=("sst2",),
         number_of_few_shots=2, number_of_tests=4, generation_test_interval=2, generation_prompts=2, generation_tokens=6,
         perplexity_tokens=96, corpus=str(write_corpus(folder)), data_dir=str(data), results_dir=str(folder / "results"),
+        environment=Environment.read(),
     )
 
 

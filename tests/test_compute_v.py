@@ -24,9 +24,9 @@ def requests():
 # logits; with the fact token at the prompt's end those predict the target (at the subject, the
 # loss would be flat at delta = 0 and both paths would only follow rounding noise).
 @pytest.mark.parametrize("kw", [dict(), dict(fact_token="last"), dict(layers=[3], fact_token="last")])
-def test_fast_path_equals_straightforward_path(tiny, kw):
+def test_fast_path_equals_straightforward_path(tiny, kw, caches):
     hp = tiny_hparams(v_num_grad_steps=6, **kw)
-    templates = EditContext().templates(tiny, hp)
+    templates = EditContext(caches).templates(tiny, hp)
     fast = compute_values(tiny, requests(), hp.layers[0], templates, hp, fast=True)
     slow = compute_values(tiny, requests(), hp.layers[0], templates, hp, fast=False)
     assert_same_values(fast, slow)
@@ -34,13 +34,13 @@ def test_fast_path_equals_straightforward_path(tiny, kw):
     torch.testing.assert_close(torch.tensor(fast.final_loss), torch.tensor(slow.final_loss), rtol=1e-4, atol=1e-5)
 
 
-def test_batched_equals_separate_and_early_stop_leaves_batch(tiny):
+def test_batched_equals_separate_and_early_stop_leaves_batch(tiny, caches):
     # float64: rows padded differently must give the same values, not just close ones. A loose
     # threshold makes some requests stop early while others continue.
     tiny.model.double()
     threshold = {"gpt2": 10.83, "llama": 10.74}[tiny.model.config.model_type]  # between the requests' losses
     hp = tiny_hparams(v_num_grad_steps=10, v_weight_decay=0.0, v_loss_threshold=threshold)
-    templates = EditContext().templates(tiny, hp)
+    templates = EditContext(caches).templates(tiny, hp)
     together = compute_values(tiny, requests(), 1, templates, hp)
     for i, request in enumerate(requests()):
         alone = compute_values(tiny, [request], 1, templates, hp)
@@ -51,12 +51,12 @@ def test_batched_equals_separate_and_early_stop_leaves_batch(tiny):
 
 
 @pytest.mark.parametrize("rebuild_fraction", [0.0, 1.0])
-def test_finished_requests_kept_in_the_replay_stack_do_not_change_the_others(tiny, monkeypatch, rebuild_fraction):
+def test_finished_requests_kept_in_the_replay_stack_do_not_change_the_others(tiny, monkeypatch, rebuild_fraction, caches):
     # 0.0: finished requests stay in the stack to the end; 1.0: the stack is rebuilt at every stop.
     tiny.model.double()
     threshold = {"gpt2": 10.83, "llama": 10.74}[tiny.model.config.model_type]
     hp = tiny_hparams(v_num_grad_steps=10, v_weight_decay=0.0, v_loss_threshold=threshold)
-    templates = EditContext().templates(tiny, hp)
+    templates = EditContext(caches).templates(tiny, hp)
     slow = compute_values(tiny, requests(), 1, templates, hp, fast=False)
     monkeypatch.setattr(replay, "REBUILD_FRACTION", rebuild_fraction)
     fast = compute_values(tiny, requests(), 1, templates, hp)
@@ -65,11 +65,11 @@ def test_finished_requests_kept_in_the_replay_stack_do_not_change_the_others(tin
 
 
 @pytest.mark.parametrize("overhead", [0, 10**9])
-def test_rows_grouped_by_length_give_the_values_of_one_group(tiny, monkeypatch, overhead):
+def test_rows_grouped_by_length_give_the_values_of_one_group(tiny, monkeypatch, overhead, caches):
     # 0: every distinct suffix length its own group; 10**9: one group padded to the longest.
     tiny.model.double()
     hp = tiny_hparams(v_num_grad_steps=4)
-    templates = EditContext().templates(tiny, hp)
+    templates = EditContext(caches).templates(tiny, hp)
     slow = compute_values(tiny, requests(), 1, templates, hp, fast=False)
     monkeypatch.setattr(batch_layout, "GROUP_OVERHEAD_TOKENS", overhead)
     batch = batch_layout.build_batch(tiny, requests(), templates, hp.fact_token, hp.kl_prompts)
@@ -105,12 +105,12 @@ def test_length_groups_partition_rows_at_least_cost(seed):
     assert len(batch_layout.length_groups(lengths, 0)) == len(set(lengths))
 
 
-def test_chunked_batches_equal_one_batch(tiny):
+def test_chunked_batches_equal_one_batch(tiny, caches):
     from rome.compute_u import compute_keys
 
     tiny.model.double()
     hp = tiny_hparams(v_num_grad_steps=4)
-    templates = EditContext().templates(tiny, hp)
+    templates = EditContext(caches).templates(tiny, hp)
     whole = compute_values(tiny, requests(), 1, templates, hp)
     chunked = compute_values(tiny, requests(), 1, templates, hp, chunk_size=2)
     assert_same_values(chunked, whole)
@@ -124,9 +124,9 @@ def test_chunked_batches_equal_one_batch(tiny):
     torch.testing.assert_close(keys_chunked.site_mean, keys.site_mean, rtol=1e-10, atol=1e-12)
 
 
-def test_bfloat16_value_optimisation_reaches_the_same_loss(tiny):
+def test_bfloat16_value_optimisation_reaches_the_same_loss(tiny, caches):
     hp = tiny_hparams(v_num_grad_steps=6)
-    templates = EditContext().templates(tiny, hp)
+    templates = EditContext(caches).templates(tiny, hp)
     full = compute_values(tiny, requests(), 1, templates, hp)
     mixed = compute_values(tiny, requests(), 1, templates, hp, autocast=torch.bfloat16)
     assert mixed.delta.dtype == torch.float32 and torch.isfinite(mixed.delta).all()
@@ -154,31 +154,31 @@ def test_float32_sdpa_keeps_grouped_heads_and_equals_transformers():
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
 
 
-def _mixed_values(lm, compiled=False):
+def _mixed_values(lm, caches, compiled=False):
     hp = tiny_hparams(v_num_grad_steps=6)
-    templates = EditContext().templates(lm, hp)
+    templates = EditContext(caches).templates(lm, hp)
     return compute_values(lm, requests(), 1, templates, hp, autocast=torch.bfloat16, compiled=compiled)
 
 
-def test_llama_layer_function_replays_exactly_what_transformers_layers_compute(tiny_llama, monkeypatch):
+def test_llama_layer_function_replays_exactly_what_transformers_layers_compute(tiny_llama, monkeypatch, caches):
     calls = []
     layer_function = llama_layer.llama_layer
     monkeypatch.setattr(llama_layer, "llama_layer", lambda *args: calls.append(1) or layer_function(*args))
-    ours = _mixed_values(tiny_llama)
+    ours = _mixed_values(tiny_llama, caches)
     assert calls, "the Llama replay did not use _llama_layer"
     monkeypatch.setattr(llama_layer, "is_plain_llama", lambda layer: False)
-    theirs = _mixed_values(tiny_llama)  # transformers' modules with their cache and _float32_sdpa
+    theirs = _mixed_values(tiny_llama, caches)  # transformers' modules with their cache and _float32_sdpa
     assert torch.equal(ours.delta, theirs.delta) and ours.final_loss == theirs.final_loss and ours.steps == theirs.steps
 
 
-def test_unpadded_length_group_replays_as_the_modules_do(tiny_llama, monkeypatch):
+def test_unpadded_length_group_replays_as_the_modules_do(tiny_llama, monkeypatch, caches):
     # Every distinct suffix length its own group: one request's groups hold one row each, which
     # transformers runs without a mask (plain causal); the function builds that mask itself.
     monkeypatch.setattr(batch_layout, "GROUP_OVERHEAD_TOKENS", 0)
     masks, mask_of = [], replay.LlamaStack._mask
     monkeypatch.setattr(replay.LlamaStack, "_mask", staticmethod(lambda mask, aligned: masks.append(mask) or mask_of(mask, aligned)))
     hp = tiny_hparams(v_num_grad_steps=6)
-    templates = EditContext().templates(tiny_llama, hp)
+    templates = EditContext(caches).templates(tiny_llama, hp)
     one = requests()[:1]
     ours = compute_values(tiny_llama, one, 1, templates, hp, autocast=torch.bfloat16)
     assert any(mask is None for mask in masks) and any(mask is not None for mask in masks)
@@ -187,9 +187,9 @@ def test_unpadded_length_group_replays_as_the_modules_do(tiny_llama, monkeypatch
     assert torch.equal(ours.delta, theirs.delta) and ours.final_loss == theirs.final_loss
 
 
-def test_narrowed_replay_stack_computes_its_rows_as_the_whole_stack_did(tiny_llama, monkeypatch):
+def test_narrowed_replay_stack_computes_its_rows_as_the_whole_stack_did(tiny_llama, monkeypatch, caches):
     hp = tiny_hparams(v_num_grad_steps=10, v_weight_decay=0.0)
-    templates = EditContext().templates(tiny_llama, hp)
+    templates = EditContext(caches).templates(tiny_llama, hp)
     batch = batch_layout.build_batch(tiny_llama, requests(), templates, hp.fact_token, hp.kl_prompts)
     rows = torch.arange(len(batch.ids))
     functional = replay.make_replay(tiny_llama, batch, 1, hp.v_loss_layer, runtime=replay.ReplayRuntime(), autocast=torch.bfloat16)
@@ -215,18 +215,18 @@ def test_narrowed_replay_stack_computes_its_rows_as_the_whole_stack_did(tiny_lla
 
 
 @pytest.mark.slow  # torch.compile: ~1 min
-def test_compiled_llama_layers_reach_the_same_loss(tiny_llama):
-    eager, compiled = _mixed_values(tiny_llama), _mixed_values(tiny_llama, compiled=True)
+def test_compiled_llama_layers_reach_the_same_loss(tiny_llama, caches):
+    eager, compiled = _mixed_values(tiny_llama, caches), _mixed_values(tiny_llama, caches, compiled=True)
     # fused kernels round differently in bfloat16: close, not equal
     torch.testing.assert_close(torch.tensor(compiled.final_loss), torch.tensor(eager.final_loss), rtol=1e-2, atol=0)
     assert compiled.steps == eager.steps
 
 
-def test_replay_runtime_owns_the_compiled_function_and_the_attention_it_registers(tiny_gpt2):
+def test_replay_runtime_owns_the_compiled_function_and_the_attention_it_registers(tiny_gpt2, caches):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     hp = tiny_hparams(v_num_grad_steps=2)
-    templates = EditContext().templates(tiny_gpt2, hp)
+    templates = EditContext(caches).templates(tiny_gpt2, hp)
     runtime = replay.ReplayRuntime()
     assert replay.FLOAT32_SDPA not in ALL_ATTENTION_FUNCTIONS  # nothing registered by creating it
     # GPT-2 under mixed precision: module copies whose attention is float32_sdpa, by name
@@ -265,13 +265,13 @@ def test_row_adam_is_torch_adam_per_request_with_stopped_requests_frozen(dtype):
 
 
 @pytest.mark.parametrize("argmax_stop", [0, 2])
-def test_values_do_not_depend_on_how_often_the_host_reads_the_stopping_state(tiny, argmax_stop):
+def test_values_do_not_depend_on_how_often_the_host_reads_the_stopping_state(tiny, argmax_stop, caches):
     # Requests stop at different steps; the host learns it every step, every third, or only at the
     # end (stopped rows then stay in the replay, frozen): the same values and step counts.
     tiny.model.double()
     threshold = {"gpt2": 10.83, "llama": 10.74}[tiny.model.config.model_type]
     hp = tiny_hparams(v_num_grad_steps=10, v_weight_decay=0.0, v_loss_threshold=threshold, v_argmax_stop_steps=argmax_stop)
-    templates = EditContext().templates(tiny, hp)
+    templates = EditContext(caches).templates(tiny, hp)
     every = compute_values(tiny, requests(), 1, templates, hp, sync_every=1)
     assert len(set(every.steps)) > 1, "the threshold should stop requests at different steps"
     for sync_every in (3, 100):

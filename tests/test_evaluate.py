@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from util.deltas import apply_deltas, digest, restore, snapshot
 from util.environment import Environment
 from util.errors import RunError
 from util.files import JsonlStream, read_jsonl
+from util.paths import Caches
 from util.requests import make_request
 
 
@@ -98,6 +100,19 @@ def test_environment_is_read_once_into_the_options(tmp_path):
     (folder.path / "config.json").write_text(json.dumps({"options": stored.to_dict(), "corpus": {"path": "/old/corpus"}}))
     again = options_from_argv(["--continue_from_run", "run_001", "--results_dir", str(tmp_path)], env)
     assert again.corpus == "/old/corpus" and again.environment == env
+
+
+def test_cache_folders_are_read_with_the_environment_and_travel_in_the_options(tmp_path):
+    """KEDIT_CACHE moves every cache, KEDIT_MODEL_CACHE the dequantised models alone; unset, they
+    are ~/.cache/kedit and its models/. A run's options carry them (through config.json too)."""
+    home = Path.home() / ".cache" / "kedit"
+    assert Environment.read({}).caches == Environment().caches == Caches(home, home / "models")
+    moved = Environment.read({"KEDIT_CACHE": str(tmp_path / "c")}).caches
+    assert moved == Caches(tmp_path / "c", tmp_path / "c" / "models") and moved.stats == tmp_path / "c" / "stats"
+    apart = Environment.read({"KEDIT_CACHE": str(tmp_path / "c"), "KEDIT_MODEL_CACHE": str(tmp_path / "m")}).caches
+    assert apart == Caches(tmp_path / "c", tmp_path / "m")
+    options = options_from_argv([], Environment.read({"KEDIT_CACHE": str(tmp_path / "c")}))
+    assert RunOptions.from_dict(json.loads(json.dumps(options.to_dict()))).environment.caches == moved
 
 
 def test_health_reads_norms_of_what_the_caller_keeps():
@@ -245,7 +260,7 @@ def test_generation_prompt_budget_takes_prompts_from_the_first_records():
     assert [r.generation_prompts for r in prompt_budget(records[1:], 5)] == [("S1 is in", "S1 lies in"), ("d",)]
 
 
-def test_offline_environment_keeps_the_statistics_corpus_off_the_network(monkeypatch):
+def test_offline_environment_keeps_the_statistics_corpus_off_the_network(monkeypatch, caches):
     """HF_*_OFFLINE, read once into the options, reaches the EditContext: Wikipedia is never tried."""
     from types import SimpleNamespace
 
@@ -258,6 +273,6 @@ def test_offline_environment_keeps_the_statistics_corpus_off_the_network(monkeyp
     monkeypatch.setattr(util.corpus, "sampled_corpus", lambda *a, **k: "sampled")
     lm = SimpleNamespace(model=None, tok=None, name="tiny")
     hparams = SimpleNamespace(mom2_n_samples=1, mom2_sample_tokens=8)
-    assert EditContext(offline=True).corpus(lm, hparams) == "sampled"
-    assert EditContext().corpus(lm, hparams) == "wikipedia"
+    assert EditContext(caches, offline=True).corpus(lm, hparams) == "sampled"
+    assert EditContext(caches).corpus(lm, hparams) == "wikipedia"
     assert asked == [True, False]

@@ -57,8 +57,13 @@ def edited(lm: LoadedModel) -> torch.Tensor:
     return lm.model.get_parameter(lm.arch.weight_name(1)).detach().clone()
 
 
-def test_run_folder_holds_every_file(options, tokenizer):
+def test_run_folder_holds_every_file(options, tokenizer, caches):
     path = run(options, fresh(tokenizer), tiny_hparams())
+    # the caches went where the options' environment says (the test's folders, tests/conftest.py)
+    assert options.environment.caches == caches
+    for folder, pattern in ((caches.templates, "*.json"), (caches.stats, "*.safetensors"), (caches.tfidf, "*.json"),
+                            (caches.file_hashes, "*")):
+        assert list(folder.rglob(pattern)), folder
     assert path.name == "run_001" and path.parent.name == "R-ROME"
     for name in ("config.json", "edits.jsonl", "probes.jsonl", "cases.jsonl", "summary.json", "summary.md",
                  "downstream.png", "retention.png", "norms.png"):

@@ -62,8 +62,8 @@ def test_cuda_update_equals_cpu_update(alg, arch, tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("arch", sorted(BUILD))
-def test_templates_and_statistics_agree_across_devices(arch, tokenizer, tmp_path):
-    corpus = local_corpus(write_corpus(tmp_path))
+def test_templates_and_statistics_agree_across_devices(arch, tokenizer, tmp_path, caches):
+    corpus = local_corpus(write_corpus(tmp_path), caches)
     models = {device: tiny_on(arch, tokenizer, device) for device in ("cpu", "cuda")}
     templates = {d: generate_templates(lm, [[5, 3], [8, 2]], seed=7) for d, lm in models.items()}
     assert templates["cpu"] == templates["cuda"]
@@ -104,7 +104,7 @@ def test_an_edit_under_max_gpu_memory_stays_within_it(tokenizer, tmp_path):
     assert peak <= ctx.max_gpu_memory * GIB, (peak / GIB, ctx.max_gpu_memory)
 
 
-def test_value_steps_between_reads_do_not_wait_for_the_gpu(tokenizer):
+def test_value_steps_between_reads_do_not_wait_for_the_gpu(tokenizer, caches):
     # The host reads the stopping state only every sync_every steps: with one read at the end, 8
     # and 16 steps make the same number of synchronising calls (counted by CUDA's sync debug mode).
     import warnings
@@ -116,7 +116,7 @@ def test_value_steps_between_reads_do_not_wait_for_the_gpu(tokenizer):
     counts = []
     for steps in (8, 16):
         hp = tiny_hparams(v_num_grad_steps=steps, v_loss_threshold=0.0)
-        templates = EditContext().templates(lm, hp)
+        templates = EditContext(caches).templates(lm, hp)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")

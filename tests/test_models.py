@@ -32,15 +32,15 @@ def test_unknown_model_type_is_one_line(tiny_llama):
     ("./no/such/folder", "does not exist"),
     ("smollm2-135m", "unknown dtype"),
 ])
-def test_bad_model_arguments(name, fragment):
+def test_bad_model_arguments(name, fragment, caches):
     with pytest.raises(ModelLoadError, match=fragment):
-        load_model(name, dtype="float8" if name == "smollm2-135m" else "float32")
+        load_model(name, dtype="float8" if name == "smollm2-135m" else "float32", model_cache=caches.models)
 
 
-def test_unknown_hub_name_offline_is_one_line(monkeypatch):
+def test_unknown_hub_name_offline_is_one_line(monkeypatch, caches):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError) as err:
-        load_model("no-such-org/no-such-model")
+        load_model("no-such-org/no-such-model", model_cache=caches.models)
     assert "unknown model 'no-such-org/no-such-model'" in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -56,7 +56,8 @@ def test_a_model_folder_with_its_own_code_is_refused_without_running_it(tmp_path
             "from transformers import PretrainedConfig\n\n\nclass CustomConfig(PretrainedConfig):\n    model_type = 'customnet'\n")
     for name in ("configuration_custom.py", "modeling_custom.py"):
         (folder / name).write_text(code)
-    script = f"from util.cli import run_cli\nfrom util.models import load_model\nrun_cli(lambda: load_model({str(folder)!r}))\n"
+    script = ("from util.cli import run_cli\nfrom util.environment import Environment\nfrom util.models import load_model\n"
+              f"run_cli(lambda: load_model({str(folder)!r}, model_cache=Environment.read().caches.models))\n")
     result = subprocess.run([sys.executable, "-c", script], input="y\ny\n", capture_output=True, text=True, timeout=300,
                             cwd=PROJECT_ROOT, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
     assert not (folder / "CODE_RAN").exists()
@@ -71,7 +72,7 @@ def test_embedded_model_completes_paris(embedded):
     assert embedded.model.dtype == torch.float32 and embedded.arch.down_proj(3) == "model.layers.3.mlp.down_proj"
 
 
-def test_a_cuda_load_places_the_weights_on_the_device_while_loading(tiny_llama, tmp_path, monkeypatch):
+def test_a_cuda_load_places_the_weights_on_the_device_while_loading(tiny_llama, tmp_path, monkeypatch, caches):
     """device="cuda" asks from_pretrained for a device map (weights read straight onto the GPU),
     never a host load followed by .to("cuda"). Without a GPU the recorded request is checked and
     the load itself is carried out on the CPU."""
@@ -89,20 +90,20 @@ def test_a_cuda_load_places_the_weights_on_the_device_while_loading(tiny_llama, 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(recording))
     real_to = torch.nn.Module.to
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moved.append((a, k)) or real_to(self, *a, **k))
-    lm = load_model(str(tmp_path / "m"), device="cuda")
+    lm = load_model(str(tmp_path / "m"), device="cuda", model_cache=caches.models)
     assert asked == [{"": "cuda"}] and moved == []
     assert lm.arch.down_proj(0) == "model.layers.0.mlp.down_proj"
     torch.testing.assert_close(edited_weight(lm.model, lm.arch, 1), edited_weight(tiny_llama.model, tiny_llama.arch, 1), rtol=0, atol=0)
 
 
-def test_random_models_by_shape_name():
-    lm = load_model("random:tiny", dtype="float64")
+def test_random_models_by_shape_name(caches):
+    lm = load_model("random:tiny", dtype="float64", model_cache=caches.models)
     assert lm.model.config.model_type == "llama" and lm.model.config.num_hidden_layers == 4
     assert lm.model.dtype == torch.float64 and lm.model.config.vocab_size == len(lm.tok) == 49152
-    again = load_model("random:tiny", dtype="float64")
+    again = load_model("random:tiny", dtype="float64", model_cache=caches.models)
     assert torch.equal(edited_weight(lm.model, lm.arch, 2), edited_weight(again.model, again.arch, 2)), "seeded"
     with pytest.raises(ModelLoadError, match="unknown random model shape 'llama-9'"):
-        load_model("random:llama-9")
+        load_model("random:llama-9", model_cache=caches.models)
 
 
 def test_the_llama_3_8b_shape_has_its_parameter_count(tokenizer):

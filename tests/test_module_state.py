@@ -1,6 +1,8 @@
-"""No module registers anything at import time or keeps mutable state in module globals."""
+"""No module registers anything at import time or keeps mutable state in module globals, nor
+reads the process environment behind its caller's back."""
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +52,32 @@ def test_no_module_rebinds_globals():
              for path in project_files() for node in ast.walk(ast.parse(path.read_text(), str(path)))
              if isinstance(node, ast.Global)]
     assert not found, found
+
+
+ENVIRONMENT_MODULE = ROOT / "util" / "environment.py"
+# The other readers of os.environ, neither of them a setting passed down: run_cli's malloc switch
+# (applied before the command runs) and the copy of the environment sweep.py gives its children.
+OTHER_ENVIRON_READERS = {"util/cli.py", "experiments/sweep.py"}
+
+
+def string_constants(path: Path) -> list[ast.Constant]:
+    return [node for node in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+
+
+def test_environment_variables_are_read_once_in_util_environment():
+    """The variables of util/environment.py (cache folders, corpus, data folders, offline, commit)
+    are read there alone: each command line reads them once (Environment.read()) and passes the
+    values down. Only the two readers above touch os.environ besides, and not for these."""
+    names = {node.value for node in string_constants(ENVIRONMENT_MODULE) if re.fullmatch(r"(KEDIT|HF)_[A-Z_]+", node.value)}
+    assert {"KEDIT_CACHE", "KEDIT_MODEL_CACHE", "KEDIT_CORPUS", "HF_HUB_OFFLINE"} <= names
+    readers = {path.relative_to(ROOT).as_posix() for path in project_files()
+               for node in ast.walk(ast.parse(path.read_text(), str(path)))
+               if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "os"
+                   and node.attr in ("environ", "environb", "getenv", "getenvb"))
+               or (isinstance(node, ast.ImportFrom) and node.module == "os"
+                   and any(alias.name in ("environ", "environb", "getenv", "getenvb") for alias in node.names))}
+    assert readers == {"util/environment.py"} | OTHER_ENVIRON_READERS
+    named = [f"{name}:{node.lineno} {node.value}" for name in sorted(OTHER_ENVIRON_READERS)
+             for node in string_constants(ROOT / name) if node.value in names]
+    assert not named, named

@@ -29,12 +29,12 @@ def logits(lm) -> torch.Tensor:
     return lm.model(input_ids=lm.tok("The Eiffel Tower is in", return_tensors="pt")["input_ids"]).logits
 
 
-def bf16_values(lm, **overrides):
+def bf16_values(lm, caches, **overrides):
     hp = tiny_hparams(v_num_grad_steps=6, **overrides)
-    return compute_values(lm, REQS, 1, EditContext().templates(lm, hp), hp, autocast=torch.bfloat16)
+    return compute_values(lm, REQS, 1, EditContext(caches).templates(lm, hp), hp, autocast=torch.bfloat16)
 
 
-def test_a_model_in_the_value_dtype_replays_its_own_modules_with_the_copies_numbers(tiny, monkeypatch):
+def test_a_model_in_the_value_dtype_replays_its_own_modules_with_the_copies_numbers(tiny, monkeypatch, caches):
     tiny.model.to(torch.bfloat16)
     upper = replay.UpperModules(tiny, 1, 3, torch.bfloat16)
     model_storage = {p.data_ptr() for p in tiny.model.parameters()}
@@ -42,27 +42,27 @@ def test_a_model_in_the_value_dtype_replays_its_own_modules_with_the_copies_numb
     assert all(a is b for a, b in zip(upper.layers, upper.originals)) and len(upper.layers) == 2
     assert upper.unembed is tiny.model.get_submodule(tiny.arch.unembed) and upper.norm is tiny.model.get_submodule(tiny.arch.final_norm)
     assert {p.data_ptr() for m in (*upper.layers, upper.norm, upper.unembed) for p in m.parameters()} <= model_storage
-    own = bf16_values(tiny)
+    own = bf16_values(tiny, caches)
     # the same numbers as the copies of 73d7405 (every matrix copied, the copies' attention float32)
     monkeypatch.setattr(replay, "matrices_to_copy", every_matrix)
     forced = replay.UpperModules(tiny, 1, 3, torch.bfloat16)
     assert forced.copied and not {p.data_ptr() for m in forced.layers for p in m.parameters()} & model_storage
-    copied = bf16_values(tiny)
+    copied = bf16_values(tiny, caches)
     assert torch.equal(own.delta, copied.delta) and own.final_loss == copied.final_loss and own.steps == copied.steps
     # ... which depend on the float32 attention: with the model's sdpa they differ
     monkeypatch.setattr(replay.ReplayRuntime, "float32_attention", lambda self: "sdpa")
-    assert not torch.equal(bf16_values(tiny).delta, own.delta)
+    assert not torch.equal(bf16_values(tiny, caches).delta, own.delta)
 
 
-def test_the_model_keeps_its_attention_after_a_replay_and_when_it_raises(tiny):
+def test_the_model_keeps_its_attention_after_a_replay_and_when_it_raises(tiny, caches):
     tiny.model.to(torch.bfloat16)
     before, reference = attention_implementations(tiny.model), logits(tiny)
     assert set(before) == {"sdpa"}
-    bf16_values(tiny)
+    bf16_values(tiny, caches)
     assert attention_implementations(tiny.model) == before and torch.equal(logits(tiny), reference)
     # the top layer sees the model's sdpa in the unedited forwards, float32_sdpa in the replay only
     hp = tiny_hparams()
-    batch = build_batch(tiny, REQS, EditContext().templates(tiny, hp), hp.fact_token, hp.kl_prompts)
+    batch = build_batch(tiny, REQS, EditContext(caches).templates(tiny, hp), hp.fact_token, hp.kl_prompts)
     top, seen, fail = tiny.model.get_submodule(tiny.arch.layer(3)), [], []
 
     def record(module, args, kwargs):

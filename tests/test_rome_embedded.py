@@ -10,9 +10,9 @@ from util.deltas import restore
 
 
 @pytest.mark.slow
-def test_r_rome_makes_each_target_the_argmax_of_its_prompt(embedded, shared_data):
+def test_r_rome_makes_each_target_the_argmax_of_its_prompt(embedded, shared_data, caches):
     hparams = load_algorithm_hparams("R-ROME", "smollm2-135m.yaml")
-    ctx = EditContext(seed=0, corpus_path=str(shared_data / "wiki"))
+    ctx = EditContext(caches, seed=0, corpus_path=str(shared_data / "wiki"))
     records = load_cases("cf", shared_data, limit=10)
     results = []
     for record in records:

@@ -22,8 +22,8 @@ def model(tokenizer, build=tiny_llama_model, seed=0, dtype=torch.float32, name="
 
 
 @pytest.fixture
-def exported(tokenizer, tmp_path):
-    lm, corpus = model(tokenizer), local_corpus(write_corpus(tmp_path))
+def exported(tokenizer, tmp_path, caches):
+    lm, corpus = model(tokenizer), local_corpus(write_corpus(tmp_path), caches)
     cache = StatsCache(tmp_path / "exporter")
     out = export_stats(lm, LAYERS, corpus, SAMPLES, TOKENS, "float32", tmp_path / "shared", cache, nullspace_threshold=1e-3)
     moments = cache.second_moments(lm, LAYERS, corpus, SAMPLES, TOKENS)

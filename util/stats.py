@@ -26,7 +26,7 @@ from util.corpus import Corpus, token_windows
 from util.memory import ModelShape, stats_batch_tokens
 from util.models import DTYPES, LoadedModel, input_device
 from util.nethook import TraceDict
-from util.paths import cache_dir, slug
+from util.paths import slug
 from util.solve import nullspace_basis
 
 log = logging.getLogger(__name__)
@@ -149,8 +149,8 @@ def fast_bfloat16(device: torch.device) -> bool:
 class StatsCache:
     """Second moments per (model, layer module, corpus, tokens, dtype), on disk and in memory."""
 
-    def __init__(self, root: Path | None = None):
-        self.root = Path(root) if root is not None else cache_dir() / "stats"
+    def __init__(self, root: Path):
+        self.root = Path(root)  # e.g. Caches.stats
         self._memory: dict[StatsKey, SecondMoment] = {}
         self._bases: dict[NullspaceKey, torch.Tensor] = {}  # host copies
         self.last_tokens_per_second: float | None = None

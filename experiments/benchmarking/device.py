@@ -26,6 +26,7 @@ from rome.editor import EditContext
 from util.corpus import local_corpus
 from util.deltas import restore
 from util.models import LoadedModel, input_device
+from util.paths import Caches
 from util.stats import StatsCache
 
 
@@ -123,9 +124,10 @@ def bench_editor(lm: LoadedModel, requests, alg: str, hparams_file: str, overrid
     return measured.usage
 
 
-def bench_statistics(lm: LoadedModel, corpus_path: str, layers: list[int], n_windows: int, sample_tokens: int, dtype: str) -> tuple[float, Usage]:
+def bench_statistics(lm: LoadedModel, corpus_path: str, layers: list[int], n_windows: int, sample_tokens: int, dtype: str,
+                     caches: Caches) -> tuple[float, Usage]:
     """Tokens/s of the key statistics over `layers` (one pass, batch from the device's memory)."""
-    corpus = local_corpus(corpus_path)
+    corpus = local_corpus(corpus_path, caches)
     with tempfile.TemporaryDirectory() as tmp, Measured(input_device(lm.model)) as measured:
         cache = StatsCache(Path(tmp))
         cache.second_moments(lm, layers, corpus, n_windows, sample_tokens, dtype, progress=False)
@@ -162,7 +164,7 @@ def device_report(lm: LoadedModel, records, algs: list[str], batches: list[int],
         per_layer = 2 * (config.hidden_size * (config.hidden_size + 2 * config.num_key_value_heads * config.hidden_size // config.num_attention_heads)
                          + config.hidden_size * config.hidden_size + 3 * config.hidden_size * config.intermediate_size)
         flops_per_token = depth * per_layer + len(layers) * 2 * config.intermediate_size**2
-        rate, usage = bench_statistics(lm, corpus_path, layers, stats_windows, 512, stats_dtype)
+        rate, usage = bench_statistics(lm, corpus_path, layers, stats_windows, 512, stats_dtype, ctx_args["caches"])
         tokens = stats_windows * 512
         print(f"| key statistics, layers {layers}, {tokens} tokens, {stats_dtype} | {rate:.0f} tokens/s | "
               f"{_usage_note(usage, peak, flops_per_token * tokens)} |", flush=True)

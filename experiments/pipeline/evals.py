@@ -23,7 +23,7 @@ from experiments.metrics.protocols import protocol
 from experiments.pipeline.run_config import RunOptions
 from util.corpus import local_corpus
 from util.models import LoadedModel
-from util.paths import cache_dir
+from util.paths import Caches
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +52,13 @@ def prompt_budget(records: Sequence[CaseRecord], budget: int | None) -> list[Cas
     return chosen
 
 
-def corpus_tfidf(path: str | None) -> TfIdf | None:
+def corpus_tfidf(path: str | None, caches: Caches) -> TfIdf | None:
     """TF-IDF fitted on the local statistics corpus (--corpus or $KEDIT_CORPUS), cached as JSON."""
     if not path:
         log.warning("no local corpus (--corpus or $KEDIT_CORPUS): generation consistency is skipped")
         return None
-    corpus = local_corpus(path)
-    cached = cache_dir() / "tfidf" / f"{corpus.ident}-max{TFIDF_MAX_TEXTS}.json"
+    corpus = local_corpus(path, caches)
+    cached = caches.tfidf / f"{corpus.ident}-max{TFIDF_MAX_TEXTS}.json"
     if cached.is_file():
         return TfIdf.load(cached)
     log.info("fitting TF-IDF on %s (once; cached in %s)", path, cached)
@@ -79,7 +79,7 @@ class EvalSuite:
         self.wikitext: Path | None = find_local(WIKITEXT, options.data_dir, options.environment)
         if self.wikitext is None:
             log.warning("%s not found (--data_dir, $KEDIT_DATA_DIR, data/downloads): perplexity is skipped", WIKITEXT.names[0])
-        self.tfidf = corpus_tfidf(options.corpus) if options.generation_test_interval else None
+        self.tfidf = corpus_tfidf(options.corpus, options.environment.caches) if options.generation_test_interval else None
 
     def load_probe(self, task: str) -> ProbeSet:
         """The protocol's test items: a seeded sample, or the first n in file order."""

@@ -64,9 +64,12 @@ def save_run_model(lm: LoadedModel, run: Path, n_edits: int, out: str | Path | N
 
 
 def export_run(run: str | Path, out: str | Path | None = None, at: int | None = None,
-               lm: LoadedModel | None = None, device: str = "cpu") -> Path:
+               lm: LoadedModel | None = None, device: str = "cpu", model_cache: Path | None = None) -> Path:
     """The edited model of `run` (after `at` edits, default the last checkpoint) as a HF folder
-    at `out` (default <run>/model_<n edits>). `lm`: the base model, else loaded by config name."""
+    at `out` (default <run>/model_<n edits>). `lm`: the base model, else loaded by config name on
+    `device`, with `model_cache` (Caches.models) holding dequantised embedded models."""
+    if lm is None and model_cache is None:
+        raise TypeError("export_run: give the base model (lm) or the model cache folder to load it with (model_cache)")
     run = Path(run)
     if not (run / "config.json").is_file():
         raise RunError(f"{run}: not a run folder (no config.json)")
@@ -74,7 +77,7 @@ def export_run(run: str | Path, out: str | Path | None = None, at: int | None = 
     if config["mode"] == "batched":
         raise RunError(f"{run}: a batched run undoes every batch; only sequential runs leave an edited model")
     weights_file, n_edits = checkpoint_weights(run, at)
-    lm = lm or load_model(config["model"], config["options"]["dtype"], device)
+    lm = lm or load_model(config["model"], config["options"]["dtype"], device, model_cache=model_cache)
     names = config["edited_params"]
     if digest(snapshot(lm.model, names)) != config["weights0_sha256"]:
         raise RunError(f"{run}: the loaded model's edited matrices differ from those the run started from ({config['model']})")

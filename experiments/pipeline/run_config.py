@@ -71,8 +71,9 @@ class RunOptions:
     stop_after: int | None = None  # end this session cleanly (with a checkpoint) after this many edits
     save_model: bool = False  # write the edited model as a HF folder when the session ends (experiments/export.py)
     max_gpu_memory: float | None = None  # GiB an edit may hold on the device (rome.editor.EditContext)
-    # the environment variables, read once by the command line (util/environment.py); the corpus
-    # above already holds $KEDIT_CORPUS when --corpus was not given
+    # the environment variables, read once by the command line (util/environment.py): the cache
+    # folders (environment.caches) and more; the corpus above already holds $KEDIT_CORPUS when
+    # --corpus was not given
     environment: Environment = field(default_factory=Environment)
 
     @property

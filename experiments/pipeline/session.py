@@ -115,7 +115,7 @@ def build_config(options: RunOptions, hparams: EditHyperParams, lm: LoadedModel,
         "git_commit": git_commit(options.environment.git_sha), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__},
         "data": {name: {"path": str(path), "sha256": sha256_file(path)} for name, path in files.items()},
-        "corpus": {"path": corpus, "ident": local_corpus(corpus).ident} if corpus else None,
+        "corpus": {"path": corpus, "ident": local_corpus(corpus, options.environment.caches).ident} if corpus else None,
         "edited_params": list(weights0), "weights0_sha256": digest(weights0),
     }
 
@@ -155,7 +155,7 @@ def prepare(options: RunOptions, lm: LoadedModel | None, hparams: EditHyperParam
     supplies the hparams. The model's edited matrices are read (W0) before anything edits them."""
     hparams = resolve_hparams(options, hparams, stored, where)
     selection = select_cases(options.ds_name, options.data_dir, options.dataset_size_limit, options.custom_path, options.environment)
-    lm = lm or load_model(options.model_name, options.dtype, options.device)
+    lm = lm or load_model(options.model_name, options.dtype, options.device, model_cache=options.environment.caches.models)
     hparams.check_model(lm.model.config.num_hidden_layers)
     suite = EvalSuite(lm, options)
     weights0 = snapshot(lm.model, [lm.arch.weight_name(layer) for layer in hparams.layers])
@@ -193,7 +193,8 @@ def new_session(options: RunOptions, lm: LoadedModel | None = None, hparams: Edi
 def prepared_context(options: RunOptions, lm: LoadedModel, hparams: EditHyperParams) -> EditContext:
     """An EditContext whose templates and key statistics come from the unedited model: computed
     lazily at the first edit they would be, but a continued run restores edited weights first."""
-    ctx = EditContext(seed=options.seed, corpus_path=options.corpus, offline=options.environment.offline, value_dtype=options.value_dtype,
+    env = options.environment
+    ctx = EditContext(env.caches, seed=options.seed, corpus_path=options.corpus, offline=env.offline, value_dtype=options.value_dtype,
                       value_compile=options.value_compile, max_gpu_memory=options.max_gpu_memory)
     ctx.templates(lm, hparams)
     if hparams.mom2_adjustment:

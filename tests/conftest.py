@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from util.arch import arch_for
 from util.environment import Environment
-from util.models import LoadedModel, dequantised_folder, load_model, prepare_tokenizer
+from util.models import LoadedModel, embedded_tokenizer, load_model
 from util.paths import PROJECT_ROOT, Caches
 
 # The test session reads the environment once, as a command line does. The model cache is pinned
@@ -23,9 +23,7 @@ os.environ.setdefault("KEDIT_MODEL_CACHE", str(MODEL_CACHE))
 @pytest.fixture(scope="session")
 def tokenizer():
     """The embedded model's real tokenizer (cached with its dequantised copy)."""
-    tok = AutoTokenizer.from_pretrained(dequantised_folder("smollm2-135m", MODEL_CACHE), trust_remote_code=False)
-    prepare_tokenizer(tok)
-    return tok
+    return embedded_tokenizer("smollm2-135m", MODEL_CACHE)
 
 
 def tiny_gpt2_model(vocab_size: int, seed: int = 0) -> torch.nn.Module:

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -104,6 +105,20 @@ def test_random_models_by_shape_name(caches):
     assert torch.equal(edited_weight(lm.model, lm.arch, 2), edited_weight(again.model, again.arch, 2)), "seeded"
     with pytest.raises(ModelLoadError, match="unknown random model shape 'llama-9'"):
         load_model("random:llama-9", model_cache=caches.models)
+
+
+def test_random_models_need_only_the_embedded_tokenizer_files(tmp_path, tokenizer):
+    # A GPU box without the embedded model's package: the tokenizer files alone, no dequantising.
+    from tests.conftest import MODEL_CACHE
+
+    folder = tmp_path / "smollm2-135m"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(MODEL_CACHE / "smollm2-135m" / name, folder / name)
+    lm = load_model("random:tiny", model_cache=tmp_path)
+    assert sorted(p.name for p in folder.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    assert lm.tok("The Eiffel Tower")["input_ids"] == tokenizer("The Eiffel Tower")["input_ids"]
+    assert lm.tok.pad_token == tokenizer.pad_token
 
 
 def test_the_llama_3_8b_shape_has_its_parameter_count(tokenizer):

@@ -88,6 +88,19 @@ def dequantised_folder(name: str, model_cache: Path) -> Path:
     return target
 
 
+def embedded_tokenizer(name: str, model_cache: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of an embedded model (random:<shape> models and the tests use SmolLM2's), from
+    its folder in `model_cache`: a dequantised copy, or the tokenizer files alone, which is all a
+    machine without the embedded model's package needs (copy tokenizer.json and
+    tokenizer_config.json of a dequantised copy into <model cache>/<name>); else dequantised now."""
+    folder = Path(model_cache) / name
+    if not (folder / "tokenizer.json").is_file():
+        folder = dequantised_folder(name, model_cache)
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    prepare_tokenizer(tok)
+    return tok
+
+
 def resolve_source(name: str, model_cache: Path) -> str:
     if name in EMBEDDED:
         return str(dequantised_folder(name, model_cache))
@@ -154,8 +167,7 @@ def random_config(name: str, tok: PreTrainedTokenizerBase):
 def random_model(name: str, dtype: str = "float32", device: str = "cpu", seed: int = 0, *, model_cache: Path) -> LoadedModel:
     """`random:<shape>` (RANDOM_SHAPES): random weights, initialised on the device itself; the
     embedded model's tokenizer comes from `model_cache`."""
-    tok = AutoTokenizer.from_pretrained(dequantised_folder("smollm2-135m", model_cache), trust_remote_code=False)
-    prepare_tokenizer(tok)
+    tok = embedded_tokenizer("smollm2-135m", model_cache)
     config = random_config(name, tok)
     target = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     torch.manual_seed(seed)

@@ -16,13 +16,18 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+import alphaedit.alphaedit_main as alphaedit_main
+import emmet.emmet_main as emmet_main
+import encore.encore_main as encore_main
+import memit.memit_main as memit_main
+import rome.rome_main as rome_main
 from alphaedit.alphaedit_main import AlphaEditHyperParams, apply_alphaedit
 from emmet.emmet_main import EMMETHyperParams, apply_emmet
 from encore.encore_main import ENCOREHyperParams, apply_encore
 from memit.memit_main import MEMITHyperParams, apply_memit
 from prune.prune_main import PRUNEHyperParams, apply_prune
 from rect.rect_main import RECTHyperParams, apply_rect
-from rome.editor import EditContext, EditResult
+from rome.editor import EditContext, EditResult, Solver
 from rome.hparams import EditHyperParams, ROMEHyperParams
 from rome.rome_main import apply_rome
 from util.arch import arch_for
@@ -39,17 +44,18 @@ class Algorithm:
     name: str
     hparams_class: type
     apply: Callable[[LoadedModel, list[EditRequest], Any, EditContext], EditResult]
+    solver: Solver  # the package's own SOLVER, which its apply passes to rome.editor.edit_layers
 
 
 ALGORITHMS: dict[str, Algorithm] = {
-    "ROME": Algorithm("ROME", ROMEHyperParams, apply_rome),
-    "R-ROME": Algorithm("R-ROME", ROMEHyperParams, apply_rome),
-    "MEMIT": Algorithm("MEMIT", MEMITHyperParams, apply_memit),
-    "EMMET": Algorithm("EMMET", EMMETHyperParams, apply_emmet),
-    "AlphaEdit": Algorithm("AlphaEdit", AlphaEditHyperParams, apply_alphaedit),
-    "ENCORE": Algorithm("ENCORE", ENCOREHyperParams, apply_encore),
-    "PRUNE": Algorithm("PRUNE", PRUNEHyperParams, apply_prune),
-    "RECT": Algorithm("RECT", RECTHyperParams, apply_rect),
+    "ROME": Algorithm("ROME", ROMEHyperParams, apply_rome, rome_main.SOLVER),
+    "R-ROME": Algorithm("R-ROME", ROMEHyperParams, apply_rome, rome_main.SOLVER),
+    "MEMIT": Algorithm("MEMIT", MEMITHyperParams, apply_memit, memit_main.SOLVER),
+    "EMMET": Algorithm("EMMET", EMMETHyperParams, apply_emmet, emmet_main.SOLVER),
+    "AlphaEdit": Algorithm("AlphaEdit", AlphaEditHyperParams, apply_alphaedit, alphaedit_main.SOLVER),
+    "ENCORE": Algorithm("ENCORE", ENCOREHyperParams, apply_encore, encore_main.SOLVER),
+    "PRUNE": Algorithm("PRUNE", PRUNEHyperParams, apply_prune, memit_main.SOLVER),
+    "RECT": Algorithm("RECT", RECTHyperParams, apply_rect, memit_main.SOLVER),
 }
 
 

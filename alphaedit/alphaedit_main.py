@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rome.editor import EditContext, EditResult, edit_layers
+from rome.editor import EditContext, EditResult, Solver, edit_layers
 from rome.hparams import EditHyperParams
 from util.hparams import POSITIVE, out_of_range
 from util.models import LoadedModel
 from util.requests import EditRequest
+
+SOLVER = Solver("nullspace", remember_keys=True)  # projected onto C0's null space, with the run's earlier keys
 
 
 @dataclass(frozen=True)
@@ -30,5 +32,5 @@ class AlphaEditHyperParams(EditHyperParams):
 
 
 def apply_alphaedit(lm: LoadedModel, requests: list[EditRequest], hparams: AlphaEditHyperParams, ctx: EditContext) -> EditResult:
-    return edit_layers(lm, requests, hparams, ctx, constraint="nullspace", mu=hparams.L2, site="layer",
-                       remember_keys=True, nullspace_threshold=hparams.nullspace_threshold)
+    return edit_layers(lm, requests, hparams, ctx, SOLVER, mu=hparams.L2, site="layer",
+                       nullspace_threshold=hparams.nullspace_threshold)

@@ -6,6 +6,9 @@
     python experiments/benchmark.py --device cuda --model_name random:llama-3-8b --dtype bfloat16 --hparams Llama-3-8B.yaml
     (on a device or a random:<shape> model: s/edit per editor and batch, statistics tokens/s, peak
     memory and GPU utilisation against the bf16 matmul peak; see experiments/benchmarking/device.py)
+    python experiments/benchmark.py --plan --model_name random:llama-3-8b --dtype bfloat16 --value_dtype bfloat16 \
+        --hparams Llama-3-8B.yaml --batches 1,1024 --max_gpu_memory 40
+    (no device: the memory plan of each editor and batch, experiments/benchmarking/plan.py)
 
 Straightforward paths: value optimisation through the full model with full logits, one request
 at a time (the papers' harness; for large batches timed on a few requests and scaled, marked
@@ -30,6 +33,7 @@ from data.cases import load_cases
 from editors import ALGORITHMS, load_algorithm_hparams
 from experiments.bench_eval import bench_counterfact, bench_probe, timed
 from experiments.benchmarking.device import device_report
+from experiments.benchmarking.plan import plan_rows, plan_table
 from rome.compute_v import compute_values
 from rome.replay import ReplayRuntime
 from rome.editor import EditContext
@@ -37,7 +41,7 @@ from util.cli import run_cli
 from util.corpus import local_corpus, read_texts, local_files
 from util.deltas import restore
 from util.environment import Environment
-from util.models import LoadedModel, load_model
+from util.models import LoadedModel, load_model, shape_model
 from util.paths import Caches
 from util.stats import StatsCache, fast_bfloat16
 
@@ -214,7 +218,13 @@ def main() -> int:
     parser.add_argument("--key_chunk_size", type=int, default=None, help="requests per key forward (device report; bounds memory; default from --max_gpu_memory, else 256)")
     parser.add_argument("--value_chunk_size", type=int, default=None, help="requests per value optimisation batch (device report; bounds memory; default from --max_gpu_memory, else 64)")
     parser.add_argument("--max_gpu_memory", type=float, default=None, metavar="GiB", help="device memory an edit may hold (device report; sets the chunk sizes)")
+    parser.add_argument("--plan", action="store_true", help="print util/memory.py's plan per editor and batch within "
+                        "--max_gpu_memory for --model_name's shape (no weights, no device, nothing timed)")
     args = parser.parse_args()
+    if args.plan:
+        if args.max_gpu_memory is None:
+            parser.error("--plan needs --max_gpu_memory GiB")
+        return plan_main(args)
     if args.device != "cpu" or args.model_name != "smollm2-135m":
         return device_main(args)
     if args.value_compile and args.value_dtype == "float32":
@@ -264,6 +274,17 @@ def main() -> int:
         for task in ("sst2", "mmlu"):
             pr = bench_probe(lm, args.data_dir, task, 30, 3)
             print(row(f"probe {task} (3-shot)", pr["fast"], pr["slow"], "s/item", f"same labels {pr['agree']:.0%}"), flush=True)
+    return 0
+
+
+def plan_main(args) -> int:
+    """The memory plan (experiments/benchmarking/plan.py) for --model_name's shape."""
+    lm = shape_model(args.model_name, args.dtype, model_cache=Environment.read().caches.models)
+    batches = [int(b) for b in args.batches.split(",")]
+    requests = [r.request for r in load_cases("cf", args.data_dir, limit=max(batches))]
+    rows = plan_rows(lm, requests, args.algs.split(","), batches, args.hparams, args.overrides, args.value_dtype, args.max_gpu_memory)
+    print(f"{args.model_name} in {args.dtype}, values in {args.value_dtype}: util/memory.py's estimate, not a measurement\n")
+    print(plan_table(rows, args.max_gpu_memory))
     return 0
 
 

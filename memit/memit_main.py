@@ -14,11 +14,13 @@ from typing import Callable
 
 import torch
 
-from rome.editor import EditContext, EditResult, edit_layers
+from rome.editor import EditContext, EditResult, Solver, edit_layers
 from rome.hparams import EditHyperParams
 from util.deltas import apply_deltas, restore
 from util.models import LoadedModel
 from util.requests import EditRequest
+
+SOLVER = Solver("least_squares")  # also PRUNE's and RECT's, which transform its deltas
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class MEMITHyperParams(EditHyperParams):
 
 
 def apply_memit(lm: LoadedModel, requests: list[EditRequest], hparams: MEMITHyperParams, ctx: EditContext) -> EditResult:
-    return edit_layers(lm, requests, hparams, ctx, constraint="least_squares", site="layer")
+    return edit_layers(lm, requests, hparams, ctx, SOLVER, site="layer")
 
 
 # (parameter name, MEMIT's delta, the parameter before this edit) -> (delta to write, record fields)
@@ -41,7 +43,7 @@ def apply_memit_transformed(lm: LoadedModel, requests: list[EditRequest], hparam
     As in the AlphaEdit release's MEMIT_rect, every layer is solved with the full updates of the
     layers before it in place; the transformed deltas replace them afterwards. The originals are
     restored first, so an entry the transform leaves at zero equals W before the edit bitwise."""
-    result = edit_layers(lm, requests, hparams, ctx, constraint="least_squares", site="layer")
+    result = edit_layers(lm, requests, hparams, ctx, SOLVER, site="layer")
     restore(lm.model, result.originals)
     deltas = {}
     for name, record in zip(result.deltas, result.layers):

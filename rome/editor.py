@@ -5,7 +5,7 @@ keys from the current model, the remaining residual spread over the layers left,
     r-ROME  equality, one layer, k* everywhere   ROME   equality, one layer, bare key in residual
     ENCORE  least squares + mu I + K_p K_p^T     AlphaEdit  null-space projection + K_p K_p^T
 
-Algorithms differ only in the hparams and the constraint they pass here. Whatever must persist
+Algorithms differ only in the hparams and the `Solver` they pass here (each package states its own). Whatever must persist
 across edits (templates, statistics, factorised covariances, run state) lives in `EditContext`,
 which the caller owns. The run state `EditContext.state` holds tensors and plain values only, so
 a driver can checkpoint it (util/state.py); AlphaEdit and ENCORE keep there, per edited module,
@@ -27,7 +27,7 @@ from util.arch import edited_weight, to_stored
 from util.corpus import Corpus, resolve_corpus
 from util.deltas import Deltas, apply_deltas, snapshot
 from util.errors import MemoryBudgetError, ModelLoadError
-from util.memory import GIB, HEADROOM, ModelShape, SolverPlacement, edit_shape, plan, resident_bytes, solver_matrices
+from util.memory import GIB, HEADROOM, MemoryPlan, ModelShape, SolverPlacement, edit_shape, plan, resident_bytes, solver_matrices
 from util.models import DTYPES, LoadedModel, input_device
 from util.paths import Caches
 from util.requests import EditRequest
@@ -37,6 +37,30 @@ from util.stats import SecondMoment, StatsCache, batch_tokens_for
 
 KEY_CHUNK, VALUE_CHUNK = 256, 64  # requests per key forward / value batch without a memory budget
 EDITED_KEYS = "edited_keys"  # EditContext.state[EDITED_KEYS][down projection module] = K_p K_p^T
+
+
+@dataclass(frozen=True)
+class Solver:
+    """How an editor solves (util/solve.py): its constraint and whether the run's earlier keys
+    K_p K_p^T enter each system (AlphaEdit, ENCORE). Each editor package states its own and passes
+    it to edit_layers; the registry (editors.py) reads it to plan memory without editing."""
+    constraint: str  # "least_squares", "equality" or "nullspace"
+    remember_keys: bool = False
+
+    def matrices(self, hparams: EditHyperParams) -> tuple[int, int]:
+        """The m x m float64 matrices it keeps per edited layer and needs while solving one."""
+        return solver_matrices(self.constraint, hparams.mom2_adjustment, self.remember_keys)
+
+
+def plan_edit(lm: LoadedModel, requests: list[EditRequest], hparams: EditHyperParams, templates: list[str], value_dtype: str,
+              budget_gib: float, matrices: tuple[int, int], weights: int | None = None) -> MemoryPlan:
+    """util/memory.py's plan of one edit of `requests` within `budget_gib` (`weights`: the model's
+    bytes, for a model built on the 'meta' device)."""
+    shape = edit_shape(lm.tok, requests, templates, hparams.kl_prompts, hparams.v_loss_layer, hparams.layers[-1])
+    autocast = None if value_dtype == "float32" else DTYPES[value_dtype]
+    replayed = [lm.model.get_submodule(lm.arch.layer(j)) for j in range(hparams.layers[-1] + 1, hparams.v_loss_layer + 1)]
+    return plan(lm.model, ModelShape.of(lm), shape, budget_gib, autocast, [*replayed, lm.model.get_submodule(lm.arch.unembed)],
+                len(hparams.layers), matrices, lm.name, weights=weights)
 
 
 @dataclass
@@ -131,11 +155,7 @@ class EditContext:
         none when nothing is solved), else KEY_CHUNK / VALUE_CHUNK on the device."""
         if self.max_gpu_memory is None:
             return self.key_chunk_size or KEY_CHUNK, self.value_chunk_size or VALUE_CHUNK, False
-        shape = edit_shape(lm.tok, requests, self.templates(lm, hparams), hparams.kl_prompts, hparams.v_loss_layer, hparams.layers[-1])
-        autocast = None if self.value_dtype == "float32" else DTYPES[self.value_dtype]
-        replayed = [lm.model.get_submodule(lm.arch.layer(j)) for j in range(hparams.layers[-1] + 1, hparams.v_loss_layer + 1)]
-        budget = plan(lm.model, ModelShape.of(lm), shape, self.max_gpu_memory, autocast,
-                      [*replayed, lm.model.get_submodule(lm.arch.unembed)], len(hparams.layers), matrices, lm.name)
+        budget = plan_edit(lm, requests, hparams, self.templates(lm, hparams), self.value_dtype, self.max_gpu_memory, matrices)
         return self.key_chunk_size or budget.key_chunk(), self.value_chunk_size or budget.value_chunk(), budget.host
 
     def placement(self, lm: LoadedModel, layer: int, host: bool) -> SolverPlacement:
@@ -233,11 +253,10 @@ def edit_layers(
     requests: list[EditRequest],
     hparams: EditHyperParams,
     ctx: EditContext,
-    constraint: str,
+    solver: Solver,
     mu: float = 0.0,
     site: str = "layer",
     bare_key_residual: bool = False,
-    remember_keys: bool = False,
     nullspace_threshold: float | None = None,
     residual_from: str = "bare_prompt",
 ) -> EditResult:
@@ -248,11 +267,12 @@ def edit_layers(
     prompt) + delta; the residual is v* minus the site's current output at the bare prompt
     (residual_from "bare_prompt": ROME, MEMIT and its successors) or averaged over the templates
     like k* ("key_average": r-ROME's code, so that W' k* = v*). bare_key_residual: the original ROME's keys.
-    remember_keys: add the run's K_p K_p^T (ctx.state) to each layer's system, and this edit's
+    solver.remember_keys: add the run's K_p K_p^T (ctx.state) to each layer's system, and this edit's
     keys to it once every layer is solved (AlphaEdit, ENCORE). The keys at a layer do not depend
     on that layer's or later layers' updates, so the keys solved for equal the edited model's
     keys, which the AlphaEdit release recomputes after the edit. nullspace_threshold: for the
     "nullspace" constraint, the eigenvalue cut of C0."""
+    constraint, remember_keys = solver.constraint, solver.remember_keys
     if constraint == "nullspace" and nullspace_threshold is None:
         raise ValueError("the nullspace constraint needs nullspace_threshold")
     hparams.check_model(lm.model.config.num_hidden_layers)
@@ -262,7 +282,7 @@ def edit_layers(
     site_module = lm.arch.down_proj(layers[-1]) if site == "mlp" else lm.arch.layer(layers[-1])
     autocast = None if ctx.value_dtype == "float32" else DTYPES[ctx.value_dtype]
     key_chunk, value_chunk, host = ctx.edit_plan(lm, requests, hparams,
-                                                 solver_matrices(constraint, hparams.mom2_adjustment, remember_keys))
+                                                 solver.matrices(hparams))
     ctx.keep_solver_matrices(lm, host)
     values = compute_values(lm, requests, layers[-1], templates, hparams, site=site, fast=ctx.fast, autocast=autocast,
                             compiled=ctx.value_compile, chunk_size=value_chunk, runtime=ctx.replay,

@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import torch
 
-from rome.editor import EditContext, EditResult, edit_layers
+from rome.editor import EditContext, EditResult, Solver, edit_layers
 from rome.hparams import ROMEHyperParams
 from util.deltas import merge
 from util.models import LoadedModel
 from util.requests import EditRequest
+
+SOLVER = Solver("equality")  # C^-1-weighted rank-one update, Delta k = r
 
 
 def apply_rome(lm: LoadedModel, requests: list[EditRequest], hparams: ROMEHyperParams, ctx: EditContext) -> EditResult:
     total = None
     for request in requests:
         result = edit_layers(
-            lm, [request], hparams, ctx, constraint="equality", site="mlp",
+            lm, [request], hparams, ctx, SOLVER, site="mlp",
             bare_key_residual=hparams.original_implementation,
             # rebuilding-rome: target minus the template-averaged output, solved at k*
             residual_from="key_average" if not hparams.original_implementation and hparams.rrome_target == "bare" else "bare_prompt",

@@ -5,11 +5,11 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from rome.editor import EditContext
+from rome.editor import EditContext, Solver, plan_edit
 from rome.hparams import EditHyperParams, ROMEHyperParams
 from util.environment import Environment
 from util.hparams import build_hparams
-from util.memory import GIB, HEADROOM, ModelShape, edit_shape, plan, solver_matrices
+from util.memory import GIB, HEADROOM
 from util.models import LoadedModel
 from util.requests import EditRequest
 from util.paths import Caches
@@ -34,8 +34,7 @@ EXTRA = {
 
 # The editors whose solver keeps m x m matrices across edits: (constraint, remember_keys) as their
 # apply functions pass them to rome.editor.edit_layers (for budgets that place those matrices).
-KEPT = {"MEMIT": ("least_squares", False), "EMMET": ("equality", False), "AlphaEdit": ("nullspace", True),
-        "ENCORE": ("least_squares", True)}
+KEPT = ("AlphaEdit", "EMMET", "ENCORE", "MEMIT")  # editors whose solver keeps m x m matrices per layer
 
 
 def tiny_hparams(cls=ROMEHyperParams, **overrides) -> EditHyperParams:
@@ -101,11 +100,8 @@ def run_options(folder: Path) -> "RunOptions":
     )
 
 
-def host_budget(lm: LoadedModel, ctx: EditContext, hp: EditHyperParams, requests: list[EditRequest], constraint: str,
-                remember_keys: bool) -> float:
+def host_budget(lm: LoadedModel, ctx: EditContext, hp: EditHyperParams, requests: list[EditRequest], solver: Solver) -> float:
     """GiB of max_gpu_memory that holds an edit of `requests` (float32 values) with the solver's kept
     matrices in host memory but not with them on the device (two or more edited layers)."""
-    shape = edit_shape(lm.tok, requests, ctx.templates(lm, hp), hp.kl_prompts, hp.v_loss_layer, hp.layers[-1])
-    matrices = solver_matrices(constraint, hp.mom2_adjustment, remember_keys)
-    estimate = replace(plan(lm.model, ModelShape.of(lm), shape, 1.0, None, [], len(hp.layers), matrices), host=True)
+    estimate = replace(plan_edit(lm, requests, hp, ctx.templates(lm, hp), "float32", 1.0, solver.matrices(hp)), host=True)
     return (estimate.resident + max(estimate.phases()) + 64) / HEADROOM / GIB

@@ -19,3 +19,36 @@ def test_device_report_on_a_random_shape(shared_data, monkeypatch, capsys):
         for batch in (1, 2):
             assert re.search(rf"\| {alg} batch {batch} \| [\d.e+-]+ s/edit \| peak memory n/a \(CPU\); GPU utilisation n/a \|", out), out
     assert re.search(r"\| key statistics, layers \[1\], 1024 tokens, float32 \| \d+ tokens/s \| \d+ GFLOP/s", out), out
+
+
+def test_the_plan_of_a_shape_on_meta_is_the_plan_of_the_model_itself(shared_data, caches):
+    # benchmark.py --plan builds the model on 'meta' (no weights): its plan must be the one the
+    # edit would make on the model in memory, for every editor, placement and batch size.
+    from data.cases import load_cases
+    from experiments.benchmarking.plan import plan_rows
+    from util.models import load_model, shape_model
+
+    requests = [r.request for r in load_cases("cf", shared_data, limit=8)]
+    meta, real = shape_model("random:tiny", model_cache=caches.models), load_model("random:tiny", model_cache=caches.models)
+    assert all(p.device.type == "meta" for p in meta.model.parameters())
+    algs, overrides = ["R-ROME", "MEMIT", "AlphaEdit"], TINY[1::2]
+    plans = {}
+    for budget in (0.01, 0.02, 1.0):  # too small for the weights and one request; one value request; all
+        rows = plan_rows(meta, requests, algs, [1, 8], "smollm2-135m.yaml", overrides, "float32", budget)
+        assert rows == plan_rows(real, requests, algs, [1, 8], "smollm2-135m.yaml", overrides, "float32", budget)
+        assert [(r.alg, r.batch) for r in rows] == [("R-ROME", 1), ("MEMIT", 1), ("MEMIT", 8), ("AlphaEdit", 1), ("AlphaEdit", 8)]
+        plans[budget] = {(r.alg, r.batch): r for r in rows}
+    assert all("cannot hold an edit of random:tiny" in r.error for r in plans[0.01].values())
+    assert plans[0.02]["MEMIT", 8].value_chunk < 8 == plans[1.0]["MEMIT", 8].value_chunk
+    assert 0 < plans[0.02]["MEMIT", 8].peak_gib <= 0.02 * 0.9
+
+
+def test_plan_command_prints_a_row_per_editor_and_batch(shared_data, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--plan", "--model_name", "random:tiny", "--algs", "R-ROME,EMMET",
+                                      "--batches", "1,4", "--max_gpu_memory", "1", "--data_dir", str(shared_data), *TINY])
+    assert benchmark.main() == 0
+    out = capsys.readouterr().out
+    assert "not a measurement" in out
+    assert re.search(r"\| R-ROME \| 1 \| device \| 1 / 1 \| [\d.e-]+ GiB \|", out), out
+    for batch in (1, 4):
+        assert re.search(rf"\| EMMET \| {batch} \| (device|host) \| {batch} / {batch} \| [\d.e-]+ GiB \|", out), out

@@ -155,7 +155,7 @@ def test_kept_matrices_in_pinned_host_memory_give_the_device_update(alg, tokeniz
         lm = tiny_on("llama", tokenizer, "cuda")
         ctx = context(tmp_path, stats=stats, key_chunk_size=2, value_chunk_size=2)
         if where == "host":
-            ctx.max_gpu_memory = min(host_budget(lm, ctx, hp, part, *KEPT[alg])
+            ctx.max_gpu_memory = min(host_budget(lm, ctx, hp, part, ALGORITHMS[alg].solver)
                                      for part in (requests[:2], requests[2:]))
             for layer in hp.layers:  # a warm-up on the GPU: the edit moves them out before its values
                 if alg == "AlphaEdit":

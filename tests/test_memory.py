@@ -11,7 +11,7 @@ import rome.compute_v
 from editors import ALGORITHMS, edit
 from experiments.pipeline.run_config import RunOptions
 from util.errors import RunError
-from rome.editor import EDITED_KEYS, KEY_CHUNK, VALUE_CHUNK
+from rome.editor import EDITED_KEYS, KEY_CHUNK, VALUE_CHUNK, Solver
 from rome.replay import UpperModules
 from tests.helpers import EXTRA, KEPT, REQUESTS, context, host_budget, tiny_hparams
 from util.deltas import restore
@@ -150,7 +150,7 @@ def test_kept_matrices_go_to_host_memory_when_the_device_cannot_hold_them(tiny, 
     roomy = budget_plan(tiny, ctx, hp, 1.0, matrices)
     # enough budget: kept on the device, the numbers of before
     assert not roomy.host and roomy.resident == weights + 2 * 3 * m * m * 8 and roomy.solve == 2 * m * m * 8
-    gib = host_budget(tiny, ctx, hp, REQS, "equality", True)
+    gib = host_budget(tiny, ctx, hp, REQS, Solver("equality", remember_keys=True))
     tight = budget_plan(tiny, ctx, hp, gib, matrices)
     # room for the weights and one layer's solve with its kept matrices moved in, not for every kept one
     assert tight.host and tight.resident == weights and tight.solve == (2 + 3) * m * m * 8
@@ -206,7 +206,7 @@ def test_kept_matrices_in_host_memory_give_the_same_update(alg, tiny_llama, tmp_
     for where in ("device", "host"):
         ctx = context(tmp_path, stats=stats, key_chunk_size=2, value_chunk_size=2)
         if where == "host":  # the placement is planned per edit: a budget too small for both
-            ctx.max_gpu_memory = min(host_budget(lm, ctx, hp, part, *KEPT[alg]) for part in (REQS[:2], REQS[2:]))
+            ctx.max_gpu_memory = min(host_budget(lm, ctx, hp, part, ALGORITHMS[alg].solver) for part in (REQS[:2], REQS[2:]))
         first = ALGORITHMS[alg].apply(lm, REQS[:2], hp, ctx)
         ctx.state = state_from_tensors(*state_to_tensors(ctx.state))  # as a resumed run has it
         second = ALGORITHMS[alg].apply(lm, REQS[2:], hp, ctx)
@@ -217,3 +217,25 @@ def test_kept_matrices_in_host_memory_give_the_same_update(alg, tiny_llama, tmp_
         assert device.keys() == host.keys()
         for name in device:
             assert torch.equal(device[name], host[name]), name
+
+
+@pytest.mark.parametrize("alg", sorted(ALGORITHMS))
+def test_the_registry_names_the_solver_each_editor_solves_with(alg, tiny_llama, tmp_path, monkeypatch):
+    # Memory plans read ALGORITHMS[alg].solver without editing: it must be what the editor passes.
+    import importlib
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def record(lm, requests, hparams, ctx, solver, **kwargs):
+        seen.append(solver)
+        raise Stop
+
+    for module in ("rome.rome_main", "memit.memit_main", "emmet.emmet_main", "alphaedit.alphaedit_main", "encore.encore_main"):
+        monkeypatch.setattr(importlib.import_module(module), "edit_layers", record)
+    hp = tiny_hparams(ALGORITHMS[alg].hparams_class, **EXTRA[alg])
+    with pytest.raises(Stop):
+        ALGORITHMS[alg].apply(tiny_llama, REQS[:1], hp, context(tmp_path))
+    assert seen == [ALGORITHMS[alg].solver]

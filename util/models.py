@@ -142,6 +142,21 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", *, model_
     return LoadedModel(model, tok, arch_for(model), name)
 
 
+def shape_model(name: str, dtype: str = "float32", *, model_cache: Path) -> LoadedModel:
+    """`name`'s architecture on the 'meta' device: its shapes and dtype without weights or memory
+    (memory plans of models larger than this machine: util/memory.py, benchmark.py --plan)."""
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype '{dtype}'; choose from {', '.join(DTYPES)}")
+    if name.startswith(RANDOM_PREFIX):
+        return random_model(name, dtype, "meta", model_cache=model_cache)
+    source = resolve_source(name, model_cache)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source, trust_remote_code=False), dtype=DTYPES[dtype])
+    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    prepare_tokenizer(tok)
+    return LoadedModel(model.eval().requires_grad_(False), tok, arch_for(model), name)
+
+
 def placement(device: str) -> dict:
     """from_pretrained's placement arguments: the weights load straight onto a GPU (no copy in host
     memory first, so a model larger than the host's free memory still loads), or are sharded by

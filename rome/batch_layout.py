@@ -98,10 +98,32 @@ class Active:
         self.t_position = batch.target_position[keep]
         self.t_token = batch.target_token[keep]
         self.t_share = batch.target_share[keep]
+        self._on: dict[torch.device, ActiveOn] = {}
+
+    def on(self, device: torch.device) -> "ActiveOn":
+        """The index tensors a step's loss uses, on `device`: copied once per view, since a copy
+        from host memory waits for the device's queue (once per view, not once per step)."""
+        if device not in self._on:
+            self._on[device] = ActiveOn(*(t.to(device) for t in (
+                self.t_token, self.t_share, self.t_row, self.row_request, self.rewrite_rows,
+                self.row_request[self.rewrite_rows], self.row_request[self.kl_rows])))
+        return self._on[device]
 
     def read_at(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(local row, position) pairs the loss reads: every target token's, then every KL row's."""
         return torch.cat([self.t_row, self.kl_rows]), torch.cat([self.t_position, self.kl_positions])
+
+
+@dataclass(frozen=True)
+class ActiveOn:
+    """An Active view's index tensors on a device (`Active.on`)."""
+    t_token: torch.Tensor
+    t_share: torch.Tensor
+    t_row: torch.Tensor
+    row_request: torch.Tensor
+    rewrite_rows: torch.Tensor
+    rewrite_owner: torch.Tensor  # the request of each rewrite row
+    kl_owner: torch.Tensor  # the request of each KL row
 
 
 # A row group costs about as much fixed per-call work (a forward and backward call per layer) as

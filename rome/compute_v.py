@@ -132,7 +132,7 @@ def _optimise(lm: LoadedModel, batch: Batch, replay: Replay, site_module: str, h
         target_lp, kl_lp = replay(delta_stack, view)
         if kl_reference is None:  # first step: delta = 0, the original distribution
             kl_reference = dict(zip(view.kl_original.tolist(), kl_lp.detach()))
-        loss, prob = _loss(hparams, batch, view, target_lp, kl_lp, kl_reference, delta_stack, ref_norm[view.requests].to(device), len(active))
+        loss, prob = _loss(hparams, batch, view, target_lp, kl_lp, kl_reference, delta_stack, ref_norm[rows], len(active))
         running = alive[rows]
         losses = loss.detach().double()  # compared in float64, as the recorded value
         final_loss[rows] = torch.where(running, losses, final_loss[rows])
@@ -214,24 +214,24 @@ def _per_request(values: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Ten
 
 def _targets_on_top(view: Active, target_lp: torch.Tensor, n_active: int) -> torch.Tensor:
     """Per active request: is every target token the argmax after every templated prompt?"""
-    wrong = (target_lp.argmax(-1) != view.t_token.to(target_lp.device)).double()
-    per_row = _per_request(wrong, view.t_row, len(view.rows))
-    return _per_request(per_row, view.row_request, n_active) == 0
+    on = view.on(target_lp.device)
+    wrong = (target_lp.argmax(-1) != on.t_token).double()
+    per_row = _per_request(wrong, on.t_row, len(view.rows))
+    return _per_request(per_row, on.row_request, n_active) == 0
 
 
 def _loss(hparams, batch, view: Active, target_lp, kl_lp, kl_reference, delta_stack, ref_norm, n_active):
     """Per active request: loss (differentiable) and mean target probability over its prompts."""
     device = target_lp.device
-    token_nll = -target_lp.gather(1, view.t_token.to(device)[:, None])[:, 0]
-    prompt_nll = _per_request(token_nll * view.t_share.to(device), view.t_row, len(view.rows))
-    rewrite = view.rewrite_rows.to(device)
-    owners = view.row_request[view.rewrite_rows]
-    nll = _per_request(prompt_nll[rewrite], owners, n_active) / batch.n_prompts
-    prob = _per_request(torch.exp(-prompt_nll[rewrite]).detach(), owners, n_active) / batch.n_prompts
+    on = view.on(device)  # index tensors already on the device: no copy (and wait) per step
+    token_nll = -target_lp.gather(1, on.t_token[:, None])[:, 0]
+    prompt_nll = _per_request(token_nll * on.t_share, on.t_row, len(view.rows))
+    nll = _per_request(prompt_nll[on.rewrite_rows], on.rewrite_owner, n_active) / batch.n_prompts
+    prob = _per_request(torch.exp(-prompt_nll[on.rewrite_rows]).detach(), on.rewrite_owner, n_active) / batch.n_prompts
     reference = torch.stack([kl_reference[r] for r in view.kl_original.tolist()]).to(kl_lp.device)
     kl_each = (kl_lp.exp() * (kl_lp - reference)).sum(-1)  # KL(new || original)
-    kl_owners = view.row_request[view.kl_rows]
-    kl = _per_request(kl_each, kl_owners, n_active) / _per_request(torch.ones_like(kl_each), kl_owners, n_active).clamp(min=1)
+    kl_owner = on.kl_owner.to(kl_each.device)
+    kl = _per_request(kl_each, kl_owner, n_active) / _per_request(torch.ones_like(kl_each), kl_owner, n_active).clamp(min=1)
     # The papers' weight decay: ||delta|| / ||reference||^2 (not squared in ||delta||).
     decay = hparams.v_weight_decay * delta_stack.norm(dim=-1) / ref_norm**2
     return nll + hparams.kl_factor * kl.to(device) + decay.to(device), prob

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
 import torch
@@ -315,21 +316,38 @@ class Grouped:
                 stacks.append(stack.narrowed(local))
         return Grouped(rows, groups, stacks)
 
-    def __call__(self, row_delta: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Hidden states at the loss layer at (row, original position) pairs, with each row's delta
-        (row_delta[row]) added to the edited layer's output at its fact token."""
-        pieces, order = [], []
+    def reads(self, rows: torch.Tensor, positions: torch.Tensor, device: torch.device) -> "GroupedReads":
+        """Where the (row, original position) pairs lie in the groups' outputs, as index tensors on
+        the stacks' devices (computed and copied once per view, not per step)."""
+        groups, order = [], []
         for k, (group, stack) in enumerate(zip(self.groups, self.stacks)):
             asked = (self.group_of[rows] == k).nonzero()[:, 0]
             if not len(asked):
                 continue
-            added = torch.zeros_like(stack.hidden)
-            added[:, 0] = row_delta[group.to(row_delta.device)].to(added.device, added.dtype)
-            top = stack(added)
             local = self.local[rows[asked]]
-            pieces.append(top[local.to(top.device), stack.aligned.column(local, positions[asked]).to(top.device)])
+            at = stack.hidden.device
+            groups.append((k, group.to(device), local.to(at), stack.aligned.column(local, positions[asked]).to(at)))
             order.append(asked)
-        return torch.cat(pieces)[torch.argsort(torch.cat(order)).to(pieces[0].device)]
+        return GroupedReads(groups, torch.argsort(torch.cat(order)).to(self.stacks[groups[0][0]].hidden.device))
+
+    def __call__(self, row_delta: torch.Tensor, reads: "GroupedReads") -> torch.Tensor:
+        """Hidden states at the loss layer at `reads`' (row, original position) pairs, with each
+        row's delta (row_delta[row]) added to the edited layer's output at its fact token."""
+        pieces = []
+        for k, group, local, column in reads.groups:
+            stack = self.stacks[k]
+            added = torch.zeros_like(stack.hidden)
+            added[:, 0] = row_delta[group].to(added.device, added.dtype)
+            pieces.append(stack(added)[local, column])
+        return torch.cat(pieces)[reads.order]
+
+
+@dataclass(frozen=True)
+class GroupedReads:
+    """Per group read: (group number, its batch rows on the deltas' device, local rows and suffix
+    columns read on its stack's device); `order` puts the pieces back in the asked order."""
+    groups: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]
+    order: torch.Tensor
 
 
 class _GroupedReplay:
@@ -339,16 +357,26 @@ class _GroupedReplay:
     def __init__(self, upper: UpperModules, build: Callable[[torch.Tensor], Grouped], rows: torch.Tensor, stack: Grouped | None = None):
         self.upper, self.build = upper, build
         self.stack = stack or build(rows)
+        self._indices: tuple[Active, torch.Tensor, torch.Tensor | None, GroupedReads] | None = None
+
+    def indices(self, view: Active, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, GroupedReads]:
+        """(each view row's request, the view's rows among the stack's or None when they are all
+        of them, the reads), on the devices they index: built at the first step of a view."""
+        if self._indices is None or self._indices[0] is not view:
+            local = torch.searchsorted(self.stack.rows, view.rows)  # the view's rows among the stack's
+            rows, positions = view.read_at()
+            self._indices = (view, view.row_request.to(device), local.to(device) if len(local) < len(self.stack.rows) else None,
+                             self.stack.reads(local[rows], positions, device))
+        return self._indices[1:]
 
     def __call__(self, deltas: torch.Tensor, view: Active) -> tuple[torch.Tensor, torch.Tensor]:
-        row_delta = deltas[view.row_request.to(deltas.device)]
-        local = torch.searchsorted(self.stack.rows, view.rows)  # the view's rows among the stack's
-        if len(local) < len(self.stack.rows):  # rows of finished requests: computed, not read (rows are independent)
-            row_delta = row_delta.new_zeros(len(self.stack.rows), row_delta.shape[1]).index_copy(0, local.to(row_delta.device), row_delta)
-        rows, positions = view.read_at()
+        row_request, local, reads = self.indices(view, deltas.device)
+        row_delta = deltas[row_request]
+        if local is not None:  # rows of finished requests: computed, not read (rows are independent)
+            row_delta = row_delta.new_zeros(len(self.stack.rows), row_delta.shape[1]).index_copy(0, local, row_delta)
         with self.upper.precision():
             # One unembedding call for targets and KL prompts: at a few rows it is bound by reading the vocab matrix.
-            log_probs = self.upper.log_probs(self.stack(row_delta, local[rows], positions))
+            log_probs = self.upper.log_probs(self.stack(row_delta, reads))
         return log_probs[: len(view.t_row)], log_probs[len(view.t_row):]
 
 

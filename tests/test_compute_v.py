@@ -199,11 +199,11 @@ def test_narrowed_replay_stack_computes_its_rows_as_the_whole_stack_did(tiny_lla
     assert isinstance(functional, replay.LlamaReplay) and len(narrow.groups) == len(stack.groups) > 1
     assert sum(map(len, narrow.groups)) == len(kept) < sum(map(len, stack.groups))
     delta = torch.randn(len(rows), tiny_llama.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    whole = stack(delta, rows, batch.last_position)
+    whole = stack(delta, stack.reads(rows, batch.last_position, delta.device))
     local = torch.arange(len(kept))
-    assert torch.equal(narrow(delta[kept], local, batch.last_position[kept]), whole[kept])
+    assert torch.equal(narrow(delta[kept], narrow.reads(local, batch.last_position[kept], delta.device)), whole[kept])
     fresh = functional.build(kept)
-    torch.testing.assert_close(fresh(delta[kept], local, batch.last_position[kept]), whole[kept])
+    torch.testing.assert_close(fresh(delta[kept], fresh.reads(local, batch.last_position[kept], delta.device)), whole[kept])
     # In compute_values: requests stopping early leave by narrowing (the function) or by rebuilding (the modules).
     hp = tiny_hparams(v_num_grad_steps=10, v_weight_decay=0.0, v_loss_threshold=10.75)
     narrowed = compute_values(tiny_llama, requests(), 1, templates, hp, autocast=torch.bfloat16)

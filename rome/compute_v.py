@@ -119,7 +119,7 @@ def _optimise(lm: LoadedModel, batch: Batch, replay: Replay, site_module: str, h
     # float32 deltas for half-precision models, float64 for float64 models (exactness tests)
     param_dtype = torch.promote_types(next(lm.model.parameters()).dtype, torch.float32)
     values = torch.zeros(n, reference.shape[1], device=device, dtype=param_dtype)  # request k's delta: row k
-    adam = RowAdam(values, hparams.v_lr)
+    adam = RowAdam(values, hparams.v_lr)  # moments shaped like `values`
     limits = (hparams.clamp_norm_factor * ref_norm).to(device)
     final_loss, target_prob = (torch.full((n,), float("nan"), dtype=torch.float64, device=device) for _ in range(2))
     steps, argmax_steps = (torch.zeros(n, dtype=torch.long, device=device) for _ in range(2))  # updates; steps on top (MPES)
@@ -148,9 +148,10 @@ def _optimise(lm: LoadedModel, batch: Batch, replay: Replay, site_module: str, h
         if read and not any(live_now):
             break
         torch.where(live, loss, torch.zeros_like(loss)).sum().backward()
-        updated = adam.step(rows, delta_stack.grad, live, step + 1)
+        current = delta_stack.detach()  # values[rows], gathered once per step
+        updated = adam.step(rows, current, delta_stack.grad, live, step + 1)
         updated = updated * _clamp_scales(updated, limits[rows]).to(updated.dtype)[:, None]
-        values[rows] = torch.where(live[:, None], updated, values[rows])
+        values[rows] = torch.where(live[:, None], updated, current)
         alive[rows] = live
         steps[rows] += live
         if read and not all(live_now):
@@ -171,13 +172,13 @@ class RowAdam:
     torch's Adam (single-tensor and foreach), one kernel each for the whole batch."""
 
     def __init__(self, values: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        self.values, self.lr, self.betas, self.eps = values, lr, betas, eps
+        self.lr, self.betas, self.eps = lr, betas, eps
         self.exp_avg, self.exp_avg_sq = torch.zeros_like(values), torch.zeros_like(values)
 
     @torch.no_grad()
-    def step(self, rows: torch.Tensor, grad: torch.Tensor, live: torch.Tensor, count: int) -> torch.Tensor:
-        """The updated values of `rows` (not written back) after update number `count`; the moments
-        of live rows are written back."""
+    def step(self, rows: torch.Tensor, current: torch.Tensor, grad: torch.Tensor, live: torch.Tensor, count: int) -> torch.Tensor:
+        """The values of `rows` (now `current`) after update number `count`, returned, not written
+        anywhere; the moments of live rows are written back."""
         beta1, beta2 = self.betas
         exp_avg = self.exp_avg[rows].lerp_(grad, 1 - beta1)
         exp_avg_sq = self.exp_avg_sq[rows].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -186,7 +187,7 @@ class RowAdam:
         self.exp_avg_sq[rows] = torch.where(keep, exp_avg_sq, self.exp_avg_sq[rows])
         bias_correction1, bias_correction2 = 1 - beta1 ** float(count), 1 - beta2 ** float(count)
         denom = (exp_avg_sq.sqrt() / bias_correction2 ** 0.5).add_(self.eps)
-        return self.values[rows].addcdiv_(exp_avg, denom, value=-(self.lr / bias_correction1))
+        return torch.addcdiv(current, exp_avg, denom, value=-(self.lr / bias_correction1))
 
 
 def _clamp_scales(deltas: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:

@@ -365,7 +365,7 @@ class _GroupedReplay:
         if self._indices is None or self._indices[0] is not view:
             local = torch.searchsorted(self.stack.rows, view.rows)  # the view's rows among the stack's
             rows, positions = view.read_at()
-            self._indices = (view, view.row_request.to(device), local.to(device) if len(local) < len(self.stack.rows) else None,
+            self._indices = (view, view.on(device).row_request, local.to(device) if len(local) < len(self.stack.rows) else None,
                              self.stack.reads(local[rows], positions, device))
         return self._indices[1:]
 

@@ -260,7 +260,7 @@ def test_row_adam_is_torch_adam_per_request_with_stopped_requests_frozen(dtype):
             p.grad = grad[i].clone() if live[i] else None
         optimizer.step()
         rows = torch.arange(n)
-        values[rows] = torch.where(live[:, None], rows_adam.step(rows, grad, live, step + 1), values[rows])
+        values[rows] = torch.where(live[:, None], rows_adam.step(rows, values[rows], grad, live, step + 1), values[rows])
         assert torch.equal(values, torch.stack([p.detach() for p in separate])), step
 
 

@@ -9,7 +9,7 @@ import torch
 
 from util.arch import ARCHITECTURES, arch_for, edited_weight, to_stored
 from util.errors import ModelLoadError
-from util.models import load_model, random_config
+from util.models import load_model, random_config, shape_model
 from util.paths import PROJECT_ROOT
 
 
@@ -38,10 +38,11 @@ def test_bad_model_arguments(name, fragment, caches):
         load_model(name, dtype="float8" if name == "smollm2-135m" else "float32", model_cache=caches.models)
 
 
-def test_unknown_hub_name_offline_is_one_line(monkeypatch, caches):
+@pytest.mark.parametrize("load", [load_model, shape_model])
+def test_unknown_hub_name_offline_is_one_line(monkeypatch, caches, load):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError) as err:
-        load_model("no-such-org/no-such-model", model_cache=caches.models)
+        load("no-such-org/no-such-model", model_cache=caches.models)
     assert "unknown model 'no-such-org/no-such-model'" in str(err.value)
     assert "\n" not in str(err.value)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from util.arch import ArchSpec, arch_for
 from util.errors import ModelLoadError
@@ -117,16 +117,39 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", *, model_
     device: "cpu", "cuda", or "auto" (accelerate device_map, for models larger than one GPU).
     model_cache: the folder of dequantised embedded models (Caches.models).
     """
-    if dtype not in DTYPES:
-        raise ModelLoadError(f"unknown dtype '{dtype}'; choose from {', '.join(DTYPES)}")
+    check_dtype(dtype)
     if device not in DEVICES:
         raise ModelLoadError(f"unknown device '{device}'; choose from {', '.join(DEVICES)}")
     if name.startswith(RANDOM_PREFIX):
         return random_model(name, dtype, device, model_cache=model_cache)
+    source, _ = checked_source(name, model_cache)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], trust_remote_code=False, **placement(device))
+    return _loaded(model, source, name)
+
+
+def shape_model(name: str, dtype: str = "float32", *, model_cache: Path) -> LoadedModel:
+    """`name`'s architecture on the 'meta' device: its shapes and dtype without weights or memory
+    (memory plans of models larger than this machine: util/memory.py, benchmark.py --plan)."""
+    check_dtype(dtype)
+    if name.startswith(RANDOM_PREFIX):
+        return random_model(name, dtype, "meta", model_cache=model_cache)
+    source, config = checked_source(name, model_cache)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    return _loaded(model, source, name)
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype '{dtype}'; choose from {', '.join(DTYPES)}")
+
+
+def checked_source(name: str, model_cache: Path) -> tuple[str, PretrainedConfig]:
+    """Where `name` loads from and its config, or one line saying why it cannot be loaded."""
     source = resolve_source(name, model_cache)
     try:
         # Never run code shipped with a model (transformers would ask on stdin, and "y" piped in runs it).
-        AutoConfig.from_pretrained(source, trust_remote_code=False)
+        return source, AutoConfig.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError) as err:
         if "trust_remote_code" in str(err):
             raise ModelLoadError(f"model '{name}' ships its own code, which this harness does not run "
@@ -135,26 +158,14 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", *, model_
             f"unknown model '{name}': not an embedded name ({', '.join(EMBEDDED)}), "
             f"not a local folder, and not loadable from the Hugging Face hub ({str(err).splitlines()[0]})"
         ) from None
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], trust_remote_code=False, **placement(device))
+
+
+def _loaded(model: torch.nn.Module, source: str, name: str) -> LoadedModel:
+    """`model` in eval mode without gradients, with the tokenizer of `source`."""
     model.eval().requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     prepare_tokenizer(tok)
     return LoadedModel(model, tok, arch_for(model), name)
-
-
-def shape_model(name: str, dtype: str = "float32", *, model_cache: Path) -> LoadedModel:
-    """`name`'s architecture on the 'meta' device: its shapes and dtype without weights or memory
-    (memory plans of models larger than this machine: util/memory.py, benchmark.py --plan)."""
-    if dtype not in DTYPES:
-        raise ModelLoadError(f"unknown dtype '{dtype}'; choose from {', '.join(DTYPES)}")
-    if name.startswith(RANDOM_PREFIX):
-        return random_model(name, dtype, "meta", model_cache=model_cache)
-    source = resolve_source(name, model_cache)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source, trust_remote_code=False), dtype=DTYPES[dtype])
-    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-    prepare_tokenizer(tok)
-    return LoadedModel(model.eval().requires_grad_(False), tok, arch_for(model), name)
 
 
 def placement(device: str) -> dict:

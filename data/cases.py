@@ -115,6 +115,14 @@ class Dataset:
     file: DataFile | None  # None: the path is given (custom)
     parse: Parser
     ids_required: bool  # the schema carries case ids; otherwise the record index is the id
+    measures: str = ""  # what its records let a run measure (recorded in each run's config and summary)
+
+
+ORIGINAL_CF = ("efficacy ES (rewrite prompt), paraphrase PS (2 paraphrases), neighbourhood NS (10 prompts about other "
+               "subjects with the true answer); generation from its generation prompts, consistency against its attribute prompts")
+FLAT_CF_MEASURES = ("efficacy ES (rewrite prompt), paraphrase PS (1 rephrased prompt), neighbourhood NS as locality (1 prompt "
+                    "about another subject and its answer); no generation or attribute prompts: fluency from the rewrite and "
+                    "paraphrase prompts, no consistency")
 
 
 FLAT_CF = ("counterfact/flat/{}", "flat/{}", "{}")
@@ -123,16 +131,18 @@ DATASETS: dict[str, Dataset] = {
     d.name: d
     for d in (
         Dataset("cf", DataFile("CounterFact", ("counterfact/counterfact.json", "counterfact.json"),
-                               f"{ROME_DATA}/counterfact.json"), parse_counterfact, True),
+                               f"{ROME_DATA}/counterfact.json"), parse_counterfact, True, ORIGINAL_CF),
         Dataset("flat_cf", DataFile("flat CounterFact (val)", tuple(p.format("counterfact-val.json") for p in FLAT_CF)),
-                parse_flat_counterfact, True),
+                parse_flat_counterfact, True, FLAT_CF_MEASURES),
         Dataset("flat_cf_train", DataFile("flat CounterFact (train)", tuple(p.format("counterfact-train.json") for p in FLAT_CF)),
-                parse_flat_counterfact, True),
+                parse_flat_counterfact, True, FLAT_CF_MEASURES),
         # ROME and MEMIT publish MEND's zsRE eval split as zsre_mend_eval.json; other copies use other names.
         Dataset("zsre", DataFile("zsRE", tuple(f"{d}{n}" for d in ("zsre/", "") for n in
                                              ("zsre_mend_eval.json", "zsre_mem_eval.json", "zsre_eval.json")),
-                                 f"{ROME_DATA}/zsre_mend_eval.json"), parse_zsre, False),
-        Dataset("custom", None, parse_custom, False),
+                                 f"{ROME_DATA}/zsre_mend_eval.json"), parse_zsre, False,
+                "efficacy (question -> new answer), paraphrase (1 rephrased question), neighbourhood (1 Natural Questions "
+                "item, its answer's argmax accuracy); no generation or attribute prompts"),
+        Dataset("custom", None, parse_custom, False, "efficacy, and paraphrase / neighbourhood where the records give prompts"),
     )
 }
 

@@ -68,12 +68,20 @@ def build_parser() -> Parser:
     evals.add_argument("--generation_prompts", type=int, default=DEFAULTS.generation_prompts,
                        help="prompts per generation test, from the latest edited facts backwards")
     evals.add_argument("--generation_tokens", type=int, default=DEFAULTS.generation_tokens)
+    evals.add_argument("--retention_sample", type=int, default=DEFAULTS.retention_sample, metavar="N",
+                       help="sequential runs: retention over a seeded sample of N of the run's facts (each scored at every "
+                            "evaluation once edited) plus the latest batch; 0: every fact edited so far")
+    evals.add_argument("--retention_all_at_end", action="store_true", help="the last evaluation scores every edited fact")
+    evals.add_argument("--known_facts", type=int, default=DEFAULTS.known_facts, metavar="N",
+                       help="known-facts probe: at most N facts the unedited model completes, none about an edited subject (0: off)")
     evals.add_argument("--perplexity_tokens", type=int, default=DEFAULTS.perplexity_tokens, help="WikiText-2 test tokens scored")
     evals.add_argument("--entropy_ratio", type=float, default=HEALTH.entropy_ratio,
                        help="disabling edit: fluency below this fraction of the pre-edit fluency")
     evals.add_argument("--norm_jump", type=float, default=HEALTH.norm_jump,
                        help="disabling edit: ||Delta|| above this multiple of the median earlier ||Delta||")
     evals.add_argument("--stop_on_collapse", action="store_true", help="end the run cleanly after a disabling edit")
+    evals.add_argument("--stop_on_perplexity", type=float, default=DEFAULTS.stop_on_perplexity, metavar="RATIO",
+                       help="end the run (status collapsed) at the first evaluation whose perplexity is RATIO x the pre-edit one (0: never)")
     where = p.add_argument_group("where and how")
     where.add_argument("--seed", type=int, default=DEFAULTS.seed)
     where.add_argument("--data_dir", default=None, help="reference data folder (else $KEDIT_DATA_DIR, data/downloads, download)")

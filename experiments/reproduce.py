@@ -1,26 +1,30 @@
-"""Reproduce the three findings behind this project on the embedded model, on CPU:
+"""Reproduce the findings behind this project on the embedded model, on CPU:
 
-  a  rome     sequential original ROME vs r-ROME over the same edits: disabling edits, ||W - W0||
-              growth, perplexity and probe curves
+  a  rome     sequential original ROME vs r-ROME over the same 1,000 CounterFact edits, each run
+              ended early once the model has collapsed (perplexity 10x the unedited model's):
+              disabling edits, ||W - W0|| growth, perplexity, known facts, retention
   b  forget   sequential MEMIT and EMMET (batch 1) over the same edits: gradual, then catastrophic
               forgetting; retention of earlier edits
-  c  batch    equal total edits as one batch vs sequential batches of a quarter and a sixteenth of
-              it (EMMET, MEMIT; --edits 256 gives 64 and 16): neighbourhood score and probes, as in
-              the Llama-3 batch-size study
-  lifelong    AlphaEdit and ENCORE, sequential, shown next to the MEMIT and EMMET runs of "forget"
+  c  batch    the batch-size study ("Is bigger edit batch size always better?"): the same 4,096
+              flat CounterFact edits with EMMET and MEMIT, batched (independent batches) and
+              sequential-batched at 16, 64, 256, 1,024 and 4,096 edits per batch, evaluated every
+              1,024 edits (a sequential-batched run at 4,096 is the batched one)
+  lifelong    MEMIT, EMMET, AlphaEdit, ENCORE, RECT and PRUNE over 10,000 flat CounterFact edits in
+              sequential batches of 100, evaluated every 500
   alphaedit   AlphaEdit's Table 1: 2,000 CounterFact edits in sequential batches of 100 with MEMIT,
               PRUNE, RECT, AlphaEdit, EMMET and ENCORE, scored under --protocol alphaedit; adds the
               table in the paper's columns (+ perplexity, ||W - W0||) and a plot of each column
               against the number of edits (results_alphaedit_columns.png)
 
-    python experiments/reproduce.py --study rome --edits 200 --jobs 2 \\
-        --data_dir ../shared/data --corpus ../shared/data/wiki
+    python experiments/reproduce.py --study rome --jobs 2 --data_dir ../shared/data --corpus ../shared/data/wiki
 
 Each run is a normal evaluate.py run folder under <results_dir>/reproduce/<study>/<label>/; the
 study's table (Markdown) and comparison plot are written to <docs_dir>/results_<study>.{md,png}.
 Arguments after "--" go to every run (e.g. -- --number_of_tests 100). A long study runs in parts:
 `-- --stop_after 500` pauses every run after 500 more edits, `-- --continue_from_run run_001`
-continues each (every label's first run is its run_001).
+continues each (every label's first run is its run_001); `--runs LABEL,...` picks some of a
+study's runs. Retention is scored on a seeded sample of each run's facts (evaluate.py
+--retention_sample), so an evaluation point costs the same at 100 and at 10,000 edits.
 """
 from __future__ import annotations
 
@@ -47,31 +51,46 @@ class Study:
 
 # AlphaEdit's repository's editors (MEMIT, PRUNE, RECT, AlphaEdit) and this project's EMMET and ENCORE.
 ALPHAEDIT_EDITORS = ("MEMIT", "PRUNE", "RECT", "AlphaEdit", "EMMET", "ENCORE")
+LIFELONG_EDITORS = ("MEMIT", "EMMET", "AlphaEdit", "ENCORE", "RECT", "PRUNE")
+BATCH_SIZES = (16, 64, 256, 1024, 4096)  # seed 002's batch sizes; 4,096 edits in all
+FLAT = ["--ds_name", "flat_cf_train"]  # 10,000 records: enough for the long studies
 
 STUDIES = {
-    "rome": Study("original ROME vs r-ROME, sequential", [("ROME", ["--alg_name", "ROME", "--sequential"]),
-                                                          ("R-ROME", ["--alg_name", "R-ROME", "--sequential"])]),
+    "rome": Study("original ROME vs r-ROME, sequential, until collapse (perplexity 10x the unedited model's)", [
+        (alg, ["--alg_name", alg, "--sequential", "--stop_on_perplexity", "10"]) for alg in ("ROME", "R-ROME")],
+        edits=1000, eval_every=50),
     "forget": Study("MEMIT and EMMET, sequential, batch 1", [("MEMIT", ["--alg_name", "MEMIT", "--sequential"]),
                                                             ("EMMET", ["--alg_name", "EMMET", "--sequential"])]),
-    "batch": Study("one batch vs sequential batches of a quarter and a sixteenth (equal total edits)", [
-        (f"{alg}_{name}", ["--alg_name", alg, *flags])
-        for alg in ("EMMET", "MEMIT")
-        for name, flags in (("one-batch", ["--num_edits", "{edits}"]),
-                            ("seq-batch-{quarter}", ["--sequential", "--num_edits", "{quarter}"]),
-                            ("seq-batch-{sixteenth}", ["--sequential", "--num_edits", "{sixteenth}"]))]),
-    "lifelong": Study("AlphaEdit and ENCORE next to MEMIT and EMMET, sequential, batch 1", [
-        (alg, ["--alg_name", alg, "--sequential"]) for alg in ("AlphaEdit", "ENCORE")]),
+    "batch": Study("the same 4,096 edits batched and sequential-batched at 16 to 4,096 edits per batch", [
+        (f"{alg}_{mode}_{size}", ["--alg_name", alg, "--num_edits", str(size), *flags, *FLAT])
+        for alg in ("EMMET", "MEMIT") for size in BATCH_SIZES
+        for mode, flags in (("batched", []), ("seq-batched", ["--sequential"])) if not (mode == "seq-batched" and size == 4096)],
+        edits=4096, eval_every=1024),
+    "lifelong": Study("lifelong editing: sequential batches of 100 over 10,000 flat CounterFact edits", [
+        (alg, ["--alg_name", alg, "--sequential", "--num_edits", "100", *FLAT]) for alg in LIFELONG_EDITORS],
+        edits=10000, eval_every=500),
     # AlphaEdit's Table 1 on CounterFact: 2,000 edits in sequential batches of 100, scored under its protocol.
     "alphaedit": Study("AlphaEdit's Table 1 protocol: CounterFact, sequential batches of 100", [
         (alg, ["--alg_name", alg, "--sequential", "--num_edits", "100", "--ds_name", "cf", "--protocol", "alphaedit"])
         for alg in ALPHAEDIT_EDITORS], edits=2000, eval_every=500, paper_table=True),
 }
 # Runs a study shows but does not repeat: the same edits, probes and seed already run by another study.
-REUSED = {"lifelong": [("forget", "MEMIT"), ("forget", "EMMET")]}
+REUSED: dict[str, list[tuple[str, str]]] = {}
 
 
 def _fill(text: str, args: argparse.Namespace) -> str:
-    return text.format(edits=args.edits, quarter=max(1, args.edits // 4), sixteenth=max(1, args.edits // 16))
+    return text.format(edits=args.edits)
+
+
+def chosen(study: str, args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """The study's runs that --algs and --runs pick (all by default)."""
+    algs = args.algs.split(",") if args.algs else None
+    labels = args.runs.split(",") if args.runs else None
+    runs = [(label, flags) for label, flags in STUDIES[study].runs
+            if (algs is None or flags[1] in algs) and (labels is None or label in labels)]
+    if labels and not runs:
+        raise KeditError(f"--runs {args.runs}: study {study} has runs {', '.join(label for label, _ in STUDIES[study].runs)}")
+    return runs
 
 
 def for_study(study: str, args: argparse.Namespace) -> argparse.Namespace:
@@ -88,10 +107,9 @@ def commands(study: str, args: argparse.Namespace, extra: list[str]) -> list[tup
     for flag, value in (("--data_dir", args.data_dir), ("--corpus", args.corpus)):
         if value:
             common += [flag, value]
-    algs = args.algs.split(",") if args.algs else None
     return [(_fill(label, args), [sys.executable, EVALUATE, *[_fill(f, args) for f in flags], *common,
                                   "--results_dir", str(root / _fill(label, args)), *extra])
-            for label, flags in STUDIES[study].runs if algs is None or flags[1] in algs]
+            for label, flags in chosen(study, args)]
 
 
 def report(study: str, args: argparse.Namespace) -> None:
@@ -132,6 +150,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--value_dtype", default="bfloat16", help="bfloat16 keeps each study near 30 min on CPU; float32 is exact")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--algs", default=None, help="only the runs of these algorithms (comma-separated), e.g. EMMET")
+    parser.add_argument("--runs", default=None, help="only these runs of the study (comma-separated labels), e.g. EMMET_batched_16")
     parser.add_argument("--data_dir", default=None)
     parser.add_argument("--corpus", default=None)
     parser.add_argument("--results_dir", default="results")

@@ -88,3 +88,19 @@ def caches(tmp_path_factory, monkeypatch) -> Caches:
     root = tmp_path_factory.mktemp("cache")
     monkeypatch.setenv("KEDIT_CACHE", str(root))
     return Caches(root, MODEL_CACHE)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and do not stall when other processes load the CPU
+    (`pytestmark = pytest.mark.usefixtures("one_thread")` in a module)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fresh_llama(tokenizer) -> LoadedModel:
+    """A new tiny random Llama (the same weights every call) with the embedded tokenizer."""
+    model = tiny_llama_model(len(tokenizer))
+    return LoadedModel(model, tokenizer, arch_for(model), "tiny-llama")

@@ -206,7 +206,10 @@ def hand_made_run(tmp_path):
     write_lines(path / "cases.jsonl", [case_line(1, 1, True), case_line(2, 2, True), case_line(3, 3, False)])
     write_lines(path / "probes.jsonl", [
         probe(0, 0.8), {"kind": "perplexity", "n_edits": 0, "perplexity": 20.0, "seconds": 1.0},
-        {"kind": "retention", "n_edits": 3, "ES": 0.5, "PS": 0.5, "NS": 1.0, "S": 0.6, "seconds": 1.0},
+        {"kind": "known", "n_edits": 0, "accuracy": 1.0, "nll": 0.5, "n_items": 40, "chance": 2e-5, "seconds": 0.0},
+        {"kind": "retention", "n_edits": 3, "ES": 0.5, "PS": 0.5, "NS": 1.0, "S": 0.6, "n_cases": 2, "scope": "sample",
+         "facts_in_model": 3, "seconds": 1.0},
+        {"kind": "known", "n_edits": 3, "accuracy": 0.75, "nll": 0.9, "n_items": 40, "chance": 2e-5, "seconds": 0.0},
         probe(3, 0.6), {"kind": "perplexity", "n_edits": 3, "perplexity": 90.0, "seconds": 1.0},
     ])
     return path
@@ -223,17 +226,21 @@ def test_summary_from_hand_made_files(hand_made_run):
     assert summary["probes"]["sst2"]["first"]["accuracy"] == 0.8 and summary["probes"]["sst2"]["last"]["accuracy"] == 0.6
     assert summary["perplexity"]["last"]["perplexity"] == 90.0 and summary["max_delta_norm"] == 40.0
     assert summary["seconds"] == {"edit": 6.0, "evaluate": 3.0, "periodic": 5.0}
+    assert summary["known"]["first"]["accuracy"] == 1.0 and summary["known"]["last"]["accuracy"] == 0.75
     text = summary_markdown(summary)
     assert "0.800 → 0.600" in text and "20.00 → 90.00" in text and "norm jump: big" in text
+    assert "Known facts" in text and "1.000 → 0.750 of 40 still completed" in text
 
 
 def test_course_of_a_run_from_hand_made_files(hand_made_run):
     before, after = curve_rows(hand_made_run)
-    assert before == {"edits": 0, "ES": None, "PS": None, "NS": None, "S": None, "ppl": 20.0, "probe acc": 0.8,
-                      "||W - W0||": 0.0, "disabling": 0, "edit min": 0.0}
+    assert before == {"edits": 0, "ES": None, "PS": None, "NS": None, "S": None, "scored": None, "known": 1.0, "ppl": 20.0,
+                      "probe acc": 0.8, "||W - W0||": 0.0, "disabling": 0, "edit min": 0.0}
     assert after["edits"] == 3 and after["S"] == 0.6 and after["ppl"] == 90.0 and after["probe acc"] == 0.6
+    assert after["scored"] == 2 and after["known"] == 0.75
     assert after["||W - W0||"] == 120.0 and after["disabling"] == 1 and after["edit min"] == pytest.approx(0.1)
-    assert "| ROME | 3 | 0.500 | 0.500 | 1.000 | 0.600 | 90.00 | 0.600 | 120.0 | 1 | 0.1 |" in curve_markdown({"ROME": hand_made_run})
+    table = curve_markdown({"ROME": hand_made_run})
+    assert "| ROME | 3 | 0.500 | 0.500 | 1.000 | 0.600 | 2 | 0.750 | 90.00 | 0.600 | 120.0 | 1 | 0.1 |" in table
 
 
 def test_summarize_table_and_csv(hand_made_run, tmp_path, capsys):

@@ -12,30 +12,19 @@ from emmet.emmet_main import EMMETHyperParams
 from experiments.pipeline.run import run
 import experiments.pipeline.run as run_module
 from experiments.pipeline.run_config import HealthThresholds, RunOptions
-from tests.conftest import tiny_llama_model
+from tests.conftest import fresh_llama
 from tests.helpers import run_options, tiny_hparams
-from util.arch import arch_for
 from util.errors import RunError
 from util.files import read_jsonl
 from util.models import LoadedModel
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and do not stall when other processes load the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
+fresh = fresh_llama
 
 
 @pytest.fixture
 def options(tmp_path) -> RunOptions:
     return run_options(tmp_path)
-
-
-def fresh(tokenizer) -> LoadedModel:
-    model = tiny_llama_model(len(tokenizer))
-    return LoadedModel(model, tokenizer, arch_for(model), "tiny-llama")
 
 
 def without_times(value):

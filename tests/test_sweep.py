@@ -38,24 +38,39 @@ def test_local_runner_shares_cores_and_logs(tmp_path):
 
 
 def test_reproduce_studies_run_the_same_edits_with_the_same_probes():
-    args, extra = reproduce.parse_args(["--study", "batch", "--edits", "256", "--data_dir", "D", "--", "--number_of_tests", "9"])
+    args, extra = reproduce.parse_args(["--study", "batch", "--data_dir", "D", "--", "--number_of_tests", "9"])
     commands = dict(reproduce.commands("batch", args, extra))
-    assert set(commands) == {f"{a}_{n}" for a in ("EMMET", "MEMIT") for n in ("one-batch", "seq-batch-64", "seq-batch-16")}
-    one = commands["EMMET_one-batch"]
-    assert one[one.index("--num_edits") + 1] == "256" and "--sequential" not in one
-    for command in commands.values():
-        assert command[command.index("--dataset_size_limit") + 1] == "256"
+    sizes = (16, 64, 256, 1024, 4096)
+    assert set(commands) == ({f"{a}_batched_{n}" for a in ("EMMET", "MEMIT") for n in sizes}
+                             | {f"{a}_seq-batched_{n}" for a in ("EMMET", "MEMIT") for n in sizes[:-1]})
+    one = commands["EMMET_batched_4096"]
+    assert one[one.index("--num_edits") + 1] == "4096" and "--sequential" not in one
+    assert "--sequential" in commands["MEMIT_seq-batched_1024"]
+    for command in commands.values():  # the same 4,096 flat CounterFact edits, evaluated at the same counts
+        assert command[command.index("--dataset_size_limit") + 1] == "4096" and command[command.index("--ds_name") + 1] == "flat_cf_train"
+        assert command[command.index("--downstream_eval_steps") + 1] == "1024"
         assert command[command.index("--data_dir") + 1] == "D" and command[-2:] == ["--number_of_tests", "9"]
-    args, extra = reproduce.parse_args(["--study", "batch", "--edits", "64", "--algs", "EMMET"])
-    assert set(dict(reproduce.commands("batch", args, extra))) == {"EMMET_one-batch", "EMMET_seq-batch-16", "EMMET_seq-batch-4"}
+    args, extra = reproduce.parse_args(["--study", "batch", "--algs", "EMMET", "--runs", "EMMET_batched_16,MEMIT_batched_16"])
+    assert list(dict(reproduce.commands("batch", args, extra))) == ["EMMET_batched_16"]
+    args, extra = reproduce.parse_args(["--study", "batch", "--runs", "EMMET_batched_17"])
+    with pytest.raises(KeditError, match="--runs EMMET_batched_17: study batch has runs EMMET_batched_16"):
+        reproduce.commands("batch", args, extra)
     with pytest.raises(KeditError, match="--study"):
         reproduce.parse_args(["--study", "nope"])
 
 
-def test_lifelong_study_shows_the_forget_runs_without_repeating_them(tmp_path):
-    args, extra = reproduce.parse_args(["--study", "lifelong", "--results_dir", str(tmp_path), "--docs_dir", str(tmp_path / "docs")])
-    assert [label for label, _ in reproduce.commands("lifelong", args, extra)] == ["AlphaEdit", "ENCORE"]
-    assert reproduce.REUSED["lifelong"] == [("forget", "MEMIT"), ("forget", "EMMET")]
+def test_rome_study_runs_until_collapse_and_lifelong_in_batches_of_100():
+    args, extra = reproduce.parse_args(["--study", "rome"])
+    commands = dict(reproduce.commands("rome", args, extra))
+    assert list(commands) == ["ROME", "R-ROME"]
+    for command in commands.values():
+        assert command[command.index("--stop_on_perplexity") + 1] == "10" and "--sequential" in command
+        assert command[command.index("--dataset_size_limit") + 1] == "1000"
+    args, extra = reproduce.parse_args(["--study", "lifelong"])
+    commands = dict(reproduce.commands("lifelong", args, extra))
+    assert list(commands) == list(reproduce.LIFELONG_EDITORS)
+    for command in commands.values():
+        assert command[command.index("--num_edits") + 1] == "100" and command[command.index("--dataset_size_limit") + 1] == "10000"
 
 
 @pytest.mark.parametrize("alg", reproduce.ALPHAEDIT_EDITORS)

@@ -41,6 +41,11 @@ class Caches:
         return self.root / "file_hashes"
 
     @property
+    def known(self) -> Path:
+        """Which known facts each model completes before editing (experiments/pipeline/evals.py)."""
+        return self.root / "known"
+
+    @property
     def tfidf(self) -> Path:
         """TF-IDF tables fitted on a corpus (experiments/pipeline/evals.py)."""
         return self.root / "tfidf"

@@ -7,6 +7,7 @@ differs between otherwise identical runs.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -14,16 +15,21 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from data.download import WIKITEXT, find_local
+from data.known import KnownFact, known_facts_file, read_known_facts
 from data.probes import ProbeSet, load_probe
 from data.records import CaseRecord
 from experiments.metrics.counterfact import CaseResult, evaluate_cases, summarize
 from experiments.metrics.generation import TfIdf, evaluate_generation, summarize_generation
+from experiments.metrics.known import completed, probe_facts, score_known
 from experiments.metrics.perplexity import perplexity
 from experiments.metrics.protocols import protocol
 from experiments.pipeline.run_config import RunOptions
 from util.corpus import local_corpus
+from util.errors import DataError
+from util.files import atomic_write_json
 from util.models import LoadedModel
-from util.paths import Caches
+from util.paths import Caches, sha256_file, slug
+from util.stats_share import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +77,28 @@ def corpus_tfidf(path: str | None, caches: Caches) -> TfIdf | None:
     return tfidf
 
 
+def known_to_model(lm: LoadedModel, path: Path, caches: Caches) -> tuple[list[KnownFact], int]:
+    """The facts of the known-facts file `path` that the model, as it is now, completes, and the
+    number of facts in the file; cached per model (its name and a fingerprint of its embeddings
+    and first layer), dtype, device and file content."""
+    facts = read_known_facts(path)
+    dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
+    device = next(lm.model.parameters()).device.type
+    cached = caches.known / f"{slug(lm.name)}-{fingerprint(lm, 0)[:16]}-{dtype}-{device}-{sha256_file(path)[:16]}.json"
+    if cached.is_file():
+        ids = set(json.loads(cached.read_text())["known_ids"])
+    else:
+        log.info("known facts: finding the %d facts of %s the unedited model completes (once; cached in %s)", len(facts), path, cached)
+        ids = {f.known_id for f, done in zip(facts, completed(lm, facts)) if done}
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(cached, {"model": lm.name, "file": str(path), "n_facts": len(facts), "known_ids": sorted(ids)})
+    return [f for f in facts if f.known_id in ids], len(facts)
+
+
 class EvalSuite:
-    def __init__(self, lm: LoadedModel, options: RunOptions):
+    def __init__(self, lm: LoadedModel, options: RunOptions, edited_subjects: Sequence[str] = ()):
+        """Loads every measurement's data; the known-facts probe keeps the facts the model completes
+        now (before any edit), none about `edited_subjects`."""
         self.lm, self.options = lm, options
         self.protocol = protocol(options.protocol)
         self.probes: list[ProbeSet] = [self.load_probe(task) for task in options.downstream_tasks]
@@ -80,6 +106,25 @@ class EvalSuite:
         if self.wikitext is None:
             log.warning("%s not found (--data_dir, $KEDIT_DATA_DIR, data/downloads): perplexity is skipped", WIKITEXT.names[0])
         self.tfidf = corpus_tfidf(options.corpus, options.environment.caches) if options.generation_test_interval else None
+        self.known_file: Path | None = None
+        self.known: list[KnownFact] = []
+        self.n_known = self.n_known_file = 0
+        if options.known_facts:
+            try:
+                self.known_file = known_facts_file(options.data_dir, options.environment)
+            except DataError as err:
+                log.warning("the known-facts probe is skipped: %s", err)
+        if self.known_file is not None:
+            known, self.n_known_file = known_to_model(lm, self.known_file, options.environment.caches)
+            self.n_known = len(known)
+            self.known = probe_facts(known, edited_subjects, options.known_facts, options.seed)
+
+    def known_config(self) -> dict[str, Any] | None:
+        """What config.json records of the known-facts probe."""
+        if self.known_file is None:
+            return None
+        return {"file_facts": self.n_known_file, "completed_unedited": self.n_known, "scored": len(self.known),
+                "known_ids": [f.known_id for f in self.known]}
 
     def load_probe(self, task: str) -> ProbeSet:
         """The protocol's test items: a seeded sample, or the first n in file order."""
@@ -91,6 +136,8 @@ class EvalSuite:
 
     def data_files(self) -> dict[str, str]:
         files = {f"probe:{p.name}": p.source for p in self.probes}
+        if self.known_file is not None:
+            files["known_facts"] = str(self.known_file)
         if self.wikitext is not None:
             files["perplexity"] = str(self.wikitext)
         return files
@@ -107,6 +154,15 @@ class EvalSuite:
             row = {"kind": "probe", "protocol": self.protocol.name, "n_edits": n_edits, **result.to_dict(), "n_items": len(result.gold)}
             rows.append({**row, "seconds": time.perf_counter() - start})
         return rows
+
+    def known_row(self, n_edits: int) -> dict[str, Any] | None:
+        """The known-facts probe: the fraction of the run's known facts the model still completes."""
+        if not self.known:
+            return None
+        start = time.perf_counter()
+        result = score_known(self.lm, self.known)
+        return {"kind": "known", "protocol": self.protocol.name, "n_edits": n_edits, **result.to_dict(),
+                "completed_unedited": self.n_known, "file_facts": self.n_known_file, "seconds": time.perf_counter() - start}
 
     def perplexity_row(self, n_edits: int) -> dict[str, Any] | None:
         if self.wikitext is None:

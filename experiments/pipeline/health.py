@@ -48,6 +48,7 @@ class UpdateHealth:
         self.thresholds = thresholds
         self.delta_history: list[float] = []
         self.baseline_fluency: float | None = None
+        self.baseline_perplexity: float | None = None
 
     @torch.no_grad()
     def measure(self, model: torch.nn.Module, deltas: Deltas, weights0: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -75,9 +76,20 @@ class UpdateHealth:
     def record(self, delta_norm: float) -> None:
         self.delta_history.append(delta_norm)
 
+    def perplexity_collapse(self, perplexity: float | None, ratio: float) -> str | None:
+        """Why the model counts as collapsed at an evaluation (None: it does not, or ratio is 0):
+        its perplexity reached `ratio` times the pre-edit perplexity."""
+        if not ratio or perplexity is None or not self.baseline_perplexity:
+            return None
+        if perplexity >= ratio * self.baseline_perplexity:
+            return f"perplexity {perplexity:.4g} >= {ratio:g} x pre-edit {self.baseline_perplexity:.4g}"
+        return None
+
     def state_dict(self) -> dict[str, Any]:
-        return {"delta_history": list(self.delta_history), "baseline_fluency": self.baseline_fluency}
+        return {"delta_history": list(self.delta_history), "baseline_fluency": self.baseline_fluency,
+                "baseline_perplexity": self.baseline_perplexity}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.delta_history = list(state["delta_history"])
         self.baseline_fluency = state["baseline_fluency"]
+        self.baseline_perplexity = state.get("baseline_perplexity")  # checkpoints from before the rule: read again at baseline

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 class BatchOutcome:
     disabling: bool
     evaluated: bool  # the periodic evaluation ran (a checkpoint follows)
+    collapse: str | None  # why the model counts as collapsed at this evaluation (--stop_on_perplexity), else None
     efficacy: float | None  # ES of the batch just edited, for the progress bar
     delta_norm: float
 
@@ -79,6 +80,10 @@ def execute(s: Session) -> None:
             if outcome.disabling and s.options.stop_on_collapse:
                 s.status = "collapsed"
                 log.warning("stopping after a disabling edit (--stop_on_collapse) at %d edits", s.n_edits)
+                break
+            if outcome.collapse:
+                s.status = "collapsed"
+                log.warning("stopping at %d edits (--stop_on_perplexity): %s", s.n_edits, outcome.collapse)
                 break
             if stop_at is not None and s.n_edits >= stop_at and s.position < s.n_batches:
                 s.status = "paused"
@@ -122,7 +127,7 @@ def finish(s: Session) -> None:
 def baseline(s: Session) -> None:
     """Before the first edit: probes, perplexity and the pre-edit generation fluency."""
     log.info("before the first edit: probes %s, perplexity, generation", ",".join(s.options.downstream_tasks) or "none")
-    write_periodic(s, n_edits=0, retention=None)
+    s.health.baseline_perplexity = write_periodic(s, n_edits=0, retention=None)
     if s.options.generation_test_interval:
         row = s.suite.generation_row(s.cases, 0)
         s.folder.streams["probes"].write(row)
@@ -170,29 +175,38 @@ def process_batch(s: Session) -> BatchOutcome:
     s.n_edits = after
     final = after == len(s.cases) or (bool(reasons) and options.stop_on_collapse)
     evaluated = crossed(before, after, options.downstream_eval_steps) or final
+    collapse = None
     if evaluated:
-        write_periodic(s, after, retention=index)
+        perplexity = write_periodic(s, after, retention=index, final=after == len(s.cases))
+        collapse = s.health.perplexity_collapse(perplexity, options.stop_on_perplexity)
     if not options.sequential:  # independent batches: back to the original model
         restore(s.lm.model, s.weights0)
         s.ctx.state.clear()
     s.position = index + 1
-    return BatchOutcome(bool(reasons), evaluated, current["ES"], health["delta_norm"])
+    return BatchOutcome(bool(reasons), evaluated, collapse, current["ES"], health["delta_norm"])
 
 
-def write_periodic(s: Session, n_edits: int, retention: int | None) -> None:
-    """Retention over the facts in the model after batch `retention` (None: before editing),
-    the downstream probes and perplexity, into probes.jsonl (and cases.jsonl per fact)."""
+def write_periodic(s: Session, n_edits: int, retention: int | None, final: bool = False) -> float | None:
+    """Retention after batch `retention` (None: before editing) over the facts Session.retained
+    names (a sample of those in the model, or all of them), the known-facts probe, the downstream
+    probes and perplexity, into probes.jsonl (and cases.jsonl per fact). Returns the perplexity
+    (None when not measured)."""
     probes = s.folder.streams["probes"]
     if retention is not None:
-        log.info("evaluation after %d edits: retention over %d facts, probes, perplexity", n_edits, len(s.applied(retention)))
+        scored = s.retained(retention, final)
+        in_model = len(s.applied(retention))
+        scope = "all" if len(scored) == in_model else "sample"
+        log.info("evaluation after %d edits: retention over %d of the %d facts in the model, probes, perplexity",
+                 n_edits, len(scored), in_model)
         start = time.perf_counter()
-        summary, results = s.suite.counterfact(s.applied(retention))
+        summary, results = s.suite.counterfact(scored)
         for result_case in results:
             s.folder.streams["cases"].write({"phase": "retention", "n_edits": n_edits, "case_id": result_case.case_id,
                                              "metrics": result_case.to_dict()["metrics"]})
-        probes.write({"kind": "retention", "n_edits": n_edits, **summary, "seconds": time.perf_counter() - start})
-    for row in s.suite.probe_rows(n_edits):
-        probes.write(row)
-    row = s.suite.perplexity_row(n_edits)
-    if row is not None:
-        probes.write(row)
+        probes.write({"kind": "retention", "n_edits": n_edits, "scope": scope, "facts_in_model": in_model, **summary,
+                      "seconds": time.perf_counter() - start})
+    perplexity = s.suite.perplexity_row(n_edits)
+    for row in (s.suite.known_row(n_edits), *s.suite.probe_rows(n_edits), perplexity):
+        if row is not None:
+            probes.write(row)
+    return perplexity["perplexity"] if perplexity else None

@@ -22,6 +22,9 @@ MODES = ("batched", "sequential", "sequential-batched")
 SESSION_FIELDS = ("continue_from_run", "results_dir", "device", "data_dir", "stop_after", "save_model", "environment",
                   "max_gpu_memory")
 
+# What runs stored before these fields existed did: every edited fact scored, no known-facts probe.
+OLD_RUN_DEFAULTS = {"retention_sample": 0, "retention_all_at_end": False, "known_facts": 0, "stop_on_perplexity": 0.0}
+
 
 @dataclass(frozen=True)
 class HealthThresholds:
@@ -54,10 +57,17 @@ class RunOptions:
     generation_prompts: int = 8  # prompts per generation test, from the latest edited facts backwards
     generation_tokens: int = 40
     perplexity_tokens: int = 4096
+    # Retention in sequential runs: a seeded sample of this many of the run's facts, each scored at
+    # every evaluation point once it is edited, plus the latest batch (0: every fact edited so far),
+    # so that an evaluation point costs the same after 100 and after 10,000 edits
+    retention_sample: int = 200
+    retention_all_at_end: bool = False  # the last evaluation scores every edited fact
+    known_facts: int = 500  # known-facts probe: at most this many facts the unedited model completes (0: off)
     seed: int = 0
     corpus: str | None = None
     overrides: tuple[str, ...] = ()  # --set key=value for the hparams
     stop_on_collapse: bool = False
+    stop_on_perplexity: float = 0.0  # end the run at an evaluation whose perplexity is this multiple of the pre-edit one (0: never)
     dtype: str = "float32"
     value_dtype: str = "float32"  # "bfloat16": mixed-precision value optimisation (rome/compute_v.py)
     value_compile: bool = False  # torch.compile the replayed Llama layers (mixed-precision values only)
@@ -94,7 +104,7 @@ class RunOptions:
         for name in positive:
             if getattr(self, name) < 1:
                 raise RunError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("downstream_eval_steps", "generation_test_interval", "number_of_few_shots"):
+        for name in ("downstream_eval_steps", "generation_test_interval", "number_of_few_shots", "retention_sample", "known_facts"):
             if getattr(self, name) < 0:
                 raise RunError(f"--{name} must not be negative, got {getattr(self, name)}")
         if self.number_of_few_shots > FEW_SHOT_POOL:
@@ -114,6 +124,8 @@ class RunOptions:
             raise RunError(f"--protocol {self.protocol!r}: choose from {', '.join(PROTOCOLS)}")
         if self.max_gpu_memory is not None and not self.max_gpu_memory > 0:
             raise RunError(f"--max_gpu_memory must be a positive number of GiB, got {self.max_gpu_memory}")
+        if not (self.stop_on_perplexity == 0 or self.stop_on_perplexity > 1):
+            raise RunError(f"--stop_on_perplexity must be 0 (never) or a ratio above 1, got {self.stop_on_perplexity}")
         if self.stop_after is not None and self.stop_after < 1:
             raise RunError(f"--stop_after must be at least 1, got {self.stop_after}")
         return self
@@ -124,6 +136,8 @@ class RunOptions:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RunOptions":
         values = dict(values)
+        for name, before in OLD_RUN_DEFAULTS.items():  # a run from before the field existed keeps what it did
+            values.setdefault(name, before)
         values["health"] = HealthThresholds(**values.get("health", {}))
         values["environment"] = Environment.from_dict(values.get("environment"))
         for name in ("downstream_tasks", "overrides"):

@@ -11,6 +11,7 @@ import copy
 import logging
 import math
 import platform
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 import transformers
 
-from data.cases import NO_OP, case_file, select_cases
+from data.cases import NO_OP, case_file, dataset_for, select_cases
 from data.records import CaseRecord
 from editors import Algorithm, algorithm, load_algorithm_hparams
 from experiments.pipeline.checkpoint import Checkpoint, RunFolder
@@ -52,6 +53,7 @@ class Session:
     ctx: EditContext
     health: UpdateHealth
     weights0: dict[str, torch.Tensor]  # W0 of the edited matrices: drift is measured from it, batched runs return to it
+    retention_ids: frozenset | None = None  # the case ids of the retention sample (None: every fact in the model)
     position: int = 0  # batches done
     n_edits: int = 0
     status: str = "new"  # new | running | paused | interrupted | collapsed | complete
@@ -73,6 +75,16 @@ class Session:
         """The facts in the model after batch `index`: all so far, or the batch alone when
         batches are independent (batched mode restores W0 after each)."""
         return self.cases[: (index + 1) * self.batch_size] if self.options.sequential else self.batch(index)
+
+    def retained(self, index: int, final: bool = False) -> list[CaseRecord]:
+        """The facts whose retention is scored after batch `index`: the sampled ones edited so far
+        and the batch itself (every fact in the model without a sample, or at the `final`
+        evaluation with --retention_all_at_end)."""
+        applied = self.applied(index)
+        if self.retention_ids is None or (final and self.options.retention_all_at_end):
+            return applied
+        latest = {r.case_id for r in self.batch(index)}
+        return [r for r in applied if r.case_id in self.retention_ids or r.case_id in latest]
 
     def weights(self) -> dict[str, torch.Tensor]:
         return snapshot(self.lm.model, self.weights0)
@@ -144,9 +156,22 @@ class Prepared:
     ctx: EditContext
     config: dict[str, Any]  # what config.json holds for these inputs
 
+    retention_ids: frozenset | None = None
+
     def session(self, options: RunOptions, folder: RunFolder) -> Session:
         return Session(options, self.lm, self.hparams, algorithm(options.alg_name), self.cases, folder, self.suite,
-                       self.ctx, self.health, self.weights0)
+                       self.ctx, self.health, self.weights0, self.retention_ids)
+
+
+def retention_sample(cases: list[CaseRecord], options: RunOptions) -> frozenset | None:
+    """The case ids scored for retention at every evaluation point once edited: a seeded sample
+    of options.retention_sample of the run's cases (None: every edited fact, which a batched run,
+    whose model holds one batch at a time, always scores)."""
+    n = options.retention_sample
+    if not options.sequential or n == 0 or n >= len(cases):
+        return None
+    chosen = random.Random(options.seed).sample(range(len(cases)), n)
+    return frozenset(cases[i].case_id for i in chosen)
 
 
 def prepare(options: RunOptions, lm: LoadedModel | None, hparams: EditHyperParams | None,
@@ -157,15 +182,23 @@ def prepare(options: RunOptions, lm: LoadedModel | None, hparams: EditHyperParam
     selection = select_cases(options.ds_name, options.data_dir, options.dataset_size_limit, options.custom_path, options.environment)
     lm = lm or load_model(options.model_name, options.dtype, options.device, model_cache=options.environment.caches.models)
     hparams.check_model(lm.model.config.num_hidden_layers)
-    suite = EvalSuite(lm, options)
+    suite = EvalSuite(lm, options, [case.request.subject for case in selection.cases])
     weights0 = snapshot(lm.model, [lm.arch.weight_name(layer) for layer in hparams.layers])
     files = {"cases": str(case_file(options.ds_name, options.data_dir, options.custom_path, options.environment)),
              **suite.data_files()}
     config = build_config(options, hparams, lm, weights0, files, len(selection.cases))
     config["skipped_cases"] = {"reason": NO_OP, "case_ids": selection.skipped}
+    sample = retention_sample(selection.cases, options)
+    config["retention"] = {
+        "scope": "all" if sample is None else "sample", "sample_size": None if sample is None else len(sample),
+        "all_at_end": options.retention_all_at_end,
+        "case_ids": None if sample is None else [c.case_id for c in selection.cases if c.case_id in sample],
+    }
+    config["known_facts"] = suite.known_config()
+    config["dataset"] = {"name": options.ds_name, "measures": dataset_for(options.ds_name).measures}
     ctx = prepared_context(options, lm, hparams)
     health = UpdateHealth(list(weights0), options.health)
-    return Prepared(hparams, selection.cases, lm, suite, health, weights0, ctx, config)
+    return Prepared(hparams, selection.cases, lm, suite, health, weights0, ctx, config, sample)
 
 
 def begin(session: Session) -> Session:

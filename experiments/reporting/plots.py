@@ -48,6 +48,9 @@ def plot_downstream(plt, rows: list[dict[str, Any]], disabling: list[int], path:
             points = [(r["n_edits"], r[metric]) for r in probes if r["task"] == task and r[metric] is not None]
             if points:
                 ax.plot(*zip(*points), marker="o", label=task)
+        known = [(r["n_edits"], r["accuracy"]) for r in rows if r["kind"] == "known"]
+        if metric == "accuracy" and known:
+            ax.plot(*zip(*known), marker="s", color="black", label="known facts")
         ax.set_ylabel(metric)
         _mark_disabling(ax, disabling)
     ax = axes.flat[3]
@@ -115,15 +118,17 @@ def write_plots(path: Path) -> list[Path]:
 
 
 def write_comparison(runs: dict[str, Path], out: Path, title: str) -> Path:
-    """One figure comparing runs (label -> run folder): score over all facts edited so far,
-    perplexity, mean probe accuracy and ||W - W0|| against the number of edits; each run's
-    disabling edits are marked with crosses on its ||W - W0|| curve."""
+    """One figure comparing runs (label -> run folder): efficacy and S, and the neighbourhood
+    score, over the facts scored for retention; perplexity, the known-facts probe, mean probe
+    accuracy and ||W - W0|| against the number of edits; each run's disabling edits are marked
+    with crosses on its ||W - W0|| curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    fig, grid = plt.subplots(2, 3, figsize=(15, 8))
+    axes = grid[:, [0, 1]]  # ES/S, perplexity / probes, drift; the third column: NS and known facts
     try:
         for i, (label, path) in enumerate(runs.items()):
             color = f"C{i}"
@@ -133,6 +138,12 @@ def write_comparison(runs: dict[str, Path], out: Path, title: str) -> Path:
                 x, s, es = zip(*retention)
                 axes[0, 0].plot(x, es, marker="o", color=color, label=f"{label} ES")
                 axes[0, 0].plot(x, [v if v is not None else float("nan") for v in s], marker=".", linestyle="--", color=color, label=f"{label} S")
+            ns = [(r["n_edits"], r["NS"]) for r in rows if r["kind"] == "retention" and r.get("NS") is not None]
+            if ns:
+                grid[0, 2].plot(*zip(*ns), marker="o", color=color, label=label)
+            known = [(r["n_edits"], r["accuracy"]) for r in rows if r["kind"] == "known"]
+            if known:
+                grid[1, 2].plot(*zip(*known), marker="o", color=color, label=label)
             ppl = [(r["n_edits"], r["perplexity"]) for r in rows if r["kind"] == "perplexity"]
             if ppl:
                 axes[0, 1].plot(*zip(*ppl), marker="o", color=color, label=label)
@@ -151,7 +162,11 @@ def write_comparison(runs: dict[str, Path], out: Path, title: str) -> Path:
         axes[1, 0].set_ylabel("mean probe accuracy")
         axes[1, 1].set_ylabel("||W - W0|| (Frobenius)")
         axes[1, 1].set_yscale("log")
-        _finish(fig, axes.flat, out, title)
+        grid[0, 2].set_ylabel("neighbourhood score NS")
+        grid[1, 2].set_ylabel("known facts still completed")
+        for ax in grid[:, 2]:
+            ax.set_ylim(-0.02, 1.02)
+        _finish(fig, grid.flat, out, title)
     finally:
         plt.close("all")
     return out

@@ -70,6 +70,9 @@ def build_summary(path: Path, status: str) -> dict[str, Any]:
         "current": {"protocol": name, **summarize([case_result(r) for r in current_rows])},
         "retained": {"protocol": name, **{k: v for k, v in retention[-1].items() if k not in ("kind", "seconds")}} if retention else None,
         "probes": {t: first_last(of_kind(rows, "probe", t), (*PROBE_METRICS, "invalid"), name) for t in tasks},
+        "dataset": config.get("dataset"),
+        "known": first_last(of_kind(rows, "known"), ("accuracy", "nll", "n_items", "chance"), name),
+        "retention": config.get("retention") and {k: v for k, v in config["retention"].items() if k != "case_ids"},
         "perplexity": first_last(ppl, ("perplexity",), name),
         "generation": first_last(generation, ("fluency", "consistency", "scope"), name),
         "paper": {"protocol": name, "n_edits": n_edits,
@@ -78,9 +81,20 @@ def build_summary(path: Path, status: str) -> dict[str, Any]:
         "max_delta_norm": max((e["health"]["delta_norm"] for e in edits), default=None),
         "final_drift_norm": final_drift,
         "disabling": disabling, "n_disabling": len(disabling),
+        "collapse": perplexity_collapse(ppl, config.get("options", {}).get("stop_on_perplexity") or COLLAPSE_RATIO),
         "seconds": seconds, "edits_per_second": n_edits / seconds["edit"] if seconds["edit"] else None,
         "seconds_per_edit_all_in": total / n_edits if n_edits else None,
     }
+
+
+COLLAPSE_RATIO = 10.0  # the collapse rule reported when a run set no --stop_on_perplexity
+
+
+def perplexity_collapse(rows: list[dict[str, Any]], ratio: float) -> dict[str, Any]:
+    """The first evaluation whose perplexity reached `ratio` x the pre-edit one (n_edits None: none did)."""
+    first = rows[0]["perplexity"] if rows and rows[0]["n_edits"] == 0 else None
+    at = next((r["n_edits"] for r in rows if first and r["perplexity"] >= ratio * first), None)
+    return {"rule": f"perplexity >= {ratio:g} x pre-edit", "n_edits": at}
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -113,6 +127,7 @@ def table_row(summary: dict[str, Any], tasks: Sequence[str]) -> dict[str, str]:
     row.update({f"{k} cur": fmt(current.get(k)) for k in SCORES})
     row.update({f"{k} ret": fmt(retained.get(k)) for k in SCORES})
     row.update({f"{t} {spec.probe_label}": change(summary["probes"].get(t), spec.probe_score) for t in tasks})
+    row["known"] = change(summary.get("known"), "accuracy")
     row["ppl"] = change(summary["perplexity"], "perplexity", 2)
     row["disabling"] = str(summary["n_disabling"])
     row["protocol"] = spec.name
@@ -136,6 +151,8 @@ def csv_row(summary: dict[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
         for metric in PROBE_METRICS:
             for end in ("first", "last"):
                 row[f"{task}_{metric}_{end}"] = pair[end].get(metric) if pair else None
+    for end in ("first", "last"):
+        row[f"known_{end}"] = summary["known"][end]["accuracy"] if summary.get("known") else None
     for end in ("first", "last"):
         row[f"perplexity_{end}"] = summary["perplexity"][end]["perplexity"] if summary["perplexity"] else None
     paper = summary.get("paper") or {}
@@ -202,11 +219,13 @@ def curve_rows(path: Path) -> list[dict[str, Any]]:
     edits, rows = read_jsonl(path / "edits.jsonl"), read_jsonl(path / "probes.jsonl")
     retained = {r["n_edits"]: r for r in of_kind(rows, "retention")}
     perplexity = {r["n_edits"]: r["perplexity"] for r in of_kind(rows, "perplexity")}
+    known = {r["n_edits"]: r["accuracy"] for r in of_kind(rows, "known")}
     probes = dict(mean_probe_accuracy(rows))
     curve = []
-    for n in sorted(set(retained) | set(perplexity) | set(probes)):
+    for n in sorted(set(retained) | set(perplexity) | set(probes) | set(known)):
         done = [e for e in edits if e["n_edits"] <= n]
-        curve.append({"edits": n, **{k: retained.get(n, {}).get(k) for k in SCORES}, "ppl": perplexity.get(n),
+        curve.append({"edits": n, **{k: retained.get(n, {}).get(k) for k in SCORES},
+                      "scored": retained.get(n, {}).get("n_cases"), "ppl": perplexity.get(n), "known": known.get(n),
                       "probe acc": probes.get(n), "||W - W0||": done[-1]["health"]["drift_norm"] if done else 0.0,
                       "disabling": sum(bool(e["disabling"]) for e in done),
                       "edit min": sum(e["seconds"]["edit"] for e in done) / 60})
@@ -215,12 +234,12 @@ def curve_rows(path: Path) -> list[dict[str, Any]]:
 
 def curve_markdown(runs: dict[str, Path]) -> str:
     """The courses of several runs (label -> run folder) in one table."""
-    lines = ["| run | edits | ES ret | PS ret | NS ret | S ret | ppl | probe acc | \\|W - W0\\| | disabling | edit min |",
-             "|" + "---|" * 11]
+    lines = ["| run | edits | ES ret | PS ret | NS ret | S ret | facts scored | known | ppl | probe acc | \\|W - W0\\| | disabling | edit min |",
+             "|" + "---|" * 13]
     for label, path in runs.items():
         for row in curve_rows(path):
-            cells = [label, str(row["edits"]), *(fmt(row[k]) for k in SCORES), fmt(row["ppl"], 2), fmt(row["probe acc"]),
-                     fmt(row["||W - W0||"], 1), str(row["disabling"]), fmt(row["edit min"], 1)]
+            cells = [label, str(row["edits"]), *(fmt(row[k]) for k in SCORES), fmt(row["scored"]), fmt(row["known"]),
+                     fmt(row["ppl"], 2), fmt(row["probe acc"]), fmt(row["||W - W0||"], 1), str(row["disabling"]), fmt(row["edit min"], 1)]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -237,11 +256,28 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     for task, pair in summary["probes"].items():
         cells = " | ".join(change(pair, metric) for metric in PROBE_METRICS)
         lines.append(f"| {task} | {cells} |")
+    if summary.get("dataset"):
+        lines += ["", f"Dataset `{summary['dataset']['name']}`: {summary['dataset']['measures']}."]
+    retention = summary.get("retention") or {}
+    retained = summary.get("retained") or {}
+    if retention.get("scope") == "sample":
+        lines += ["", f"Retention (\"ret\" columns): a seeded sample of {retention['sample_size']} of the run's facts, each "
+                  f"scored at every evaluation once edited, plus the latest batch"
+                  f"{'; the last evaluation scores every edited fact' if retention.get('all_at_end') else ''}; "
+                  f"last evaluation: {fmt(retained.get('n_cases'))} of {fmt(retained.get('facts_in_model'))} facts in the model."]
+    known = summary.get("known")
+    if known:
+        lines += ["", f"Known facts (the unedited model completes them; none about an edited subject): "
+                  f"{change(known, 'accuracy')} of {known['last']['n_items']} still completed; chance {known['last']['chance']:.1e}."]
     gen = summary["generation"]
     lines += ["", f"Perplexity: {change(summary['perplexity'], 'perplexity', 2)}; generation fluency: {change(gen, 'fluency')}, "
               f"consistency: {change(gen, 'consistency')}; max ||Delta||: {fmt(summary['max_delta_norm'])}, "
               f"final ||W - W0||: {fmt(summary['final_drift_norm'])}", "", f"Disabling edits: {summary['n_disabling']}"]
     lines += [f"- after {d['n_edits']} edits (cases {d['case_ids']}): {'; '.join(d['reasons'])}" for d in summary["disabling"]]
+    collapse = summary.get("collapse")
+    if collapse:
+        at = collapse["n_edits"]
+        lines += ["", f"Collapse ({collapse['rule']}): {'at the evaluation after ' + str(at) + ' edits' if at is not None else 'not reached'}"]
     if summary.get("n_skipped"):
         lines += ["", f"Records skipped because target_new equals target_true: {summary['n_skipped']}"]
     sec = summary["seconds"]

@@ -33,8 +33,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from experiments.reporting.plots import write_comparison, write_paper_columns
-from experiments.reporting.summary import curve_markdown, markdown_table, paper_markdown
+from experiments.reporting.plots import write_batch_sizes, write_comparison, write_paper_columns
+from experiments.reporting.summary import curve_markdown, markdown_table, milestones_markdown, paper_markdown
 from experiments.summarize import find_summaries, load_summaries
 from experiments.sweep import EVALUATE, run_local
 from util.cli import run_cli
@@ -130,9 +130,13 @@ def report(study: str, args: argparse.Namespace) -> None:
                  f"last edit; their course is plotted in results_{study}_columns.png:\n\n"
                  f"{paper_markdown(dict(zip(runs, summaries)))}\n")
         write_paper_columns(runs, docs / f"results_{study}_columns.png", spec.title)
-    (docs / f"results_{study}.md").write_text(f"### {spec.title}\n\n{paper}{table}\nCourse of each run "
-                                              f"(scores over all facts edited so far):\n\n{course}")
+    marks = milestones_markdown(runs)
+    (docs / f"results_{study}.md").write_text(f"### {spec.title}\n\n{paper}{table}\nCourse of each run (retention "
+                                              f"scores over the facts scored after each evaluation):\n\n{course}\n"
+                                              f"Milestones (\"-\": not reached):\n\n{marks}")
     write_comparison(runs, docs / f"results_{study}.png", spec.title)
+    if study == "batch":
+        write_batch_sizes(summaries, docs / "results_batch_sizes.png", spec.title)
     print(paper + table, end="")
     print(f"wrote {docs / f'results_{study}.md'} and {docs / f'results_{study}.png'}")
 

@@ -15,7 +15,9 @@ from experiments.pipeline.checkpoint import Checkpoint, RunFolder
 from experiments.pipeline.evals import prompt_budget
 from experiments.pipeline.health import UpdateHealth, disabling_reasons
 from experiments.pipeline.run_config import HealthThresholds, RunOptions
-from experiments.reporting.summary import build_summary, curve_markdown, curve_rows, summary_markdown, write_summary
+from experiments.reporting.plots import batch_size_points, write_batch_sizes
+from experiments.reporting.summary import (below_half, build_summary, curve_markdown, curve_rows, milestones, milestones_markdown,
+                                          summary_markdown, write_summary)
 from experiments.summarize import main as summarize_main
 from util.cli import run_cli
 from util.deltas import apply_deltas, digest, restore, snapshot
@@ -241,6 +243,34 @@ def test_course_of_a_run_from_hand_made_files(hand_made_run):
     assert after["||W - W0||"] == 120.0 and after["disabling"] == 1 and after["edit min"] == pytest.approx(0.1)
     table = curve_markdown({"ROME": hand_made_run})
     assert "| ROME | 3 | 0.500 | 0.500 | 1.000 | 0.600 | 2 | 0.750 | 90.00 | 0.600 | 120.0 | 1 | 0.1 |" in table
+
+
+def test_milestones_of_a_run(hand_made_run):
+    write_summary(hand_made_run, "complete")
+    marks = milestones(hand_made_run)
+    assert marks["first disabling"] == 3 and marks["collapse"] is None  # perplexity 20 -> 90 is 4.5x, not 10x
+    assert marks["collapse rule"] == "perplexity >= 10 x pre-edit" and marks["S below half"] is None
+    assert marks["evaluation share"] == pytest.approx(8 / 14) and marks["edits/hour"] == pytest.approx(3600 * 3 / 14)
+    assert "| ROME | 3 | complete | 3 | - | - | - | 0.57 | 771 |" in milestones_markdown({"ROME": hand_made_run})
+
+
+def test_below_half_reads_the_first_value_after_editing():
+    curve = [{"edits": 0, "S": None, "known": 1.0}, {"edits": 50, "S": 0.9, "known": 0.9}, {"edits": 100, "S": 0.5, "known": 0.6},
+             {"edits": 150, "S": 0.44, "known": 0.4}]
+    assert below_half(curve, "S") == 150  # 0.44 < 0.45; 0.5 is not below half of 0.9
+    assert below_half(curve, "known") == 150 and below_half(curve, "ppl") is None
+    assert below_half(curve[:3], "S") is None
+
+
+def test_batch_size_points_and_plot(tmp_path):
+    batched = {"alg_name": "EMMET", "mode": "batched", "batch_size": 16, "current": {"ES": 0.9, "PS": 0.8, "NS": 0.7, "S": 0.8},
+               "retained": {"ES": 0.1}, "known": {"last": {"accuracy": 0.95}}, "perplexity": {"last": {"perplexity": 31.0}}}
+    seq = {**batched, "mode": "sequential-batched", "batch_size": 64, "retained": {"ES": 0.6, "PS": 0.5, "NS": 0.4, "S": 0.5},
+           "known": None}
+    assert batch_size_points(batched) == {"ES": 0.9, "PS": 0.8, "NS": 0.7, "S": 0.8, "known": 0.95, "perplexity": 31.0}
+    assert batch_size_points(seq)["ES"] == 0.6 and batch_size_points(seq)["known"] is None
+    out = write_batch_sizes([batched, seq], tmp_path / "b.png", "t")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_summarize_table_and_csv(hand_made_run, tmp_path, capsys):

@@ -199,3 +199,52 @@ def write_paper_columns(runs: dict[str, Path], out: Path, title: str) -> Path:
     finally:
         plt.close("all")
     return out
+
+
+BATCH_SCORES = ("ES", "PS", "NS", "S", "known", "perplexity")
+
+
+def batch_size_points(summary: dict[str, Any]) -> dict[str, float | None]:
+    """A run's scores for the batch-size plot: a batched run's facts right after their own batch
+    (mean over batches), a sequential-batched run's retention after its last edit; the known-facts
+    probe and perplexity at its last evaluation."""
+    scores = summary["current"] if summary["mode"] == "batched" else (summary["retained"] or {})
+    last = lambda pair, key: pair["last"][key] if pair else None  # noqa: E731
+    return {**{k: scores.get(k) for k in SCORES}, "known": last(summary.get("known"), "accuracy"),
+            "perplexity": last(summary.get("perplexity"), "perplexity")}
+
+
+def write_batch_sizes(summaries: list[dict[str, Any]], out: Path, title: str) -> Path:
+    """One panel per score against the batch size (log scale), one line per editor and mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[tuple[str, str], list[tuple[int, dict[str, float | None]]]] = {}
+    for summary in summaries:
+        lines.setdefault((summary["alg_name"], summary["mode"]), []).append((summary["batch_size"], batch_size_points(summary)))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    try:
+        for ax, score in zip(axes.flat, BATCH_SCORES):
+            for i, ((alg, mode), points) in enumerate(sorted(lines.items())):
+                xy = sorted((size, values[score]) for size, values in points if values[score] is not None)
+                if xy:
+                    ax.plot(*zip(*xy), marker="o", color=f"C{i}", linestyle="-" if mode == "batched" else "--", label=f"{alg} {mode}")
+            ax.set_xscale("log", base=2)
+            ax.set_ylabel(score if score != "known" else "known facts still completed")
+        for ax in axes.flat:
+            ax.set_xlabel("edits per batch")
+        fig.suptitle(title)
+        for ax in axes.flat:
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+        fig.tight_layout()
+        tmp = out.with_name(out.stem + ".partial.png")
+        with writing(out, "the plot is drawn again by reproduce.py --report_only"):
+            fig.savefig(tmp, dpi=110)
+            tmp.replace(out)
+    finally:
+        plt.close("all")
+    return out

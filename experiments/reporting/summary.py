@@ -83,6 +83,7 @@ def build_summary(path: Path, status: str) -> dict[str, Any]:
         "disabling": disabling, "n_disabling": len(disabling),
         "collapse": perplexity_collapse(ppl, config.get("options", {}).get("stop_on_perplexity") or COLLAPSE_RATIO),
         "seconds": seconds, "edits_per_second": n_edits / seconds["edit"] if seconds["edit"] else None,
+        "evaluation_share": (seconds["evaluate"] + seconds["periodic"]) / total if total else None,
         "seconds_per_edit_all_in": total / n_edits if n_edits else None,
     }
 
@@ -230,6 +231,43 @@ def curve_rows(path: Path) -> list[dict[str, Any]]:
                       "disabling": sum(bool(e["disabling"]) for e in done),
                       "edit min": sum(e["seconds"]["edit"] for e in done) / 60})
     return curve
+
+
+def below_half(curve: list[dict[str, Any]], key: str) -> int | None:
+    """The first evaluation (edits) where `key` fell below half its value at the first evaluation
+    that measured it after an edit (None: never, or never measured)."""
+    measured = [row for row in curve if row["edits"] > 0 and row.get(key) is not None]
+    if not measured:
+        return None
+    start = measured[0][key]
+    return next((row["edits"] for row in measured if row[key] < start / 2), None)
+
+
+def milestones(path: Path) -> dict[str, Any]:
+    """Where a run crossed the lines the studies report: its first disabling edit, collapse (the
+    perplexity rule of its summary), retention S and the known-facts probe below half their first
+    value after editing, and the share of its wall time spent evaluating."""
+    summary = json.loads((path / "summary.json").read_text())
+    curve = curve_rows(path)
+    return {"edits": summary["n_edits"], "status": summary["status"],
+            "first disabling": summary["disabling"][0]["n_edits"] if summary["disabling"] else None,
+            "collapse": (summary.get("collapse") or {}).get("n_edits"), "collapse rule": (summary.get("collapse") or {}).get("rule"),
+            "S below half": below_half(curve, "S"), "known below half": below_half(curve, "known"),
+            "evaluation share": summary.get("evaluation_share"),
+            "edits/hour": 3600 * summary["n_edits"] / sum(summary["seconds"].values()) if sum(summary["seconds"].values()) else None}
+
+
+def milestones_markdown(runs: dict[str, Path]) -> str:
+    """milestones() of several runs (label -> run folder) in one table ("-": not reached)."""
+    lines = ["| run | edits | status | first disabling edit | collapse | S below half | known below half | "
+             "evaluation share | edits/hour |", "|" + "---|" * 9]
+    for label, path in runs.items():
+        m = milestones(path)
+        rule = f" ({m['collapse rule']})" if m["collapse"] is not None else ""
+        cells = [label, str(m["edits"]), m["status"], fmt(m["first disabling"]), fmt(m["collapse"]) + rule, fmt(m["S below half"]),
+                 fmt(m["known below half"]), fmt(m["evaluation share"], 2), fmt(m["edits/hour"], 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def curve_markdown(runs: dict[str, Path]) -> str:

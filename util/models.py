@@ -212,6 +212,22 @@ def checked_source(name: str, model_cache: Path) -> tuple[str, PretrainedConfig]
         ) from None
 
 
+def model_name(model: torch.nn.Module) -> str:
+    """The name a model is cached under (statistics, templates) when only the model is at hand (the
+    notebook API): an embedded model's name for its dequantised copy, whose config.json records it
+    (the command line loads it by that name), else the name or folder it was loaded from."""
+    source = getattr(model.config, "_name_or_path", "") or ""
+    config = Path(source) / "config.json" if source else None
+    if config is not None and config.is_file():
+        try:
+            recorded = json.loads(config.read_text(encoding="utf-8")).get("_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if recorded in EMBEDDED and Path(source).name == recorded:
+            return recorded
+    return source or "model"
+
+
 def _loaded(model: torch.nn.Module, source: str, name: str) -> LoadedModel:
     """`model` in eval mode without gradients, with the tokenizer of `source`."""
     model.eval().requires_grad_(False)

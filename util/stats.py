@@ -20,7 +20,6 @@ from typing import Callable
 
 import torch
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from util.arch import edited_weight
 from util.checks import checked_tensor, read_tensors
@@ -30,6 +29,7 @@ from util.memory import ModelShape, stats_batch_tokens
 from util.models import DTYPES, LoadedModel, input_device
 from util.nethook import TraceDict
 from util.paths import slug
+from util.progress import progress as progress_bar
 from util.solve import nullspace_basis
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def accumulate_second_moments(
     gram_dtype = torch.float64 if forward_dtype == torch.float64 else torch.float32  # float64 statistics end to end
     count = 0
     start = time.perf_counter()
-    bar = tqdm(total=n_windows, desc="key statistics", unit="window", disable=not progress)
+    bar = progress_bar(total=n_windows, desc="key statistics", unit="window", disable=not progress)
     batch: list[torch.Tensor] = []
 
     def flush() -> None:

@@ -24,11 +24,13 @@ class _Lines:
 
     def __init__(self, stream: TextIO):
         self.stream = stream
+        self.last = ""
 
     def write(self, text: str) -> None:
         line = text.replace("\r", "").replace("\x1b[A", "").strip()
-        if line:
+        if line and line != self.last:  # a bar ending right after a refresh draws the same line again
             self.stream.write(line + "\n")
+            self.last = line
 
     def flush(self) -> None:
         self.stream.flush()

@@ -89,7 +89,7 @@ def test_an_interrupted_demo_summarises_and_says_how_to_continue(options, tokeni
     err = capsys.readouterr().err
     (path,) = Path(options.results_dir).glob("R-ROME/run_*")
     assert exit_info.value.code == 130
-    assert re.match(r"demo: runs r-ROME .* editing 22 hand-written facts .* roughly \d+ minutes on a 2-core CPU", err), err
+    assert re.match(r"demo: runs r-ROME .* editing 5 hand-written facts .* roughly \d+ minutes on a 2-core CPU", err), err
     assert f"continue it with: make demo CONTINUE={path}" in err
     assert "| R-ROME | tiny-llama | sequential | 1 | 2 |" in err and "| interrupted |" in err  # the table of the edits done
     monkeypatch.setattr(run_module, "apply_edits", failing_at(99, KeyboardInterrupt))

@@ -270,6 +270,9 @@ def test_a_misspelt_model_name_fails_at_once_without_the_hub(monkeypatch, caches
         def from_pretrained(*args, **kwargs):
             raise AssertionError("the hub was asked")
 
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # as without the variable (offline, the hub is never asked)
     monkeypatch.setattr(util.models, "AutoConfig", NoHub)
     monkeypatch.setattr(util.models, "AutoModelForCausalLM", NoHub)
     with pytest.raises(ModelLoadError, match=r"unknown model 'smollm2-13m': did you mean the embedded 'smollm2-135m'\?"):

@@ -60,11 +60,13 @@ def progress(iterable: Iterable | None = None, **kwargs: Any) -> tqdm.std.tqdm:
 
 def quiet_library_bars() -> None:
     """Where stderr is a log, the bars of transformers and huggingface_hub (which redraw in
-    place) are turned off; ours say what is happening."""
+    place) are turned off; ours say what is happening. Only libraries already imported (every
+    command line imports them before run_cli) are changed: none is imported for it."""
     if terminal() or in_notebook():
         return
-    import huggingface_hub.utils
-    import transformers.utils.logging
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        import transformers.utils.logging
 
-    transformers.utils.logging.disable_progress_bar()
-    huggingface_hub.utils.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()

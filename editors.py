@@ -34,7 +34,7 @@ from util.arch import arch_for
 from util.environment import Environment
 from util.errors import HparamsError
 from util.hparams import load_hparams
-from util.models import LoadedModel, load_model, prepare_tokenizer
+from util.models import LoadedModel, load_model, model_name, prepare_tokenizer
 from util.paths import PROJECT_ROOT
 from util.requests import EditRequest, make_request
 
@@ -124,6 +124,9 @@ def edit(
     hparams: an hparams object, or a YAML path (then `alg_name` picks the class, default from the
     folder name hparams/<ALG>/...). context: reuse one across calls to keep templates and
     statistics (new_context() makes one); the default is new_context(max_gpu_memory).
+    name: what statistics and templates are cached under; default util.models.model_name(model):
+    the embedded name for a model loaded by it (so the command line's cache serves), else the
+    name or folder it was loaded from.
     max_gpu_memory: GiB of device memory the edit may hold, weights included (chunk sizes and the
     statistics batch follow from it, util/memory.py); for the default context, a given one carries
     its own (EditContext.max_gpu_memory)."""
@@ -133,7 +136,7 @@ def edit(
         path = Path(hparams)
         hparams = load_algorithm_hparams(alg_name or path.parent.name, str(path))
     prepare_tokenizer(tok)
-    lm = LoadedModel(model, tok, arch_for(model), name or getattr(model.config, "_name_or_path", "") or "model")
+    lm = LoadedModel(model, tok, arch_for(model), name or model_name(model))  # an embedded model: its name, as the CLI
     built = [r if isinstance(r, EditRequest) else make_request(r, f"request {i}") for i, r in enumerate(requests)]
     context = context or new_context(max_gpu_memory)
     return _algorithm_of(hparams).apply(lm, built, hparams, context)

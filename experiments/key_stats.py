@@ -1,13 +1,16 @@
 """Compute (or load from cache) the key second-moment statistics C0 of one or more layers;
 share them as files (util/stats_share.py).
 
-    python experiments/key_stats.py --model_name smollm2-135m --layers 4 --n_samples 200
+    python experiments/key_stats.py --model_name smollm2-135m       # what R-ROME's shipped hparams edit (layer 3)
+    python experiments/key_stats.py --model_name smollm2-135m --alg_name MEMIT   # layers 2-6
     python experiments/key_stats.py --model_name smollm2-135m --layers 2,3,4,5,6 --export stats/smollm2 [--nullspace_threshold 0.02]
     python experiments/key_stats.py --model_name smollm2-135m --import stats/smollm2
 
 --export writes C0 (and with --nullspace_threshold AlphaEdit's null-space basis) as safetensors
 with a JSON manifest; --import checks that manifest against --model_name and puts the matrices in
 this machine's statistics cache, where runs with the same corpus, token count and dtype find them.
+The layers, sample counts and dtype default to those of hparams/<--alg_name>/<model>.yaml, so the
+cached statistics are the ones a run with the shipped hparams looks up.
 """
 from __future__ import annotations
 
@@ -17,7 +20,10 @@ from pathlib import Path
 
 import torch
 
+from editors import hparams_path, load_algorithm_hparams
+from experiments.pipeline.run_config import RunOptions
 from util.cli import run_cli
+from util.errors import KeditError
 from util.corpus import resolve_corpus
 from util.environment import Environment
 from util.models import load_model
@@ -28,12 +34,15 @@ from util.stats_share import export_stats, import_stats, read_manifest
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name", default="smollm2-135m")
-    parser.add_argument("--layers", default="4", help="comma-separated layer indices, e.g. 3,4,5")
+    parser.add_argument("--alg_name", default="R-ROME",
+                        help="whose hparams (hparams/<ALG>/<model>.yaml) give the defaults of --layers, --n_samples, "
+                             "--sample_tokens and --dtype")
+    parser.add_argument("--layers", default=None, help="comma-separated layer indices, e.g. 3,4,5 (default: the hparams')")
     parser.add_argument("--corpus", default=None, help="text/JSONL file or folder (else $KEDIT_CORPUS, "
                         "else streamed Wikipedia when online, else text sampled from the model)")
-    parser.add_argument("--n_samples", type=int, default=200, help="token windows to read")
-    parser.add_argument("--sample_tokens", type=int, default=512, help="tokens per window")
-    parser.add_argument("--dtype", default="float32", help="forward dtype (statistics accumulate in float64)")
+    parser.add_argument("--n_samples", type=int, default=None, help="token windows to read (default: mom2_n_samples)")
+    parser.add_argument("--sample_tokens", type=int, default=None, help="tokens per window (default: mom2_sample_tokens)")
+    parser.add_argument("--dtype", default=None, help="forward dtype (default: mom2_dtype; statistics accumulate in float64)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model-sampled fallback corpus")
     share = parser.add_mutually_exclusive_group()
@@ -42,7 +51,27 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="check DIR's manifest against --model_name and add its statistics to the cache")
     parser.add_argument("--nullspace_threshold", type=float, default=None,
                         help="with --export: also AlphaEdit's null-space basis (eigenvalues of C0 below this)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.import_dir is None:
+        with_hparams_defaults(args)
+    return args
+
+
+FALLBACK = {"n_samples": 200, "sample_tokens": 512, "dtype": "float32"}  # where a model has no shipped hparams
+
+
+def with_hparams_defaults(args: argparse.Namespace) -> None:
+    """Fill the statistics flags not given from hparams/<ALG>/<model>.yaml (mom2_n_samples,
+    mom2_sample_tokens, mom2_dtype and the edited layers); layers are required without such a file."""
+    file = hparams_path(args.alg_name, RunOptions(model_name=args.model_name).hparams_file)
+    hparams = load_algorithm_hparams(args.alg_name, str(file)) if file.is_file() else None
+    if args.layers is None:
+        if hparams is None:
+            raise KeditError(f"--layers not given and {file} does not exist: give the layers to compute, e.g. --layers 3,4")
+        args.layers = ",".join(map(str, hparams.layers))
+    for flag, key in (("n_samples", "mom2_n_samples"), ("sample_tokens", "mom2_sample_tokens"), ("dtype", "mom2_dtype")):
+        if getattr(args, flag) is None:
+            setattr(args, flag, getattr(hparams, key) if hparams is not None else FALLBACK[flag])
 
 
 def describe(layer: int, mom2: torch.Tensor, count: int) -> str:

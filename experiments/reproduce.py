@@ -39,6 +39,7 @@ from experiments.summarize import find_summaries, load_summaries
 from experiments.sweep import EVALUATE, run_local
 from util.cli import run_cli
 from util.errors import KeditError
+from util.files import atomic_write_text
 
 @dataclass(frozen=True)
 class Study:
@@ -120,6 +121,13 @@ def report(study: str, args: argparse.Namespace) -> None:
     runs = {label: sorted((base / source / label).rglob("summary.json"))[-1].parent
             for source, label in labels if list((base / source / label).rglob("summary.json"))}
     docs = Path(args.docs_dir)
+    if not runs:  # never replace a shipped table and plot with an empty one
+        raise KeditError(f"no runs of study '{study}' under {base / study} (no summary.json of "
+                         f"{', '.join(label for _, label in labels)}): {docs / f'results_{study}.md'} and .png left as they are; "
+                         f"check --results_dir, or run the study first")
+    missing = [label for _, label in labels if label not in runs]
+    if missing:
+        print(f"warning: study '{study}': no runs of {', '.join(missing)} under {base}; the table shows the others", file=sys.stderr)
     docs.mkdir(parents=True, exist_ok=True)
     summaries = load_summaries(find_summaries([str(p) for p in runs.values()]))
     table = markdown_table(summaries)
@@ -131,9 +139,9 @@ def report(study: str, args: argparse.Namespace) -> None:
                  f"{paper_markdown(dict(zip(runs, summaries)))}\n")
         write_paper_columns(runs, docs / f"results_{study}_columns.png", spec.title)
     marks = milestones_markdown(runs)
-    (docs / f"results_{study}.md").write_text(f"### {spec.title}\n\n{paper}{table}\nCourse of each run (retention "
-                                              f"scores over the facts scored after each evaluation):\n\n{course}\n"
-                                              f"Milestones (\"-\": not reached):\n\n{marks}")
+    atomic_write_text(docs / f"results_{study}.md", f"### {spec.title}\n\n{paper}{table}\nCourse of each run (retention "
+                                                     f"scores over the facts scored after each evaluation):\n\n{course}\n"
+                                                     f"Milestones (\"-\": not reached):\n\n{marks}")
     write_comparison(runs, docs / f"results_{study}.png", spec.title)
     if study == "batch":
         write_batch_sizes(summaries, docs / "results_batch_sizes.png", spec.title)
@@ -169,12 +177,17 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
 def main(argv=None) -> int:
     args, extra = parse_args(argv)
     studies = list(STUDIES) if args.study == "all" else [args.study]
-    failed = 0
+    failed, unreported = 0, []
     for study in studies:
         if not args.report_only:
             codes = run_local(commands(study, args, extra), Path(args.results_dir) / "reproduce" / study, args.jobs)
             failed += sum(code != 0 for code in codes)
-        report(study, args)
+        try:
+            report(study, args)
+        except KeditError as err:  # the other studies are still reported
+            unreported.append(str(err))
+    if unreported:
+        raise KeditError("; ".join(unreported))
     return 1 if failed else 0
 
 

@@ -4,6 +4,10 @@
     python experiments/summarize.py results/R-ROME --csv table.csv --markdown table.md
     python experiments/summarize.py results/R-ROME/run_003 results/ROME/run_001
 
+A run without summary.json (its first session still running, or stopped by a crash) and a run
+being written now (its folder locked by another process) are shown too, summarised from their
+files as they stand, with the status saying so ("running: pid ...", "unfinished").
+
 Columns: algorithm, model, mode, batch size, edits; ES/PS/NS/S right after each edit ("cur",
 averaged over edits) and over all facts at the last evaluation ("ret"); probe accuracy and
 perplexity before the first edit → at the last evaluation; disabling edits; the protocol that
@@ -21,7 +25,9 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from experiments.reporting.summary import all_tasks, csv_row, markdown_table
+from experiments.pipeline.checkpoint import RUN_NAME
+from experiments.pipeline.runlock import holder
+from experiments.reporting.summary import all_tasks, build_summary, csv_row, markdown_table
 from util.cli import run_cli
 from util.errors import RunError
 
@@ -40,6 +46,39 @@ def find_summaries(paths: Sequence[str]) -> list[Path]:
         else:
             raise RunError(f"'{path}' is neither a run folder, a results folder nor a summary.json")
     return found
+
+
+def find_runs(paths: Sequence[str]) -> list[Path]:
+    """Run folders (holding config.json) in or under the given folders, or of the summary.json
+    files given, in a stable order."""
+    found: list[Path] = []
+    for name in paths:
+        path = Path(name)
+        if path.is_file():
+            found.append(path.parent)
+        elif (path / "config.json").is_file():
+            found.append(path)
+        elif path.is_dir():
+            found.extend(sorted(p.parent for p in path.rglob("config.json") if RUN_NAME.match(p.parent.name)))
+        else:
+            raise RunError(f"'{path}' is neither a run folder, a results folder nor a summary.json")
+    return found
+
+
+def run_summary(folder: Path) -> dict[str, Any]:
+    """The run's summary.json; for a run being written now (its folder locked by another process) or
+    one that has none (a first session running, or killed), a summary of its files as they stand,
+    with a note on stderr. Checking the lock takes it for an instant (experiments/pipeline/runlock.py)."""
+    held = holder(folder)
+    if held is None and (folder / "summary.json").is_file():
+        return load_summaries([folder / "summary.json"])[0]
+    status = f"running: {held}" if held else "unfinished"
+    why = f"is being written ({held})" if held else "has no summary.json (stopped before its session ended: continue it)"
+    print(f"note: {folder} {why}; its row is summarised from its files as they stand", file=sys.stderr)
+    try:
+        return build_summary(folder, status)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise RunError(f"{folder}: cannot be summarised ({type(err).__name__}: {err})") from None
 
 
 def load_summaries(files: Sequence[Path]) -> list[dict[str, Any]]:
@@ -69,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--csv", default=None, help="also write the table as CSV here")
     parser.add_argument("--markdown", default=None, help="also write the Markdown table here")
     args = parser.parse_args(argv)
-    summaries = load_summaries(find_summaries(args.paths))
+    summaries = [run_summary(folder) for folder in find_runs(args.paths)]
     if not summaries:
         raise RunError(f"no summary.json under {', '.join(args.paths)}")
     table = markdown_table(summaries)

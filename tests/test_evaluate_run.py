@@ -28,9 +28,9 @@ def options(tmp_path) -> RunOptions:
 
 
 def without_times(value):
-    """Records minus wall-clock fields, the only ones allowed to differ between equal runs."""
+    """Records minus wall-clock fields (and shares of wall time), the only ones allowed to differ between equal runs."""
     if isinstance(value, dict):
-        return {k: without_times(v) for k, v in value.items() if "second" not in k and k != "run"}
+        return {k: without_times(v) for k, v in value.items() if "second" not in k and k not in ("run", "evaluation_share")}
     if isinstance(value, list):
         return [without_times(v) for v in value]
     return value

@@ -15,11 +15,13 @@ from experiments.pipeline.export import EXPORT_INFO, export_run
 from experiments.pipeline.run import run
 from tests.conftest import tiny_llama_model
 from tests.helpers import tiny_hparams
-from tests.test_evaluate_run import fresh, one_thread, options  # noqa: F401 (fixtures)
+from tests.test_evaluate_run import fresh, options  # noqa: F401 (fixtures)
 from util.arch import arch_for
 from util.errors import RunError
 from util.models import LoadedModel
 from util.paths import PROJECT_ROOT
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def loaded(folder) -> LoadedModel:

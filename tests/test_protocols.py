@@ -23,8 +23,10 @@ from experiments.reporting.plots import write_paper_columns
 from experiments.reporting.summary import paper_curve, table_row
 from experiments.summarize import csv_text
 from tests.helpers import tiny_hparams
-from tests.test_evaluate_run import fresh, one_thread, options  # noqa: F401 (fixtures)
+from tests.test_evaluate_run import fresh, options  # noqa: F401 (fixtures)
 from util.errors import RunError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def score(nll_new, nll_true, argmax=False, token_acc=None) -> PromptScore:

@@ -17,11 +17,13 @@ from experiments.pipeline.checkpoint import RunFolder
 from experiments.pipeline.run import run
 import experiments.pipeline.run as run_module
 from tests.helpers import run_options, tiny_hparams
-from tests.test_evaluate_run import contents, fresh, one_thread, options  # noqa: F401 (fixtures)
+from tests.test_evaluate_run import contents, fresh, options  # noqa: F401 (fixtures)
 from util.cli import run_cli
 from util.errors import RunError
 from util.files import JsonlStream, read_jsonl
 from util.paths import PROJECT_ROOT
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -8,7 +8,10 @@ import signal
 import sys
 from typing import Callable
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from util.errors import KeditError
+from util.progress import quiet_library_bars
 
 
 # glibc mallopt parameters
@@ -51,14 +54,16 @@ def run_cli(main: Callable[[], int | None]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_library_bars()
     previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        code = main()
+        with logging_redirect_tqdm():  # a log line printed while a bar is drawn clears it first
+            code = main()
     except KeditError as err:
         print(f"error: {err}", file=sys.stderr)
         code = 2
     except Terminated:
-        print("terminated (SIGTERM)", file=sys.stderr)
+        print("terminated (SIGTERM)", file=sys.stderr)  # a run has said above how to continue it
         code = Terminated.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

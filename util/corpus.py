@@ -22,6 +22,7 @@ import torch
 from util.environment import online
 from util.errors import CorpusError
 from util.paths import Caches, sha256_file, slug
+from util.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ def generate_texts(model: torch.nn.Module, tok, n_texts: int, seed: int, length:
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     texts: list[str] = []
+    bar = progress(total=n_texts, desc="sampling a statistics corpus from the model (once)", unit="text")
     try:
         while len(texts) < n_texts:
             count = min(batch, n_texts - len(texts))
@@ -145,7 +147,9 @@ def generate_texts(model: torch.nn.Module, tok, n_texts: int, seed: int, length:
                 **enc, do_sample=True, top_k=50, max_new_tokens=length, pad_token_id=tok.pad_token_id
             )
             texts.extend(tok.batch_decode(out, skip_special_tokens=True))
+            bar.update(count)
     finally:
+        bar.close()
         torch.random.set_rng_state(generator_state)
     return texts
 

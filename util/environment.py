@@ -65,12 +65,12 @@ class Environment:
         return Caches(root, Path(self.model_cache_dir).expanduser() if self.model_cache_dir else root / "models")
 
 
-def online(host: str = "huggingface.co", timeout: float = 2.0, offline: bool = False) -> bool:
-    """Whether `host` answers on port 443 within `timeout` seconds; never tried when `offline`."""
+def online(host: str = "huggingface.co", port: int = 443, timeout: float = 2.0, offline: bool = False) -> bool:
+    """Whether `host` answers on `port` within `timeout` seconds; never tried when `offline`."""
     if offline:
         return False
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        socket.create_connection((host, port), timeout=timeout).close()
         return True
     except OSError:
         return False

@@ -39,3 +39,7 @@ class SolverError(KeditError):
 
 class MemoryBudgetError(KeditError):
     """A device memory budget (--max_gpu_memory) too small for one request; says what would fit."""
+
+
+class CacheError(KeditError):
+    """A cache file (statistics, null-space basis) that cannot be read; names it and how to rebuild it."""

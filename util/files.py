@@ -93,8 +93,8 @@ class JsonlStream:
         self._handle.truncate(size)
         self._handle.seek(size)
 
-    def sync(self) -> None:
-        with writing(self.path, "the previous checkpoint is intact"):
+    def sync(self, consequence: str) -> None:
+        with writing(self.path, consequence):
             self._handle.flush()
             os.fsync(self._handle.fileno())
 

@@ -7,17 +7,21 @@ passes (`Caches.models`, from the environment read at a command line's edge) and
 """
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from util.arch import ArchSpec, arch_for
+from util.environment import online
 from util.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -101,14 +105,58 @@ def embedded_tokenizer(name: str, model_cache: Path) -> PreTrainedTokenizerBase:
     return tok
 
 
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth", "*.gguf")
+
+
 def resolve_source(name: str, model_cache: Path) -> str:
     if name in EMBEDDED:
         return str(dequantised_folder(name, model_cache))
     if Path(name).expanduser().is_dir():
-        return str(Path(name).expanduser())
+        return check_folder(Path(name).expanduser(), name)
     if name.startswith((".", "/", "~")):
         raise ModelLoadError(f"model folder '{name}' does not exist")
+    check_hub_name(name)
     return name  # a Hugging Face id
+
+
+def check_folder(folder: Path, name: str) -> str:
+    """A local model folder that holds a config, or one line saying it does not."""
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"model folder '{name}' has no config.json: not a Hugging Face model folder "
+                             f"(save one with model.save_pretrained, or give an embedded name or a hub id)")
+    return str(folder)
+
+
+def check_weights(source: str, name: str) -> None:
+    """A local model folder must hold weights to load (its config alone gives a shape_model)."""
+    folder = Path(source)
+    if folder.is_dir() and not any(any(folder.glob(pattern)) for pattern in WEIGHT_FILES):
+        raise ModelLoadError(f"model folder '{name}' holds no weights (no model.safetensors, pytorch_model.bin "
+                             f"or their index): was model.save_pretrained interrupted?")
+
+
+def check_hub_name(name: str) -> None:
+    """Fail at once, without the hub's retries, for a name that is not in the local Hugging Face
+    cache and either looks like a misspelt embedded name or cannot be fetched (the hub unreachable)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    try:
+        cached = isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid repository id
+        cached = False
+    if cached:
+        return
+    close = difflib.get_close_matches(name, EMBEDDED, n=1, cutoff=0.8)
+    if close and "/" not in name:
+        raise ModelLoadError(f"unknown model '{name}': did you mean the embedded '{close[0]}'? "
+                             f"(not a local folder, not in the Hugging Face cache)")
+    if constants.HF_HUB_OFFLINE:  # offline, transformers looks in the cache alone, at once
+        return
+    endpoint = urlparse(constants.ENDPOINT)
+    if not online(endpoint.hostname or "huggingface.co", endpoint.port or (443 if endpoint.scheme != "http" else 80)):
+        raise ModelLoadError(f"unknown model '{name}': not an embedded name ({', '.join(EMBEDDED)}), not a local folder, "
+                             f"not in the Hugging Face cache, and {endpoint.hostname} cannot be reached")
 
 
 def load_model(name: str, dtype: str = "float32", device: str = "cpu", *, model_cache: Path) -> LoadedModel:
@@ -123,7 +171,11 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", *, model_
     if name.startswith(RANDOM_PREFIX):
         return random_model(name, dtype, device, model_cache=model_cache)
     source, _ = checked_source(name, model_cache)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], trust_remote_code=False, **placement(device))
+    check_weights(source, name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], trust_remote_code=False, **placement(device))
+    except (OSError, ValueError, SafetensorError) as err:  # e.g. a truncated weight file
+        raise ModelLoadError(f"model '{name}' ({source}) cannot be loaded: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     return _loaded(model, source, name)
 
 
@@ -158,6 +210,22 @@ def checked_source(name: str, model_cache: Path) -> tuple[str, PretrainedConfig]
             f"unknown model '{name}': not an embedded name ({', '.join(EMBEDDED)}), "
             f"not a local folder, and not loadable from the Hugging Face hub ({str(err).splitlines()[0]})"
         ) from None
+
+
+def model_name(model: torch.nn.Module) -> str:
+    """The name a model is cached under (statistics, templates) when only the model is at hand (the
+    notebook API): an embedded model's name for its dequantised copy, whose config.json records it
+    (the command line loads it by that name), else the name or folder it was loaded from."""
+    source = getattr(model.config, "_name_or_path", "") or ""
+    config = Path(source) / "config.json" if source else None
+    if config is not None and config.is_file():
+        try:
+            recorded = json.loads(config.read_text(encoding="utf-8")).get("_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if recorded in EMBEDDED and Path(source).name == recorded:
+            return recorded
+    return source or "model"
 
 
 def _loaded(model: torch.nn.Module, source: str, name: str) -> LoadedModel:

@@ -1,6 +1,7 @@
 """Edit requests: what one fact edit asks for, validated once where it enters the program."""
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -36,6 +37,11 @@ def make_request(fields: Mapping[str, Any], where: str = "") -> EditRequest:
     target_true = fields.get("target_true")
     if target_true is not None and (not isinstance(target_true, str) or not target_true.strip()):
         raise RequestError(f"{where}: 'target_true' must be a non-empty string when given, got {target_true!r}")
+    for key in ("prompt", "subject", "target_new", "target_true"):
+        bad = next((c for c in fields.get(key) or "" if unicodedata.category(c) == "Cc" and c not in "\t\n"), None)
+        if bad is not None:  # e.g. a NUL from an escape in YAML ("\0") or JSON ("\u0000"): never part of a fact
+            raise RequestError(f"{where}: '{key}' contains the control character U+{ord(bad):04X} "
+                               f"at position {fields[key].index(bad)}: {fields[key]!r}")
     if prompt.count("{}") != 1:
         if subject in prompt:  # a filled-in prompt: template it at the subject's first occurrence
             prompt = prompt.replace(subject, "{}", 1)

@@ -19,17 +19,22 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+from safetensors.torch import save_file
 
+from util.arch import edited_weight
+from util.checks import checked_tensor, read_tensors
 from util.corpus import Corpus, token_windows
+from util.errors import CacheError
 from util.memory import ModelShape, stats_batch_tokens
 from util.models import DTYPES, LoadedModel, input_device
 from util.nethook import TraceDict
 from util.paths import slug
+from util.progress import progress as progress_bar
 from util.solve import nullspace_basis
 
 log = logging.getLogger(__name__)
+
+DAMAGED = "a damaged cache file; delete it and it is computed again"
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,7 @@ def accumulate_second_moments(
     gram_dtype = torch.float64 if forward_dtype == torch.float64 else torch.float32  # float64 statistics end to end
     count = 0
     start = time.perf_counter()
-    bar = tqdm(total=n_windows, desc="key statistics", unit="window", disable=not progress)
+    bar = progress_bar(total=n_windows, desc="key statistics", unit="window", disable=not progress)
     batch: list[torch.Tensor] = []
 
     def flush() -> None:
@@ -174,7 +179,7 @@ class StatsCache:
         when some are; None: batch_tokens_for, from a GPU's free memory)."""
         n_tokens = n_samples * sample_tokens
         keys = {layer: StatsKey(lm.name, lm.arch.down_proj(layer), corpus.ident, n_tokens, dtype) for layer in layers}
-        result = {layer: self._load(key) for layer, key in keys.items()}
+        result = {layer: self._load(key, edited_weight(lm.model, lm.arch, layer).shape[1]) for layer, key in keys.items()}
         missing = [layer for layer, value in result.items() if value is None]
         if missing:
             log.info("computing key statistics for layers %s over %d tokens of %s", missing, n_tokens, corpus.ident)
@@ -191,14 +196,20 @@ class StatsCache:
                 result[layer] = moment
         return result
 
-    def _load(self, key: StatsKey) -> SecondMoment | None:
+    def _load(self, key: StatsKey, width: int) -> SecondMoment | None:
+        """C0 of `key` (width x width) from memory or disk, checked (readable, square of the key
+        width, finite, a count of keys above 0); None when not cached."""
         if key in self._memory:
             return self._memory[key]
         path = self.path(key)
         if not path.is_file():
             return None
-        tensors = load_file(str(path))
-        moment = SecondMoment(tensors["mom2"], int(tensors["count"].item()), key)
+        tensors = read_tensors(path, CacheError, DAMAGED)
+        mom2 = checked_tensor(tensors, "mom2", (width, width), path, CacheError)
+        count = int(checked_tensor(tensors, "count", (), path, CacheError).item())
+        if count < 1:
+            raise CacheError(f"{path}: tensor 'count' must be at least 1, got {count}: {DAMAGED}")
+        moment = SecondMoment(mom2, count, key)
         self._memory[key] = moment
         return moment
 
@@ -211,7 +222,9 @@ class StatsCache:
         computed there (eigh of m x m: seconds on a GPU) and stored next to C0."""
         key = NullspaceKey(moment.key, threshold)
         if key not in self._bases and self.path(key).is_file():
-            self._bases[key] = load_file(str(self.path(key)))["basis"]
+            path = self.path(key)
+            self._bases[key] = checked_tensor(read_tensors(path, CacheError, DAMAGED), "basis", (moment.mom2.shape[0], None),
+                                              path, CacheError)
         if key in self._bases:
             return self._bases[key].to(device)
         basis = nullspace_basis(moment.mom2.to(device), threshold)

@@ -6,9 +6,10 @@
                                 shape and key count, corpus ident, token count, forward dtype,
                                 and the tensor file's sha256
 
-Importing checks the manifest against the model it is used with (architecture, module names,
-shapes, revision where both know one, and a fingerprint of the weights the statistics depend on)
-and stores the matrices (C0 and, where exported, the null-space basis) in the statistics cache
+Importing checks the manifest (every key present and of its type) against the model it is used
+with (architecture, module names, shapes, revision where both know one, and a fingerprint of the
+weights the statistics depend on), the tensor file against the manifest's SHA-256, and every
+tensor (present, of the model's shape, finite) before it stores anything; then it stores the matrices (C0 and, where exported, the null-space basis) in the statistics cache
 under the importing model's name, where a run with the same corpus, token count and dtype (and,
 for AlphaEdit, nullspace_threshold) finds them instead of computing them.
 """
@@ -16,17 +17,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from util.arch import edited_weight
+from util.checks import checked_tensor, read_tensors
 from util.corpus import Corpus
 from util.errors import KeditError
+from util.files import atomic_write_text
 from util.models import LoadedModel
+from util.paths import sha256_file
 from util.stats import NullspaceKey, SecondMoment, StatsCache, StatsKey
 
 FORMAT = "kedit-key-stats/1"
@@ -35,14 +40,6 @@ MANIFEST, TENSORS = "manifest.json", "key_stats.safetensors"
 
 class StatsShareError(KeditError):
     """A statistics folder that is missing, corrupted, or made for another model."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @torch.no_grad()
@@ -81,28 +78,62 @@ def export_stats(lm: LoadedModel, layers: list[int], corpus: Corpus, n_samples: 
             entry["nullspace"] = {"tensor": f"layer.{layer}.nullspace", "threshold": nullspace_threshold, "rank": basis.shape[1]}
             tensors[entry["nullspace"]["tensor"]] = basis.contiguous()
         entries.append(entry)
-    save_file(tensors, str(out / TENSORS))
+    tmp = out / (TENSORS + ".partial")  # whole files only: the tensors, then the manifest naming their SHA-256
+    save_file(tensors, str(tmp))
+    os.replace(tmp, out / TENSORS)
     manifest = {
         "format": FORMAT, "model": lm.name, "model_type": lm.model.config.model_type, "revision": revision(lm),
         "fingerprint": fingerprint(lm, max(layers)), "fingerprint_layers": max(layers),
         "corpus": corpus.ident, "corpus_kind": corpus.kind, "n_samples": n_samples, "sample_tokens": sample_tokens,
         "n_tokens": n_samples * sample_tokens, "dtype": dtype, "layers": entries,
-        "tensors_sha256": file_sha256(out / TENSORS), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "tensors_sha256": sha256_file(out / TENSORS), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return out
 
 
+# The manifest's keys and their types (util/stats_share.py writes them); a layer entry's too.
+MANIFEST_KEYS: dict[str, tuple[type, ...]] = {
+    "model": (str,), "model_type": (str,), "revision": (str, type(None)), "fingerprint": (str,), "fingerprint_layers": (int,),
+    "corpus": (str,), "corpus_kind": (str,), "n_samples": (int,), "sample_tokens": (int,), "n_tokens": (int,),
+    "dtype": (str,), "layers": (list,), "tensors_sha256": (str,),
+}
+LAYER_KEYS: dict[str, tuple[type, ...]] = {"layer": (int,), "module": (str,), "shape": (list,), "count": (int,),
+                                           "mom2": (str,), "nullspace": (dict, type(None))}
+NULLSPACE_KEYS: dict[str, tuple[type, ...]] = {"tensor": (str,), "threshold": (int, float), "rank": (int,)}
+
+
+def _check_keys(values: Any, keys: dict[str, tuple[type, ...]], where: Path, prefix: str) -> None:
+    """Every key of `keys` present with a value of its types (a bool is no number)."""
+    if not isinstance(values, dict):
+        raise StatsShareError(f"{where}: {prefix.rstrip('.') or 'the manifest'} must be a mapping, got {values!r}")
+    for key, types in keys.items():
+        if key not in values:
+            raise StatsShareError(f"{where}: key '{prefix}{key}' is missing")
+        value = values[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise StatsShareError(f"{where}: key '{prefix}{key}' must be {names}, got {value!r}")
+
+
 def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of an exported statistics folder, with every key present and of its type."""
     path = folder / MANIFEST
     if not path.is_file():
         raise StatsShareError(f"{path} does not exist: not an exported statistics folder (key_stats.py --export)")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise StatsShareError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise StatsShareError(f"{path}: key 'format' must be {FORMAT!r}")
+    _check_keys(manifest, MANIFEST_KEYS, path, "")
+    for i, entry in enumerate(manifest["layers"]):
+        _check_keys(entry, LAYER_KEYS, path, f"layers[{i}].")
+        if len(entry["shape"]) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) for n in entry["shape"]):
+            raise StatsShareError(f"{path}: key 'layers[{i}].shape' must be two whole numbers, got {entry['shape']!r}")
+        if entry["nullspace"] is not None:
+            _check_keys(entry["nullspace"], NULLSPACE_KEYS, path, f"layers[{i}].nullspace.")
     return manifest
 
 
@@ -115,7 +146,7 @@ def check_manifest(manifest: dict[str, Any], lm: LoadedModel, where: Path) -> No
         raise StatsShareError(f"{where}: revision {manifest['revision']} of {manifest['model']}, but {lm.name} is at {revision(lm)}")
     for entry in manifest["layers"]:
         layer = entry["layer"]
-        if layer >= lm.model.config.num_hidden_layers or entry["module"] != lm.arch.down_proj(layer):
+        if not 0 <= layer < lm.model.config.num_hidden_layers or entry["module"] != lm.arch.down_proj(layer):
             raise StatsShareError(f"{where}: layer {layer} ({entry['module']}) does not exist in {lm.name}")
         width = edited_weight(lm.model, lm.arch, layer).shape[1]
         if entry["shape"] != [width, width]:
@@ -126,20 +157,30 @@ def check_manifest(manifest: dict[str, Any], lm: LoadedModel, where: Path) -> No
 
 
 def import_stats(lm: LoadedModel, folder: str | Path, cache: StatsCache) -> list[StatsKey]:
-    """Check `folder` against `lm` and store its C0 matrices in `cache`; returns their keys."""
+    """Check `folder` against `lm` and store its C0 matrices in `cache`; returns their keys. Every
+    tensor is checked (present, of the model's shape, finite, a count of keys above 0) before
+    anything is stored, so a refused folder leaves the cache as it was."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     where = folder / MANIFEST
     check_manifest(manifest, lm, where)
     tensor_file = folder / TENSORS
-    if not tensor_file.is_file() or file_sha256(tensor_file) != manifest["tensors_sha256"]:
+    if not tensor_file.is_file() or sha256_file(tensor_file) != manifest["tensors_sha256"]:
         raise StatsShareError(f"{tensor_file}: missing or corrupted (sha256 differs from {where})")
-    tensors = load_file(str(tensor_file))
-    keys = []
+    tensors = read_tensors(tensor_file, StatsShareError, "export the statistics again")
+    moments, bases = [], []
     for entry in manifest["layers"]:
+        width = edited_weight(lm.model, lm.arch, entry["layer"]).shape[1]
+        mom2 = checked_tensor(tensors, entry["mom2"], (width, width), tensor_file, StatsShareError)
+        if entry["count"] < 1:
+            raise StatsShareError(f"{where}: key 'count' of layer {entry['layer']} must be at least 1, got {entry['count']}")
         key = StatsKey(lm.name, entry["module"], manifest["corpus"], manifest["n_tokens"], manifest["dtype"])
-        cache.store(SecondMoment(tensors[entry["mom2"]], entry["count"], key))
+        moments.append(SecondMoment(mom2, entry["count"], key))
         if entry["nullspace"]:  # AlphaEdit runs with this threshold load it instead of an eigh
-            cache.store_nullspace(NullspaceKey(key, entry["nullspace"]["threshold"]), tensors[entry["nullspace"]["tensor"]])
-        keys.append(key)
-    return keys
+            basis = checked_tensor(tensors, entry["nullspace"]["tensor"], (width, None), tensor_file, StatsShareError)
+            bases.append((NullspaceKey(key, entry["nullspace"]["threshold"]), basis))
+    for moment in moments:
+        cache.store(moment)
+    for key, basis in bases:
+        cache.store_nullspace(key, basis)
+    return [moment.key for moment in moments]

@@ -23,6 +23,7 @@ import torch
 from data.records import CaseRecord
 from experiments.metrics.formulas import mean, ngram_entropy
 from util.models import LoadedModel, input_device
+from util.progress import progress
 
 TERM = re.compile(r"(?u)\b\w\w+\b")  # sklearn TfidfVectorizer's default token pattern, lowercased
 
@@ -105,7 +106,7 @@ def generate(
     sampling = {"do_sample": True, "top_k": top_k, "top_p": 1.0, "temperature": 1.0} if top_k else {"do_sample": False}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for start in range(0, len(order), batch_size):
+        for start in progress(range(0, len(order), batch_size), desc=f"generating from {len(prompts)} prompts", unit="batch", leave=False):
             rows = order[start : start + batch_size]
             ids, mask = left_pad([encoded[i] for i in rows], tok.pad_token_id)
             longest = max(budget[i] for i in rows)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from util.models import LoadedModel, input_device
+from util.progress import progress
 from util.tokens import right_pad
 
 
@@ -65,7 +66,7 @@ def nll_of_ids(lm: LoadedModel, ids: Sequence[int], window: int, batch_size: int
     head = lm.model.get_submodule(lm.arch.unembed)
     device = input_device(lm.model)
     total, count = 0.0, 0
-    for start in range(0, len(windows), batch_size):
+    for start in progress(range(0, len(windows), batch_size), desc=f"perplexity of {len(ids)} tokens", unit="batch", leave=False):
         batch, mask = right_pad(windows[start : start + batch_size], lm.tok.pad_token_id)
         batch, mask = batch.to(device), mask.to(device)
         hidden = lm.model.base_model(input_ids=batch, attention_mask=mask, use_cache=False).last_hidden_state

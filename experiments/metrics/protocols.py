@@ -49,6 +49,7 @@ class Protocol:
     zsre_accuracy: str  # without a true target (zsRE): <section>_acc (every token) or <section>_token_acc (per token)
     scale: float  # multiplier of the papers' columns
     definitions: Mapping[str, str] = field(default_factory=dict)  # column -> what it is under this protocol
+    few_shot: bool = True  # its probes show --number_of_few_shots solved examples (else zero-shot whatever the flag)
 
 
 def _likelihood_probe(lm: LoadedModel, probe, options) -> ProbeResult:
@@ -61,8 +62,8 @@ def _generated_probe(lm: LoadedModel, probe, options) -> ProbeResult:
 
 KEDIT = Protocol(
     name="kedit",
-    description="3-shot probes by label-word log-likelihood, seeded items; generation: --generation_tokens new tokens "
-                "from the latest facts' prompts; fractions",
+    description="few-shot probes by label-word log-likelihood on a seeded sample of items; generation from the latest "
+                "facts' prompts; fractions",
     option_defaults={},
     score_probe=_likelihood_probe,
     probe_items="seeded",
@@ -77,16 +78,17 @@ KEDIT = Protocol(
         "Efficacy": "rewrite prompt: P(new) > P(true) by mean per-token NLL (zsRE: every token of the new target is the argmax)",
         "Generalization": "paraphrase prompts, as Efficacy",
         "Specificity": "neighbourhood prompts: P(true) > P(new) (zsRE: every token of the NQ answer is the argmax)",
-        "Fluency": "weighted 2/3-gram entropy (bits) of prompt + 40 sampled tokens (top-5), latest facts' prompts",
+        "Fluency": "weighted 2/3-gram entropy (bits) of prompt + --generation_tokens sampled tokens (top-5), latest facts' prompts",
         "Consistency": "TF-IDF cosine of the generated texts with the record's attribute prompts",
-        "probes": "3-shot, seeded draw; label word with the highest summed log-likelihood; accuracy",
+        "probes": "--number_of_few_shots shots (seeded draw); label word with the highest summed log-likelihood; accuracy",
     },
 )
 
 ALPHAEDIT = Protocol(
     name="alphaedit",
-    description="AlphaEdit's evaluation: zero-shot probes answered by 5 greedy tokens, first 100 items, 6 tasks; "
-                "generation 100 tokens in all over every edited fact at the end; zsRE per-token accuracy; x100",
+    description="AlphaEdit's evaluation: zero-shot probes in its wording answered by 5 greedy tokens on the first items "
+                "of each task (its defaults: 100 items, 6 tasks); generation 100 tokens in all over every edited fact "
+                "at the end; zsRE per-token accuracy; x100",
     option_defaults={"number_of_few_shots": 0, "number_of_tests": 100,
                      "downstream_tasks": ("sst2", "mrpc", "cola", "rte", "mmlu", "nli")},
     score_probe=_generated_probe,
@@ -107,8 +109,9 @@ ALPHAEDIT = Protocol(
                    "generation prompt of every edited fact after the last edit",
         "Consistency": "TF-IDF cosine x100 of those texts with the record's attribute prompts (AlphaEdit: Wikipedia "
                        "snippets about target_new, not shipped offline)",
-        "probes": "zero-shot in AlphaEdit's wording, first 100 test items, 5 greedy tokens, keyword rule; weighted F1",
+        "probes": "zero-shot in AlphaEdit's wording, the first --number_of_tests test items, 5 greedy tokens, keyword rule; weighted F1",
     },
+    few_shot=False,
 )
 
 PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (KEDIT, ALPHAEDIT)}

@@ -22,6 +22,7 @@ from transformers import DynamicCache
 
 from util.errors import RequestError
 from util.models import LoadedModel, input_device
+from util.progress import progress
 from util.tokens import encode_with_target, right_pad
 
 Row = tuple[int, ...]
@@ -83,7 +84,8 @@ def score_continuations(
         by_row.setdefault(pair.row, []).append(index)
     results: list[ContinuationScore | None] = [None] * len(pairs)
     head = lm.model.get_submodule(lm.arch.unembed)
-    for batch_rows, states in _final_states(lm, rows, positions, batch_size, max_tokens, prefix):
+    batches = _final_states(lm, rows, positions, batch_size, max_tokens, prefix)
+    for batch_rows, states in progress(batches, desc=f"scoring {len(pairs)} continuations", unit="batch", leave=False):
         where.clear()
         offset = 0
         for row in batch_rows:

@@ -6,7 +6,7 @@
         checkpoint/state.json          the commit point: position, stream sizes, run state, manifest
         checkpoint/weights_<n>_<sha>.safetensors   the edited matrices after n edits (only those)
         checkpoint/context_<n>_<sha>.safetensors   tensors of EditContext.state, if any
-    results/<ALG>/.run_NNN.lock        held by the one process writing the run (experiments/pipeline/runlock.py)
+    results/<ALG>/.run_NNN.lock        who holds the run folder's lock (experiments/pipeline/runlock.py)
 
 A checkpoint is committed by atomically replacing state.json (temporary name, fsync, rename),
 which names its weight files and records their sizes and SHA-256 (the manifest); files of older
@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load, save
+from safetensors.torch import save
 
 from experiments.pipeline.runlock import RunLock
+from util.checks import read_tensors
 from util.errors import RunError
 from util.files import JsonlStream, atomic_write_bytes, jsonable, writing
 from util.paths import sha256_file
@@ -136,11 +136,14 @@ class RunFolder:
     def save_checkpoint(self, ckpt: Checkpoint) -> None:
         """Write the checkpoint's files, then commit it by replacing state.json. An I/O error ends
         in one line; the previous checkpoint (state.json and the files it names) stays valid."""
-        consequence = f"the previous checkpoint is intact: fix the cause and continue with --continue_from_run {self.path.name}"
+        if (self.checkpoints / "state.json").is_file():
+            consequence = f"the previous checkpoint is intact: fix the cause and continue with --continue_from_run {self.path}"
+        else:  # the run's first checkpoint: there is nothing to continue from
+            consequence = "no checkpoint of this run was written yet, so it cannot be continued: fix the cause and start it again"
         with writing(self.checkpoints, consequence):
             self.checkpoints.mkdir(exist_ok=True)
         for stream in self.streams.values():
-            stream.sync()
+            stream.sync(consequence)
         tag = f"{ckpt.n_edits:06d}_{ckpt.position:06d}"
         files, blobs, manifest = {}, {}, {}
         for kind, tensors in (("weights", ckpt.weights), ("context", ckpt.context)):
@@ -182,8 +185,19 @@ class RunFolder:
     def verify(self) -> dict[str, Any]:
         """The checkpoint's state.json, after checking that it and every file it describes are whole;
         one line naming the file otherwise. Reads only."""
-        path = self.checkpoints / "state.json"
         cannot = "this run cannot be continued; start a new run or restore the file"
+        data = self.committed(cannot)
+        for name in data["files"].values():
+            self.verify_file(data, name, cannot)
+        clean_end = data["state"].get("status") != "running"
+        for name in STREAMS:
+            self._verify_stream(self.path / f"{name}.jsonl", data["sizes"].get(name, 0), clean_end)
+        return data
+
+    def committed(self, cannot: str) -> dict[str, Any]:
+        """The committed checkpoint's state.json, whole (its files are not checked); one line
+        naming it, followed by `cannot`, where it is missing or damaged."""
+        path = self.checkpoints / "state.json"
         if not path.is_file():
             raise RunError(f"{path} missing: {cannot}")
         try:
@@ -192,27 +206,24 @@ class RunFolder:
             raise RunError(f"{path} is damaged ({err}): {cannot}") from None
         if not isinstance(data, dict) or any(key not in data for key in CHECKPOINT_KEYS):
             raise RunError(f"{path} is damaged (it lacks one of {', '.join(CHECKPOINT_KEYS)}): {cannot}")
-        manifest = data.get("manifest")
-        if manifest is None:
+        if data.get("manifest") is None:
             log.warning("%s predates checkpoint manifests: its files are checked for presence only", path)
-        for name in data["files"].values():
-            self._verify_file(self.checkpoints / name, (manifest or {}).get(name), cannot)
-        clean_end = data["state"].get("status") != "running"
-        for name in STREAMS:
-            self._verify_stream(self.path / f"{name}.jsonl", data["sizes"].get(name, 0), clean_end)
         return data
 
-    @staticmethod
-    def _verify_file(path: Path, entry: dict[str, Any] | None, cannot: str) -> None:
+    def verify_file(self, committed: dict[str, Any], name: str, cannot: str) -> Path:
+        """checkpoint/<name>, checked against the size and SHA-256 the committed state.json records."""
+        path = self.checkpoints / name
         if not path.is_file():
             raise RunError(f"{path} missing: {cannot}")
+        entry = (committed.get("manifest") or {}).get(name)
         if entry is None:
-            return
+            return path
         size = path.stat().st_size
         if size != entry["bytes"]:
             raise RunError(f"{path} holds {size} bytes, the checkpoint recorded {entry['bytes']}: {cannot}")
         if sha256_file(path) != entry["sha256"]:
             raise RunError(f"{path} differs from the checkpoint's SHA-256: {cannot}")
+        return path
 
     @staticmethod
     def _verify_stream(path: Path, recorded: int, clean_end: bool) -> None:
@@ -241,8 +252,4 @@ class RunFolder:
         return Checkpoint(data["position"], data["n_edits"], data["sizes"], weights, context, data["state"])
 
     def _tensors(self, name: str) -> dict[str, torch.Tensor]:
-        path = self.checkpoints / name
-        try:
-            return load(path.read_bytes())
-        except (OSError, SafetensorError) as err:
-            raise RunError(f"{path} cannot be read ({err}): this run cannot be continued; start a new run or restore the file") from None
+        return read_tensors(self.checkpoints / name, RunError, "this run cannot be continued; start a new run or restore the file")

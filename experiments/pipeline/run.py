@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data.records import CaseRecord
@@ -33,6 +32,7 @@ from rome.editor import EditResult
 from rome.hparams import EditHyperParams
 from util.deltas import restore
 from util.models import LoadedModel
+from util.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def execute(s: Session) -> None:
     else:
         guarded(s, baseline)
         save_checkpoint(s)
-    bar = tqdm(total=len(s.cases), initial=s.n_edits, unit="edit", desc=f"{s.options.alg_name} {s.options.mode}")
+    bar = progress(total=len(s.cases), initial=s.n_edits, unit="edit", desc=f"{s.options.alg_name} {s.options.mode}")
     try:
         while s.position < s.n_batches:
             before = s.n_edits
@@ -87,7 +87,7 @@ def execute(s: Session) -> None:
                 break
             if stop_at is not None and s.n_edits >= stop_at and s.position < s.n_batches:
                 s.status = "paused"
-                log.info("paused after %d edits (--stop_after); continue with --continue_from_run %s", s.n_edits, s.folder.path.name)
+                log.info("paused after %d edits (--stop_after); %s", s.n_edits, continue_hint(s))
                 break
             if outcome.evaluated:
                 save_checkpoint(s)
@@ -109,8 +109,13 @@ def guarded(s: Session, step: Callable[[Session], Any]) -> Any:
         s.status = "interrupted"
         save_checkpoint(s)
         finish(s)
-        log.warning("interrupted: checkpoint after %d edits in %s", s.n_edits, s.folder.path)
+        log.warning("interrupted: checkpoint after %d of %d edits in %s; %s", s.n_edits, len(s.cases), s.folder.path, continue_hint(s))
         raise
+
+
+def continue_hint(s: Session) -> str:
+    """How to continue the session's run (its folder's path holds the algorithm and results root)."""
+    return f"continue with: python experiments/evaluate.py --continue_from_run {s.folder.path}"
 
 
 def save_checkpoint(s: Session) -> None:

@@ -22,7 +22,7 @@ import transformers
 
 from data.cases import NO_OP, case_file, dataset_for, select_cases
 from data.records import CaseRecord
-from editors import Algorithm, algorithm, load_algorithm_hparams
+from editors import Algorithm, algorithm, hparams_path, load_algorithm_hparams
 from experiments.pipeline.checkpoint import Checkpoint, RunFolder
 from experiments.pipeline.evals import EvalSuite
 from experiments.pipeline.health import UpdateHealth
@@ -178,10 +178,13 @@ def prepare(options: RunOptions, lm: LoadedModel | None, hparams: EditHyperParam
             stored: dict[str, Any] | None = None, where: Path | None = None) -> Prepared:
     """Load and check what the options name; `stored` (a continued run's config.json at `where`)
     supplies the hparams. The model's edited matrices are read (W0) before anything edits them."""
+    given = hparams is not None
     hparams = resolve_hparams(options, hparams, stored, where)
     selection = select_cases(options.ds_name, options.data_dir, options.dataset_size_limit, options.custom_path, options.environment)
     lm = lm or load_model(options.model_name, options.dtype, options.device, model_cache=options.environment.caches.models)
-    hparams.check_model(lm.model.config.num_hidden_layers)
+    source = (f"{where}/config.json" if stored is not None else "hparams" if given
+              else str(hparams_path(options.alg_name, options.hparams_file)))
+    hparams.check_model(lm.model.config.num_hidden_layers, f"{source} (used with {lm.name})")
     suite = EvalSuite(lm, options, [case.request.subject for case in selection.cases])
     weights0 = snapshot(lm.model, [lm.arch.weight_name(layer) for layer in hparams.layers])
     files = {"cases": str(case_file(options.ds_name, options.data_dir, options.custom_path, options.environment)),

@@ -4,10 +4,15 @@
     retention.png   ES/PS/NS/S over all facts edited so far, and right after each edit
     norms.png       ||Delta|| per batch, ||W - W0|| and ||W|| per edited matrix
 
-Disabling edits are marked by red dotted vertical lines in every panel.
+Disabling edits are marked by red dotted vertical lines in every panel. A panel with a single
+point gets a readable range (not matplotlib's +-0.05 around it with an offset label); a panel with
+nothing measured says so; panels for measurements a run does not make (probes with
+--downstream_tasks none) are not drawn; ES is drawn above S, PS and NS, each with its own marker, so
+that equal scores do not hide it.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +20,9 @@ from experiments.reporting.summary import mean_probe_accuracy
 from util.files import read_jsonl, writing
 
 SCORES = ("ES", "PS", "NS", "S")
+# Drawn S first and ES last (on top), each with its own marker: equal scores (often all 1.0) stay visible.
+SCORE_STYLE = {"S": dict(marker="D", linestyle="--", linewidth=2.5, alpha=0.5, markerfacecolor="none", zorder=2.1),
+               "NS": dict(marker="^", zorder=2.2), "PS": dict(marker="s", zorder=2.3), "ES": dict(marker="o", zorder=2.4)}
 
 
 def _mark_disabling(ax, disabling: list[int]) -> None:
@@ -29,6 +37,7 @@ def _finish(fig, ax_list, path: Path, title: str) -> None:
         ax.set_xlabel("number of edits")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
+        _readable_range(ax)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.suptitle(title)
@@ -39,9 +48,34 @@ def _finish(fig, ax_list, path: Path, title: str) -> None:
         tmp.replace(path)
 
 
+def _readable_range(ax) -> None:
+    """Where the data span no range (one point, a flat line), a range around it and plain tick
+    labels; an empty panel says that nothing was measured yet."""
+    if not ax.has_data():
+        ax.text(0.5, 0.5, "nothing measured yet", transform=ax.transAxes, ha="center", va="center", color="gray")
+        return
+    (x0, y0), (x1, y1) = ax.dataLim.get_points()
+    if ax.get_autoscalex_on() and math.isfinite(x0 + x1) and x1 - x0 < 1:  # edit counts are whole numbers
+        ax.set_xlim(x0 - 1 if x0 >= 1 else x0 - 0.5, x1 + 1)
+    flat = math.isfinite(y0 + y1) and y1 - y0 <= 1e-9 * max(abs(y0), abs(y1), 1e-12)
+    if ax.get_autoscaley_on() and ax.get_yscale() == "linear" and flat:
+        pad = 0.05 * abs(y0) if y0 else 0.05
+        ax.set_ylim(y0 - pad, y1 + pad)
+    if ax.get_yscale() == "linear":
+        ax.ticklabel_format(axis="y", useOffset=False)
+
+
 def plot_downstream(plt, rows: list[dict[str, Any]], disabling: list[int], path: Path, title: str) -> None:
     probes = [r for r in rows if r["kind"] == "probe"]
     ppl = [r for r in rows if r["kind"] == "perplexity"]
+    if not probes:  # no probe tasks (--downstream_tasks none): the perplexity panel alone
+        fig, ax = plt.subplots(1, 1, figsize=(6, 4))
+        if ppl:
+            ax.plot([r["n_edits"] for r in ppl], [r["perplexity"] for r in ppl], marker="o", color="black", label="WikiText-2")
+        ax.set_ylabel("perplexity")
+        _mark_disabling(ax, disabling)
+        _finish(fig, [ax], path, title + " (no probe tasks)")
+        return
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for ax, metric in zip(axes.flat, ("accuracy", "macro_f1", "mcc")):
         for task in dict.fromkeys(r["task"] for r in probes):
@@ -64,13 +98,14 @@ def plot_downstream(plt, rows: list[dict[str, Any]], disabling: list[int], path:
 def plot_retention(plt, rows, edits, disabling: list[int], path: Path, title: str) -> None:
     retention = [r for r in rows if r["kind"] == "retention"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for key in SCORES:
+    for i, key in enumerate(SCORES):
+        style = {"color": f"C{i}", **SCORE_STYLE[key]}
         points = [(r["n_edits"], r[key]) for r in retention if r.get(key) is not None]
         if points:
-            axes[0].plot(*zip(*points), marker="o", label=key)
+            axes[0].plot(*zip(*points), label=key, **style)
         points = [(e["n_edits"], e["current"][key]) for e in edits if e["current"].get(key) is not None]
         if points:
-            axes[1].plot(*zip(*points), marker=".", label=key)
+            axes[1].plot(*zip(*points), label=key, **{**style, "markersize": 4})
     axes[0].set_ylabel("score over all facts edited so far")
     axes[1].set_ylabel("score of the batch just edited")
     for ax in axes:
@@ -136,8 +171,8 @@ def write_comparison(runs: dict[str, Path], out: Path, title: str) -> Path:
             retention = [(r["n_edits"], r["S"], r["ES"]) for r in rows if r["kind"] == "retention" and r.get("ES") is not None]
             if retention:
                 x, s, es = zip(*retention)
-                axes[0, 0].plot(x, es, marker="o", color=color, label=f"{label} ES")
-                axes[0, 0].plot(x, [v if v is not None else float("nan") for v in s], marker=".", linestyle="--", color=color, label=f"{label} S")
+                axes[0, 0].plot(x, [v if v is not None else float("nan") for v in s], color=color, label=f"{label} S", **SCORE_STYLE["S"])
+                axes[0, 0].plot(x, es, color=color, label=f"{label} ES", **SCORE_STYLE["ES"])
             ns = [(r["n_edits"], r["NS"]) for r in rows if r["kind"] == "retention" and r.get("NS") is not None]
             if ns:
                 grid[0, 2].plot(*zip(*ns), marker="o", color=color, label=label)
@@ -209,7 +244,7 @@ def batch_size_points(summary: dict[str, Any]) -> dict[str, float | None]:
     (mean over batches), a sequential-batched run's retention after its last edit; the known-facts
     probe and perplexity at its last evaluation."""
     scores = summary["current"] if summary["mode"] == "batched" else (summary["retained"] or {})
-    last = lambda pair, key: pair["last"][key] if pair else None  # noqa: E731
+    last = lambda pair, key: (pair["last"] or {}).get(key) if pair else None  # noqa: E731
     return {**{k: scores.get(k) for k in SCORES}, "known": last(summary.get("known"), "accuracy"),
             "perplexity": last(summary.get("perplexity"), "perplexity")}
 

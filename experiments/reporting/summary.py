@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from experiments.metrics.counterfact import SECTIONS, CaseResult, PromptScore, summarize
-from experiments.metrics.protocols import COLUMNS, paper_columns, protocol
+from experiments.metrics.protocols import COLUMNS, Protocol, paper_columns, protocol
 from util.files import atomic_write_json, atomic_write_text, read_jsonl
 
 SCORES = ("ES", "PS", "NS", "S")
@@ -29,10 +29,34 @@ def case_result(row: dict[str, Any]) -> CaseResult:
 
 
 def first_last(rows: list[dict[str, Any]], keys: Sequence[str], name: str) -> dict[str, Any] | None:
+    """The first row and the last one measured later ("last": None while there is none: a run
+    evaluated only before its first edit has no "after", not the same number twice)."""
     if not rows:
         return None
-    ends = {end: {"n_edits": row["n_edits"], **{k: row.get(k) for k in keys}} for end, row in (("first", rows[0]), ("last", rows[-1]))}
+    later = rows[-1] if rows[-1]["n_edits"] > rows[0]["n_edits"] else None
+    ends = {end: {"n_edits": row["n_edits"], **{k: row.get(k) for k in keys}} if row else None
+            for end, row in (("first", rows[0]), ("last", later))}
     return {"protocol": name, **ends}
+
+
+def run_setup(options: dict[str, Any]) -> dict[str, Any]:
+    """What a run measured with (its probe and generation options), for the texts that describe it."""
+    keys = ("downstream_tasks", "number_of_tests", "number_of_few_shots", "generation_test_interval", "generation_tokens")
+    return {key: options.get(key) for key in keys}
+
+
+def setup_text(setup: dict[str, Any] | None, spec: Protocol) -> str:
+    """"probes sst2, mrpc (20 items each, 3-shot); generation of 40 new tokens every 10 edits": what a
+    run measured with (run_setup) under protocol `spec` (whose choices override some options)."""
+    if not setup:
+        return "its probe and generation settings were not recorded"
+    tasks = setup.get("downstream_tasks") or []
+    shots = setup.get("number_of_few_shots") if spec.few_shot else 0
+    probes = f"probes {', '.join(tasks)} ({setup.get('number_of_tests')} items each, {shots}-shot)" if tasks else "no probes"
+    every = setup.get("generation_test_interval")
+    length = (f"up to {spec.generation_length} tokens in all" if spec.generation_length
+              else f"{setup.get('generation_tokens')} new tokens")
+    return f"{probes}; {f'generation of {length} every {every} edits' if every else 'no generation tests'}"
 
 
 def run_protocol(config: dict[str, Any]) -> str:
@@ -59,6 +83,7 @@ def build_summary(path: Path, status: str) -> dict[str, Any]:
     generation = of_kind(rows, "generation")
     final_drift = edits[-1]["health"]["drift_norm"] if edits else None
     ppl = of_kind(rows, "perplexity")
+    periodic = retention + of_kind(rows, "probe") + ppl
     disabling = [{"batch": e["batch"], "n_edits": e["n_edits"], "case_ids": e["case_ids"], "reasons": e["disabling"]}
                  for e in edits if e["disabling"]]
     return {
@@ -66,6 +91,8 @@ def build_summary(path: Path, status: str) -> dict[str, Any]:
         "batch_size": config["batch_size"], "layers": config["hparams"]["layers"], "seed": config["seed"],
         "git_commit": config["git_commit"],
         "status": status, "n_edits": n_edits, "n_cases": config["n_cases"], "protocol": name,
+        "setup": run_setup(config.get("options", {})),
+        "evaluated_at": max((r["n_edits"] for r in periodic), default=None),  # the last evaluation's edit count
         "n_skipped": len(config.get("skipped_cases", {}).get("case_ids", [])),  # records asking for no change
         "current": {"protocol": name, **summarize([case_result(r) for r in current_rows])},
         "retained": {"protocol": name, **{k: v for k, v in retention[-1].items() if k not in ("kind", "seconds")}} if retention else None,
@@ -77,7 +104,8 @@ def build_summary(path: Path, status: str) -> dict[str, Any]:
         "generation": first_last(generation, ("fluency", "consistency", "scope"), name),
         "paper": {"protocol": name, "n_edits": n_edits,
                   **paper_columns(name, retention[-1] if retention else None, generation[-1] if generation else None),
-                  "perplexity": ppl[-1]["perplexity"] if ppl else None, "||W - W0||": final_drift},
+                  "perplexity": ppl[-1]["perplexity"] if ppl and (ppl[-1]["n_edits"] or not n_edits) else None,
+                  "||W - W0||": final_drift},
         "max_delta_norm": max((e["health"]["delta_norm"] for e in edits), default=None),
         "final_drift_norm": final_drift,
         "disabling": disabling, "n_disabling": len(disabling),
@@ -109,7 +137,8 @@ def fmt(value: Any, digits: int = 3) -> str:
 def change(pair: dict[str, Any] | None, key: str, digits: int = 3) -> str:
     if not pair:
         return "-"
-    return f"{fmt(pair['first'].get(key), digits)} → {fmt(pair['last'].get(key), digits)}"
+    last = pair["last"]
+    return f"{fmt(pair['first'].get(key), digits)} → {fmt(last.get(key), digits) if last else '-'}"
 
 
 def layer_text(layers: list[int] | None) -> str:
@@ -151,11 +180,13 @@ def csv_row(summary: dict[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
         pair = summary["probes"].get(task)
         for metric in PROBE_METRICS:
             for end in ("first", "last"):
-                row[f"{task}_{metric}_{end}"] = pair[end].get(metric) if pair else None
+                row[f"{task}_{metric}_{end}"] = pair[end].get(metric) if pair and pair[end] else None
+    known = summary.get("known")
     for end in ("first", "last"):
-        row[f"known_{end}"] = summary["known"][end]["accuracy"] if summary.get("known") else None
+        row[f"known_{end}"] = known[end]["accuracy"] if known and known[end] else None
     for end in ("first", "last"):
-        row[f"perplexity_{end}"] = summary["perplexity"][end]["perplexity"] if summary["perplexity"] else None
+        ppl = summary["perplexity"]
+        row[f"perplexity_{end}"] = ppl[end]["perplexity"] if ppl and ppl[end] else None
     paper = summary.get("paper") or {}
     row.update({column: paper.get(column) for column in COLUMNS})
     row["final_drift_norm"] = summary.get("final_drift_norm")
@@ -285,7 +316,12 @@ def curve_markdown(runs: dict[str, Path]) -> str:
 def summary_markdown(summary: dict[str, Any]) -> str:
     spec = protocol(summary.get("protocol", "kedit"))
     lines = [f"# {summary['alg_name']} on {summary['model']}: {summary['mode']}, {summary['n_edits']} edits ({summary['status']})", "",
-             f"Protocol `{spec.name}` (every number below): {spec.description}.", "", markdown_table([summary]),
+             f"Protocol `{spec.name}` (every number below): {spec.description}. This run: {setup_text(summary.get('setup'), spec)}.", ""]
+    evaluated = summary.get("evaluated_at")
+    if evaluated is not None and evaluated < summary["n_edits"]:
+        lines += [f"Retention, probes and perplexity were last measured after {evaluated} of these {summary['n_edits']} edits"
+                  f"{' (before the first edit: nothing measured after editing yet, shown as -)' if evaluated == 0 else ''}.", ""]
+    lines += [markdown_table([summary]),
              "AlphaEdit's Table 1 columns under this protocol (after the last edit, over every edited fact):", "",
              paper_markdown({summary["run"]: summary}), *(f"- {name}: {text}" for name, text in spec.definitions.items()), ""]
     if summary["probes"]:
@@ -306,7 +342,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     known = summary.get("known")
     if known:
         lines += ["", f"Known facts (the unedited model completes them; none about an edited subject): "
-                  f"{change(known, 'accuracy')} of {known['last']['n_items']} still completed; chance {known['last']['chance']:.1e}."]
+                  f"{change(known, 'accuracy')} of {known['first']['n_items']} still completed; chance {known['first']['chance']:.1e}."]
     gen = summary["generation"]
     lines += ["", f"Perplexity: {change(summary['perplexity'], 'perplexity', 2)}; generation fluency: {change(gen, 'fluency')}, "
               f"consistency: {change(gen, 'consistency')}; max ||Delta||: {fmt(summary['max_delta_norm'])}, "

@@ -31,11 +31,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from data.cases import load_cases
 from editors import ALGORITHMS, load_algorithm_hparams
-from experiments.bench_eval import bench_counterfact, bench_probe, timed
+from experiments.benchmarking.evaluation import bench_counterfact, bench_probe, timed
 from experiments.benchmarking.device import device_report
 from experiments.benchmarking.plan import plan_rows, plan_table
 from rome.compute_v import compute_values
-from rome.replay import ReplayRuntime
+from rome.values.replay import ReplayRuntime
 from rome.editor import EditContext
 from util.cli import run_cli
 from util.corpus import local_corpus, read_texts, local_files

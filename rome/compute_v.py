@@ -16,11 +16,11 @@ is below the threshold or, with `v_argmax_stop_steps` > 0 (ENCORE's most-probabl
 stopping), once every target token has been the top prediction after every templated prompt at
 that many steps. Stopping is decided on the device; the host reads it every `sync_every` steps.
 
-Each step's log-probabilities come from a replay (rome/replay.py), chosen once. The fast path
+Each step's log-probabilities come from a replay (rome/values/replay.py), chosen once. The fast path
 (default) is fast because the layers up to the edited one do not depend on the delta: they run
 once without grad, and each step runs only the layers above it, only on the positions from the
 fact token on, with the unembedding only where the loss reads; rows are grouped by length
-(rome/batch_layout.py) so that batching requests adds no padding work. Under mixed precision,
+(rome/values/layout.py) so that batching requests adds no padding work. Under mixed precision,
 plain Llama layers run as one function that torch.compile can fuse (`compiled`). `fast=False`
 is the straightforward path (full model forward with a hook, full logits), kept to check
 equality and measure the speed-up.
@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rome.batch_layout import Active, Batch, build_batch
+from rome.values.layout import Active, Batch, build_batch
 from rome.hparams import EditHyperParams
-from rome.replay import Replay, ReplayRuntime, make_replay
+from rome.values.replay import Replay, ReplayRuntime, make_replay
 from util.models import LoadedModel, input_device
 from util.nethook import Trace
 from util.requests import EditRequest

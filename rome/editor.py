@@ -21,7 +21,7 @@ import torch
 from rome.compute_u import KeyResult, compute_keys
 from rome.compute_v import compute_values
 from rome.hparams import EditHyperParams
-from rome.replay import ReplayRuntime
+from rome.values.replay import ReplayRuntime
 from rome.templates import context_templates, template_groups
 from util.arch import edited_weight, to_stored
 from util.corpus import Corpus, resolve_corpus
@@ -81,7 +81,7 @@ class EditContext:
     # CPUs with avx512_bf16/AMX and on GPUs; values close to, not equal to, float32 ones)
     value_dtype: str = "float32"
     # with a mixed-precision value_dtype on Llama models: torch.compile the replayed layers
-    # (rome.llama_layer.llama_layer; compiled in the first calls of a runtime, up to ~1.5 min on a 2-core CPU)
+    # (rome.values.llama_layer.llama_layer; compiled in the first calls of a runtime, up to ~1.5 min on a 2-core CPU)
     value_compile: bool = False
     # value steps between the host's reads of which requests still run (rome/compute_v.py); None:
     # every step on a CPU, compute_v.SYNC_EVERY on an accelerator. The values do not depend on it
@@ -96,7 +96,7 @@ class EditContext:
     max_gpu_memory: float | None = None
     state: dict[str, Any] = field(default_factory=dict)  # per-run editor state, checkpointed
     # what value optimisation keeps across edits: the compiled layer function, the float32
-    # attention given to transformers (rome/replay.py); share one between contexts to compile once
+    # attention given to transformers (rome/values/replay.py); share one between contexts to compile once
     replay: ReplayRuntime = field(default_factory=ReplayRuntime, repr=False)
     _templates: dict = field(default_factory=dict, repr=False)
     _covariances: dict = field(default_factory=dict, repr=False)

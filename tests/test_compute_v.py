@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-import rome.batch_layout as batch_layout
-import rome.llama_layer as llama_layer
-import rome.replay as replay
+import rome.values.layout as batch_layout
+import rome.values.llama_layer as llama_layer
+import rome.values.replay as replay
 from rome.compute_v import compute_values
 from rome.editor import EditContext
 from tests.helpers import REQUESTS, tiny_hparams

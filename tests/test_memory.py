@@ -12,7 +12,7 @@ from editors import ALGORITHMS, edit
 from experiments.pipeline.run_config import RunOptions
 from util.errors import RunError
 from rome.editor import EDITED_KEYS, KEY_CHUNK, VALUE_CHUNK, Solver
-from rome.replay import UpperModules
+from rome.values.replay import UpperModules
 from tests.helpers import EXTRA, KEPT, REQUESTS, context, host_budget, tiny_hparams
 from util.deltas import restore
 from util.errors import HparamsError, MemoryBudgetError
@@ -127,7 +127,7 @@ def test_alphaedit_keeps_no_covariance_on_the_device(tiny, tmp_path):
 
 
 def test_replay_copies_count_only_when_the_model_is_not_in_the_value_dtype(tiny):
-    """The estimate follows rome/replay.py: a float32 model's replayed matrices are copied in
+    """The estimate follows rome/values/replay.py: a float32 model's replayed matrices are copied in
     bfloat16 (the bytes of storage the copies add), a bfloat16 model's are not copied at all."""
     def copies(lm):
         upper = UpperModules(lm, 1, 3, torch.bfloat16)

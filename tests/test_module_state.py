@@ -38,7 +38,7 @@ print(json.dumps({"before": before, "after": known()}))
 
 def test_importing_every_module_leaves_transformers_attention_registry_unchanged():
     modules = [module_name(path) for path in project_files()]
-    assert "rome.compute_v" in modules and "rome.replay" in modules and len(modules) > 40
+    assert "rome.compute_v" in modules and "rome.values.replay" in modules and len(modules) > 40
     done = subprocess.run([sys.executable, "-c", PROBE, *modules], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     seen = json.loads(done.stdout.strip().splitlines()[-1])

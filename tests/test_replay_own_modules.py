@@ -1,13 +1,13 @@
 """A model already in the value dtype (bfloat16 weights, bfloat16 values) replays its own upper
 modules: no copy of them, the same float32 attention as the copies had, and the model's config
-left as it was (rome/replay.py's UpperModules)."""
+left as it was (rome/values/replay.py's UpperModules)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-import rome.replay as replay
-from rome.batch_layout import Active, build_batch
+import rome.values.replay as replay
+from rome.values.layout import Active, build_batch
 from rome.compute_v import compute_values
 from rome.editor import EditContext
 from tests.helpers import REQUESTS, tiny_hparams

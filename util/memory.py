@@ -208,7 +208,7 @@ class MemoryPlan:
 
 def matrices_to_copy(modules: list[torch.nn.Module], autocast: torch.dtype | None) -> list[torch.nn.Parameter]:
     """The matrices (parameters of two or more dimensions; norms keep their dtype) of a replay's
-    `modules` that rome/replay.py's UpperModules copies once into the autocast dtype: all of them
+    `modules` that rome/values/replay.py's UpperModules copies once into the autocast dtype: all of them
     when some is not in that dtype (autocast would re-cast it at every step), none when all are
     (a bfloat16 model with bfloat16 values: the modules themselves run), none without autocast."""
     if autocast is None:

@@ -10,9 +10,9 @@ tokens and KL read positions with each active request's delta added at its rows'
 - `ModuleReplay`: transformers' upper-layer modules (any architecture), replayed on the suffix
   of rows aligned at their fact token, attending to a cached prefix (a DynamicCache).
 - `LlamaReplay`: the same on plain Llama layers under mixed precision, as one function
-  (rome.llama_layer.llama_layer, equal to the modules to the bit), optionally torch.compile'd.
+  (rome.values.llama_layer.llama_layer, equal to the modules to the bit), optionally torch.compile'd.
 
-Both fast replays group rows by suffix length (rome.batch_layout) and apply the final norm and
+Both fast replays group rows by suffix length (rome.values.layout) and apply the final norm and
 unembedding only at the positions the loss reads. What persists across calls (the compiled
 function, the attention registered into transformers) is owned by a `ReplayRuntime` the caller
 holds; nothing is registered or compiled at import.
@@ -28,8 +28,8 @@ import torch
 from transformers import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from rome import llama_layer
-from rome.batch_layout import Active, Aligned, Batch, align, suffix_groups
+from rome.values import llama_layer
+from rome.values.layout import Active, Aligned, Batch, align, suffix_groups
 from util.memory import matrices_to_copy
 from util.models import LoadedModel, input_device
 from util.nethook import StopForward, Trace, add_to_output, hidden_of

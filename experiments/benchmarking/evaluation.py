@@ -1,7 +1,7 @@
 """Benchmark the batched evaluation against the straightforward path (one forward per prompt and
 target, full logits) on the embedded model: seconds per CounterFact record and per probe item.
 
-    python -m experiments.bench_eval --data-dir ../shared/data --records 20 --probe-items 30
+    python -m experiments.benchmarking.evaluation --data-dir ../shared/data --records 20 --probe-items 30
 """
 from __future__ import annotations
 

@@ -123,7 +123,8 @@ def edit(
 
     hparams: an hparams object, or a YAML path (then `alg_name` picks the class, default from the
     folder name hparams/<ALG>/...). context: reuse one across calls to keep templates and
-    statistics (new_context() makes one); the default is new_context(max_gpu_memory).
+    statistics (new_context() makes one, and the caller closes it); the default is
+    new_context(max_gpu_memory), closed before returning.
     max_gpu_memory: GiB of device memory the edit may hold, weights included (chunk sizes and the
     statistics batch follow from it, util/memory.py); for the default context, a given one carries
     its own (EditContext.max_gpu_memory)."""
@@ -135,5 +136,7 @@ def edit(
     prepare_tokenizer(tok)
     lm = LoadedModel(model, tok, arch_for(model), name or getattr(model.config, "_name_or_path", "") or "model")
     built = [r if isinstance(r, EditRequest) else make_request(r, f"request {i}") for i, r in enumerate(requests)]
-    context = context or new_context(max_gpu_memory)
+    if context is None:
+        with new_context(max_gpu_memory) as context:
+            return _algorithm_of(hparams).apply(lm, built, hparams, context)
     return _algorithm_of(hparams).apply(lm, built, hparams, context)

@@ -1,129 +1,195 @@
-"""The batch layout of value optimisation: which rows a batch holds, which of them are still
-optimised (the active set), how rows are grouped by length and aligned at their fact token.
+"""The batch layout of value optimisation: the rows a batch holds, the one table of what the loss
+reads in them, the view of the requests still optimised, and rows grouped by length and aligned
+at their fact token for the replays.
 
-Rows, per request: its templated rewrite prompts (prompt + target minus its last token), then
-its KL prompts ("{subject} is a"); all right-padded into one (B, T) tensor. The loss reads
-log-probabilities at (row, position) pairs: each target token's predicting position and each
-KL row's read position.
+Rows, per request: its templated rewrite prompts (prompt + target_new minus its last token) and
+its KL prompts ("{subject} is a"); all right-padded into one (B, T) tensor, each row with the
+position where the delta is added (its fact token).
+
+The reads: one table, a row per (row, position) where a log-probability distribution is read,
+of a kind, with the token the loss takes from it (-1: the whole distribution), its weight and
+the request that owns it. The table is ordered by kind (`KINDS`), so that each kind's reads are
+one slice of what a replay returns. A new loss term is a new kind of read built here and a term
+in rome/compute_v.py's loss; the replays read whatever the table lists.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 
 from rome.compute_u import templated_prompts
+from rome.hparams import EditHyperParams
 from util.errors import RequestError
+from util.memory import EditShape
 from util.models import LoadedModel
 from util.requests import EditRequest
 from util.tokens import encode_with_target, right_pad, subject_position
 
+# The kinds of read, in table order: target_new's tokens after each templated prompt; the next-token
+# distribution of each KL prompt.
+TARGET, KL = "target", "kl"
+KINDS = (TARGET, KL)
+PAPERS_KINDS = (TARGET, KL)  # what the papers' loss reads
+
+
+@dataclass
+class Reads:
+    """The table of reads (one entry per read, ordered by kind)."""
+    row: torch.Tensor  # the row read
+    position: torch.Tensor  # the position whose next-token distribution is read
+    kind: torch.Tensor  # KINDS.index(kind)
+    token: torch.Tensor  # the token whose log-probability the loss takes; -1: the whole distribution
+    weight: torch.Tensor  # float32: 1 / (tokens of its target) for token reads, 1 for distributions
+    owner: torch.Tensor  # the request
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    def select(self, index: torch.Tensor) -> "Reads":
+        return Reads(*(t[index] for t in self.columns()))
+
+    def columns(self) -> tuple[torch.Tensor, ...]:
+        return self.row, self.position, self.kind, self.token, self.weight, self.owner
+
+    def span(self, kind: str) -> slice:
+        """The slice of the table (and of a replay's output) holding the reads of `kind`."""
+        code = KINDS.index(kind)
+        return slice(int((self.kind < code).sum()), int((self.kind <= code).sum()))
+
 
 @dataclass
 class Batch:
-    """Rewrite sequences (templated prompt + target minus its last token) and KL sequences."""
+    """The rows of one value optimisation and the table of what its loss reads."""
     ids: torch.Tensor  # (B, T) right-padded
     mask: torch.Tensor
-    request_of_row: torch.Tensor  # (B,)
+    row_owner: torch.Tensor  # (B,) the request of each row
     fact_position: torch.Tensor  # (B,) where the delta is added
-    is_rewrite: torch.Tensor  # (B,) bool; the others are KL rows
     bare_row: torch.Tensor  # (n,) the row of each request's bare rewrite prompt
-    last_position: torch.Tensor  # (B,) last real token
-    kl_read: torch.Tensor  # (B,) where a KL row's next-token distribution is read
-    target_row: torch.Tensor  # (n_tokens,) per target token: its row,
-    target_position: torch.Tensor  # the position predicting it,
-    target_token: torch.Tensor  # its id,
-    target_share: torch.Tensor  # and 1 / (target tokens of its prompt)
-    n_prompts: int  # templated rewrite prompts per request
+    reads: Reads
+    n_prompts: int  # templated prompts per request
+
+    @property
+    def n_requests(self) -> int:
+        return len(self.bare_row)
+
+    def chunk(self, start: int, stop: int) -> "Batch":
+        """The batch of requests start..stop-1, equal to the one build_batch makes of them (a
+        request's rows are consecutive; padding is cut to the chunk's longest row)."""
+        first, end = int(self.bare_row[start]), int(self.bare_row[stop]) if stop < self.n_requests else len(self.ids)
+        width = int(self.mask[first:end].sum(1).max())
+        keep = (self.reads.owner >= start) & (self.reads.owner < stop)
+        reads = self.reads.select(keep)
+        reads.row, reads.owner = reads.row - first, reads.owner - start
+        return Batch(self.ids[first:end, :width], self.mask[first:end, :width], self.row_owner[first:end] - start,
+                     self.fact_position[first:end], self.bare_row[start:stop] - first, reads, self.n_prompts)
+
+    def shape(self, loss_layer: int, edited_layer: int) -> EditShape:
+        """What one request puts through the model (util/memory.py's estimate), read off the rows:
+        the most rows and reads of any request, the longest row and suffix."""
+        lengths = self.mask.sum(1)
+        per_request = lambda owners: int(torch.bincount(owners, minlength=self.n_requests).max())  # noqa: E731
+        kl = self.reads.kind == KINDS.index(KL)
+        return EditShape(self.n_prompts, per_request(self.row_owner), per_request(self.reads.owner), per_request(self.reads.owner[kl]),
+                         int(lengths.max()), int((lengths - self.fact_position).max()), loss_layer, edited_layer, self.n_requests)
 
 
-def build_batch(lm: LoadedModel, requests: list[EditRequest], templates: list[str], fact_token, kl_prompts: list[str],
-                kl_position: str = "fact_token") -> Batch:
-    seqs, request_of_row, fact, rewrite, bare = [], [], [], [], []
-    t_row, t_pos, t_tok, t_share = [], [], [], []
+class _Builder:
+    """Rows and reads appended request by request; the reads of each kind kept apart until the end."""
+
+    def __init__(self, lm: LoadedModel, fact_token):
+        self.lm, self.fact_token = lm, fact_token
+        self.seqs, self.owner, self.fact = [], [], []
+        self.reads: dict[str, list[tuple]] = {kind: [] for kind in KINDS}
+
+    def add_row(self, ids: list[int], fact: int, owner: int) -> int:
+        self.seqs.append(ids)
+        self.fact.append(fact)
+        self.owner.append(owner)
+        return len(self.seqs) - 1
+
+    def add_target(self, kind: str, request: EditRequest, prompt: str, target: str, owner: int) -> int:
+        """A templated prompt followed by `target` minus its last token, and a read per target token."""
+        text = prompt.format(request.subject)
+        full, start = encode_with_target(self.lm.tok, text, target)
+        prefix, position = subject_position(self.lm.tok, prompt, request.subject, self.fact_token)
+        if self.fact_token == "last":
+            position = start - 1
+        elif full[: position + 1] != prefix[: position + 1]:
+            raise RequestError(f"{request.label()}: tokenisation of {text!r} changes when the target is appended")
+        row = self.add_row(full[:-1], position, owner)
+        self.reads[kind] += [(row, j - 1, full[j], 1.0 / (len(full) - start), owner) for j in range(start, len(full))]
+        return row
+
+    def add_kl(self, request: EditRequest, kl_prompt: str, kl_position: str, owner: int) -> None:
+        ids, position = subject_position(self.lm.tok, kl_prompt, request.subject, self.fact_token)
+        row = self.add_row(ids, position, owner)
+        self.reads[KL].append((row, position if kl_position == "fact_token" else len(ids) - 1, -1, 1.0, owner))
+
+    def table(self) -> Reads:
+        entries = [(*entry, code) for code, kind in enumerate(KINDS) for entry in self.reads[kind]]
+        row, position, token, weight, owner, kind = zip(*entries)
+        long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+        return Reads(long(row), long(position), long(kind), long(token), torch.tensor(weight), long(owner))
+
+
+def build_batch(lm: LoadedModel, requests: list[EditRequest], templates: list[str], hparams: EditHyperParams,
+                kinds: tuple[str, ...] = PAPERS_KINDS) -> Batch:
+    """The rows and reads of `requests` for the loss terms reading `kinds` (TARGET and KL always)."""
+    built, bare = _Builder(lm, hparams.fact_token), []
     for i, request in enumerate(requests):
-        bare.append(len(seqs))
-        for prompt in templated_prompts(request, templates):
-            text = prompt.format(request.subject)
-            full, start = encode_with_target(lm.tok, text, request.target_new)
-            prefix, position = subject_position(lm.tok, prompt, request.subject, fact_token)
-            if fact_token == "last":
-                position = start - 1
-            elif full[: position + 1] != prefix[: position + 1]:
-                raise RequestError(f"{request.label()}: tokenisation of {text!r} changes when the target is appended")
-            for j in range(start, len(full)):
-                t_row.append(len(seqs))
-                t_pos.append(j - 1)
-                t_tok.append(full[j])
-                t_share.append(1.0 / (len(full) - start))
-            seqs.append(full[:-1])
-            fact.append(position)
-            rewrite.append(True)
-            request_of_row.append(i)
-        for kl_prompt in kl_prompts:
-            ids, position = subject_position(lm.tok, kl_prompt, request.subject, fact_token)
-            seqs.append(ids)
-            fact.append(position)
-            rewrite.append(False)
-            request_of_row.append(i)
-    ids, mask = right_pad(seqs, lm.tok.pad_token_id)
+        prompts = templated_prompts(request, templates)
+        bare.append(built.add_target(TARGET, request, prompts[0], request.target_new, i))
+        for prompt in prompts[1:]:
+            built.add_target(TARGET, request, prompt, request.target_new, i)
+        for kl_prompt in hparams.kl_prompts:
+            built.add_kl(request, kl_prompt, hparams.kl_position, i)
+    ids, mask = right_pad(built.seqs, lm.tok.pad_token_id)
     long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
-    last = mask.sum(1) - 1
-    return Batch(
-        ids, mask, long(request_of_row), long(fact), torch.tensor(rewrite), long(bare), last,
-        long(fact) if kl_position == "fact_token" else last,
-        long(t_row), long(t_pos), long(t_tok), torch.tensor(t_share), len(templates),
-    )
+    return Batch(ids, mask, long(built.owner), long(built.fact), long(bare), built.table(), len(templates))
 
 
-class Active:
-    """Index tensors for the requests still being optimised (rows renumbered locally)."""
+class View:
+    """The requests still optimised (`requests`, ascending) and what of the batch they use: their
+    rows (batch rows, ascending) and reads, rows and requests renumbered locally. `on(device)` is
+    the same view with its tensors on a device, copied once per view: a copy from host memory
+    waits for the device's queue."""
 
-    def __init__(self, batch: Batch, active: list[int], n_requests: int):
-        request_local = torch.full((n_requests,), -1, dtype=torch.long)
-        request_local[active] = torch.arange(len(active))
-        self.requests = torch.tensor(active, dtype=torch.long)
-        self.rows = torch.nonzero(request_local[batch.request_of_row] >= 0)[:, 0]  # batch rows, ascending
+    def __init__(self, batch: Batch, requests: list[int]):
+        local = torch.full((batch.n_requests,), -1, dtype=torch.long)
+        local[requests] = torch.arange(len(requests))
+        self.requests = torch.tensor(requests, dtype=torch.long)
+        self.rows = torch.nonzero(local[batch.row_owner] >= 0)[:, 0]
         row_local = torch.full((len(batch.ids),), -1, dtype=torch.long)
         row_local[self.rows] = torch.arange(len(self.rows))
-        self.row_request = request_local[batch.request_of_row[self.rows]]
+        self.row_request = local[batch.row_owner[self.rows]]
         self.fact = batch.fact_position[self.rows]
-        rewrite = batch.is_rewrite[self.rows]
-        self.rewrite_rows = torch.nonzero(rewrite)[:, 0]
-        self.kl_rows = torch.nonzero(~rewrite)[:, 0]
-        self.kl_positions = batch.kl_read[self.rows][self.kl_rows]
-        self.kl_original = self.rows[self.kl_rows]  # original row numbers: keys of the KL reference
-        keep = row_local[batch.target_row] >= 0
-        self.t_row = row_local[batch.target_row[keep]]
-        self.t_position = batch.target_position[keep]
-        self.t_token = batch.target_token[keep]
-        self.t_share = batch.target_share[keep]
-        self._on: dict[torch.device, ActiveOn] = {}
+        self.read_ids = torch.nonzero(local[batch.reads.owner] >= 0)[:, 0]  # the reads' numbers in the batch's table
+        self.reads = batch.reads.select(self.read_ids)
+        self.reads.row, self.reads.owner = row_local[self.reads.row], local[self.reads.owner]
+        self.spans = {kind: self.reads.span(kind) for kind in KINDS}
+        self.kl_reference = self.read_ids[self.spans[KL]] - batch.reads.span(KL).start  # the KL reads among the batch's
+        self.read_rows = {kind: self._rows_reading(kind) for kind in KINDS}
+        self._on: dict[torch.device, View] = {}
 
-    def on(self, device: torch.device) -> "ActiveOn":
-        """The index tensors a step's loss uses, on `device`: copied once per view, since a copy
-        from host memory waits for the device's queue (once per view, not once per step)."""
+    def _rows_reading(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(local rows with reads of `kind`, ascending; the local request of each)."""
+        rows = torch.unique(self.reads.row[self.spans[kind]])
+        return rows, self.row_request[rows]
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def on(self, device: torch.device) -> "View":
         if device not in self._on:
-            self._on[device] = ActiveOn(*(t.to(device) for t in (
-                self.t_token, self.t_share, self.t_row, self.row_request, self.rewrite_rows,
-                self.row_request[self.rewrite_rows], self.row_request[self.kl_rows])))
+            moved = copy.copy(self)
+            moved.row_request, moved.kl_reference = self.row_request.to(device), self.kl_reference.to(device)
+            moved.reads = Reads(*(t.to(device) for t in self.reads.columns()))
+            moved.read_rows = {kind: (rows.to(device), owners.to(device)) for kind, (rows, owners) in self.read_rows.items()}
+            moved._on = {device: moved}
+            self._on[device] = moved
         return self._on[device]
-
-    def read_at(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(local row, position) pairs the loss reads: every target token's, then every KL row's."""
-        return torch.cat([self.t_row, self.kl_rows]), torch.cat([self.t_position, self.kl_positions])
-
-
-@dataclass(frozen=True)
-class ActiveOn:
-    """An Active view's index tensors on a device (`Active.on`)."""
-    t_token: torch.Tensor
-    t_share: torch.Tensor
-    t_row: torch.Tensor
-    row_request: torch.Tensor
-    rewrite_rows: torch.Tensor
-    rewrite_owner: torch.Tensor  # the request of each rewrite row
-    kl_owner: torch.Tensor  # the request of each KL row
 
 
 # A row group costs about as much fixed per-call work (a forward and backward call per layer) as

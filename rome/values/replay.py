@@ -1,8 +1,9 @@
 """Replays: the log-probabilities the value loss reads, for the current deltas.
 
-One protocol (`Replay`): `replay(deltas, view)` gives the log-probabilities at the view's target
-tokens and KL read positions with each active request's delta added at its rows' fact token;
-`replay.only(view)` is the replay for fewer requests (those of `view`, once others finished).
+One protocol (`Replay`): `replay(deltas, view)` gives the log-probability distributions at every
+read of the view's table (rome/values/layout.py), whatever its kind, with each active request's
+delta added at its rows' fact token; `replay.only(view)` is the replay for fewer requests (those
+of `view`, once others finished).
 `make_replay` picks the implementation once, from (fast, architecture, value dtype, compile):
 
 - `FullModel` (fast=False): the whole model with a hook, full logits; the straightforward path,
@@ -12,27 +13,23 @@ tokens and KL read positions with each active request's delta added at its rows'
 - `LlamaReplay`: the same on plain Llama layers under mixed precision, as one function
   (rome.values.llama_layer.llama_layer, equal to the modules to the bit), optionally torch.compile'd.
 
-Both fast replays group rows by suffix length (rome.values.layout) and apply the final norm and
-unembedding only at the positions the loss reads. What persists across calls (the compiled
+Both fast replays group rows by suffix length (rome/values/stacks.py) and apply the final norm
+and unembedding only at the positions the loss reads. What persists across calls (the compiled
 function, the attention registered into transformers) is owned by a `ReplayRuntime` the caller
 holds; nothing is registered or compiled at import.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
-from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Protocol
 
 import torch
-from transformers import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from rome.values import llama_layer
-from rome.values.layout import Active, Aligned, Batch, align, suffix_groups
-from util.memory import matrices_to_copy
+from rome.values.layout import Batch, View, align
+from rome.values.stacks import Grouped, GroupedReads, LlamaStack, ModuleStack, UpperModules, log_softmax32
 from util.models import LoadedModel, input_device
-from util.nethook import StopForward, Trace, add_to_output, hidden_of
+from util.nethook import Trace, add_to_output
 
 FLOAT32_SDPA = "kedit_float32_sdpa"  # the name replayed modules' configs give float32_sdpa while they replay
 
@@ -41,11 +38,11 @@ REBUILD_FRACTION = 0.75
 
 
 class Replay(Protocol):
-    def __call__(self, deltas: torch.Tensor, view: Active) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probs at the view's target tokens and at its KL rows' read positions, with
-        deltas[k] (the view's k-th request) added at its rows' fact token."""
+    def __call__(self, deltas: torch.Tensor, view: View) -> torch.Tensor:
+        """(reads, vocabulary) log-probs at the view's reads, in its table's order, with deltas[k]
+        (the view's k-th request) added at its rows' fact token."""
 
-    def only(self, view: Active) -> "Replay":
+    def only(self, view: View) -> "Replay":
         """This replay for the requests of `view`, a subset of its own."""
 
 
@@ -77,6 +74,12 @@ class ReplayRuntime:
             del ALL_ATTENTION_FUNCTIONS[FLOAT32_SDPA]
         self._registered = False
 
+    def __enter__(self) -> "ReplayRuntime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def make_replay(lm: LoadedModel, batch: Batch, layer: int, loss_layer: int, *, runtime: ReplayRuntime, fast: bool = True,
                 autocast: torch.dtype | None = None, compiled: bool = False) -> Replay:
@@ -96,17 +99,13 @@ def make_replay(lm: LoadedModel, batch: Batch, layer: int, loss_layer: int, *, r
         batch, r, lambda g: ModuleStack(lm, upper, layer, loss_layer, align(batch, g, upper.device))), rows)
 
 
-def log_softmax32(logits: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-
-
 class FullModel:
     """The straightforward path: the whole model, the delta added by a hook, full logits."""
 
     def __init__(self, lm: LoadedModel, batch: Batch, layer: int):
         self.lm, self.batch, self.layer = lm, batch, layer
 
-    def __call__(self, deltas: torch.Tensor, view: Active) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, deltas: torch.Tensor, view: View) -> torch.Tensor:
         lm, device = self.lm, input_device(self.lm.model)
 
         def added(hidden: torch.Tensor) -> torch.Tensor:  # each row's delta at its fact token, zeros elsewhere
@@ -118,236 +117,10 @@ class FullModel:
             logits = lm.model(input_ids=self.batch.ids[view.rows].to(device), attention_mask=self.batch.mask[view.rows].to(device),
                               use_cache=False).logits
         log_probs = log_softmax32(logits)
-        at = lambda rows, positions: log_probs[rows.to(log_probs.device), positions.to(log_probs.device)]  # noqa: E731
-        return at(view.t_row, view.t_position), at(view.kl_rows, view.kl_positions)
+        return log_probs[view.reads.row.to(log_probs.device), view.reads.position.to(log_probs.device)]
 
-    def only(self, view: Active) -> "FullModel":
+    def only(self, view: View) -> "FullModel":
         return self  # it runs the view's rows at every call
-
-
-class UpperModules:
-    """The modules a fast step runs: the layers above the edited one, the final norm and the
-    unembedding. Under mixed precision (`mixed`) their matrices run in that dtype; when some is not
-    in it yet they are all copied once into it (`copied`, util.memory.matrices_to_copy): autocast
-    would otherwise re-cast every weight at every step, which for a single request's few dozen
-    tokens costs as much as the matmuls. The copies are frozen snapshots, valid for one
-    compute_values call (the edited matrices all lie at or below the edited layer). When every
-    matrix already is in that dtype (a bfloat16 model with bfloat16 values) the model's own
-    modules run: a copy would double them in memory for nothing. Modules placed by accelerate
-    (hooks) are used as they are, without mixed precision's float32 attention."""
-
-    def __init__(self, lm: LoadedModel, layer: int, loss_layer: int, autocast: torch.dtype | None):
-        self.originals = [lm.model.get_submodule(lm.arch.layer(j)) for j in range(layer + 1, loss_layer + 1)]
-        modules = [*self.originals, lm.model.get_submodule(lm.arch.final_norm), lm.model.get_submodule(lm.arch.unembed)]
-        self.mixed = autocast is not None and not any(hasattr(m, "_hf_hook") for m in modules)
-        self.copied = self.mixed and bool(matrices_to_copy(modules, autocast))
-        if self.copied:
-            modules = [copy.deepcopy(m) for m in modules]
-            for weight in matrices_to_copy(modules, autocast):
-                weight.data = weight.data.to(autocast)
-        *self.layers, self.norm, self.unembed = modules
-        self.autocast, self.device = autocast, input_device(lm.model)
-        self._attention: tuple[str, list] | None = None
-
-    def use_attention(self, name: str) -> None:
-        """Run the layers' sdpa attention as the implementation `name` while they replay (`attention`)."""
-        configs = (getattr(p, "config", None) for m in self.layers for p in m.modules())
-        # by identity: the model's own layers share one config (the model's), copies have their own
-        sdpa = {id(c): c for c in configs if getattr(c, "_attn_implementation", None) == "sdpa"}
-        self._attention = name, list(sdpa.values())
-
-    @contextlib.contextmanager
-    def attention(self) -> Iterator[None]:
-        """The attention `use_attention` named, for the duration of the block, the configs' own
-        restored on exit: transformers reads `config._attn_implementation` at every forward, and the
-        model's own modules share the config of the whole model (its other forwards keep sdpa)."""
-        if self._attention is None:
-            yield
-            return
-        name, configs = self._attention
-        before = [c._attn_implementation for c in configs]
-        try:
-            for config in configs:
-                config._attn_implementation = name
-            yield
-        finally:
-            for config, implementation in zip(configs, before):
-                config._attn_implementation = implementation
-
-    def precision(self):
-        """Mixed precision (e.g. bfloat16 matmuls) when asked for; a no-op otherwise."""
-        return torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None)
-
-    def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
-        return log_softmax32(self.unembed(self.norm(hidden)))
-
-    def unedited_forward(self, lm: LoadedModel, layer: int, loss_layer: int, aligned: Aligned, cache: DynamicCache):
-        """One forward without the delta over the aligned rows, up to the loss layer, filling
-        `cache`: the edited layer's suffix output and each upper layer's (args, kwargs)."""
-        calls = []
-        handles = [m.register_forward_pre_hook(lambda m, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
-                   for m in self.originals]
-        try:
-            with torch.no_grad(), self.precision(), Trace(lm.model, lm.arch.layer(layer)) as base, \
-                    Trace(lm.model, lm.arch.layer(loss_layer), stop=True):
-                lm.model(input_ids=aligned.ids, attention_mask=aligned.mask, position_ids=aligned.positions,
-                         past_key_values=cache, use_cache=True)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return base.output[:, aligned.prefix:], calls
-
-
-class ModuleStack:
-    """One length group's upper layers replayed as transformers' modules on columns prefix.. (the
-    suffix), attending to the cached prefix. Their arguments (masks, rotary embeddings, cache
-    positions) are captured from one unedited suffix forward and replayed."""
-
-    def __init__(self, lm: LoadedModel, upper: UpperModules, layer: int, loss_layer: int, aligned: Aligned):
-        self.upper, self.modules, self.aligned = upper, upper.layers, aligned
-        self.cache = DynamicCache()
-        self.hidden, _ = upper.unedited_forward(lm, layer, loss_layer, aligned, self.cache)
-        self.prefix_kv = [(c.keys[..., : aligned.prefix, :], c.values[..., : aligned.prefix, :]) for c in self.cache.layers]
-        self.calls: list[tuple[tuple, dict]] = []
-        if not self.modules:
-            return
-        handles = [m.register_forward_pre_hook(self._capture, with_kwargs=True) for m in upper.originals]
-        self._reset_cache()
-        try:
-            with torch.no_grad(), upper.precision():
-                lm.model(input_ids=aligned.ids[:, aligned.prefix:], attention_mask=aligned.mask,
-                         position_ids=aligned.positions[:, aligned.prefix:], past_key_values=self.cache, use_cache=True)
-        except StopForward:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def _capture(self, module, args, kwargs):
-        self.calls.append((args, kwargs))
-        if len(self.calls) == len(self.modules):
-            raise StopForward("captured the arguments of every upper layer")
-
-    def _reset_cache(self) -> None:
-        for cached, (keys, values) in zip(self.cache.layers, self.prefix_kv):
-            cached.keys, cached.values = keys, values
-
-    def __call__(self, added: torch.Tensor) -> torch.Tensor:
-        """Suffix hidden states at the loss layer with `added` summed into the edited layer's output."""
-        hidden = self.hidden + added
-        self._reset_cache()
-        with self.upper.attention():
-            for module, (args, kwargs) in zip(self.modules, self.calls):
-                out = module(hidden, *args[1:], **kwargs) if args else module(**{**kwargs, "hidden_states": hidden})
-                hidden = hidden_of(out)
-        return hidden
-
-
-class LlamaStack:
-    """One length group's upper Llama layers replayed by one function on the suffix: per layer the
-    cached prefix's keys/values and the suffix rows of the mask and rotary embeddings, all per
-    row, so that the stack narrows to fewer rows by slicing."""
-
-    def __init__(self, lm: LoadedModel, upper: UpperModules, layer: int, loss_layer: int, aligned: Aligned,
-                 weights: list[llama_layer.LlamaWeights], function: Callable):
-        self.aligned, self.weights, self.function = aligned, weights, function
-        cache = DynamicCache()
-        self.hidden, calls = upper.unedited_forward(lm, layer, loss_layer, aligned, cache)
-        prefix = aligned.prefix
-        # Own tensors, not views, like those of narrowed stacks: torch.compile guards on the difference.
-        own = lambda t: t.clone(memory_format=torch.contiguous_format)  # noqa: E731
-        self.kv = [(own(c.keys[..., :prefix, :]), own(c.values[..., :prefix, :])) for c in cache.layers[layer + 1:loss_layer + 1]]
-        self.masks = [own(self._mask(kwargs.get("attention_mask"), aligned)) for _, kwargs in calls]
-        self.rotary = [tuple(own(t[:, prefix:]) for t in kwargs["position_embeddings"]) for _, kwargs in calls]
-
-    @staticmethod
-    def _mask(mask: torch.Tensor | None, aligned: Aligned) -> torch.Tensor:
-        """The suffix queries' rows of the layer's 4-d mask; transformers passes none when no row is
-        padded (plain causal attention), which here is the causal mask shifted by the prefix."""
-        if mask is not None:
-            return mask[:, :, aligned.prefix:]
-        width = aligned.ids.shape[1]
-        return torch.ones(width - aligned.prefix, width, dtype=torch.bool, device=aligned.ids.device).tril(aligned.prefix)[None, None]
-
-    def narrowed(self, local: torch.Tensor) -> "LlamaStack":
-        """This stack on a subset of its rows (`local`), without a forward."""
-        narrow = copy.copy(self)
-        local = local.to(self.hidden.device)
-        rows = lambda t: t[local] if len(t) == len(self.hidden) else t  # noqa: E731 (a batch dim of 1 broadcasts)
-        narrow.hidden, narrow.aligned = self.hidden[local], self.aligned.narrowed(local)
-        narrow.kv = [(keys[local], values[local]) for keys, values in self.kv]
-        narrow.masks = [rows(mask) for mask in self.masks]
-        narrow.rotary = [tuple(map(rows, pair)) for pair in self.rotary]
-        return narrow
-
-    def __call__(self, added: torch.Tensor) -> torch.Tensor:
-        hidden = self.hidden + added
-        with torch.autocast(self.hidden.device.type, enabled=False):  # the function casts explicitly
-            for weights, (keys, values), (cos, sin), mask in zip(self.weights, self.kv, self.rotary, self.masks):
-                hidden = self.function(hidden, keys, values, cos, sin, mask, weights)
-        return hidden
-
-
-class Grouped:
-    """Rows grouped by suffix length, one stack per group: one stack would pad every row to the
-    longest suffix, which for a batch of 64 requests nearly doubles the tokens replayed per step."""
-
-    def __init__(self, rows: torch.Tensor, groups: list[torch.Tensor], stacks: list):
-        self.rows, self.groups, self.stacks = rows, groups, stacks  # rows: batch rows, ascending
-        self.group_of, self.local = torch.empty(len(rows), dtype=torch.long), torch.empty(len(rows), dtype=torch.long)
-        for k, g in enumerate(groups):
-            self.group_of[g], self.local[g] = k, torch.arange(len(g))
-
-    @staticmethod
-    def of(batch: Batch, rows: torch.Tensor, make_stack: Callable[[torch.Tensor], object]) -> "Grouped":
-        groups = suffix_groups(batch, rows)
-        return Grouped(rows, groups, [make_stack(rows[g]) for g in groups])
-
-    def narrowed(self, rows: torch.Tensor) -> "Grouped":
-        """The stacks on `rows` (ascending batch rows, a subset of their own), sliced without a forward."""
-        new_index = torch.full((len(self.rows),), -1, dtype=torch.long)
-        kept = torch.isin(self.rows, rows)
-        new_index[kept] = torch.searchsorted(rows, self.rows[kept])
-        groups, stacks = [], []
-        for group, stack in zip(self.groups, self.stacks):
-            local = torch.nonzero(kept[group])[:, 0]
-            if len(local):
-                groups.append(new_index[group[local]])
-                stacks.append(stack.narrowed(local))
-        return Grouped(rows, groups, stacks)
-
-    def reads(self, rows: torch.Tensor, positions: torch.Tensor, device: torch.device) -> "GroupedReads":
-        """Where the (row, original position) pairs lie in the groups' outputs, as index tensors on
-        the stacks' devices (computed and copied once per view, not per step)."""
-        groups, order = [], []
-        for k, (group, stack) in enumerate(zip(self.groups, self.stacks)):
-            asked = (self.group_of[rows] == k).nonzero()[:, 0]
-            if not len(asked):
-                continue
-            local = self.local[rows[asked]]
-            at = stack.hidden.device
-            groups.append((k, group.to(device), local.to(at), stack.aligned.column(local, positions[asked]).to(at)))
-            order.append(asked)
-        return GroupedReads(groups, torch.argsort(torch.cat(order)).to(self.stacks[groups[0][0]].hidden.device))
-
-    def __call__(self, row_delta: torch.Tensor, reads: "GroupedReads") -> torch.Tensor:
-        """Hidden states at the loss layer at `reads`' (row, original position) pairs, with each
-        row's delta (row_delta[row]) added to the edited layer's output at its fact token."""
-        pieces = []
-        for k, group, local, column in reads.groups:
-            stack = self.stacks[k]
-            added = torch.zeros_like(stack.hidden)
-            added[:, 0] = row_delta[group].to(added.device, added.dtype)
-            pieces.append(stack(added)[local, column])
-        return torch.cat(pieces)[reads.order]
-
-
-@dataclass(frozen=True)
-class GroupedReads:
-    """Per group read: (group number, its batch rows on the deltas' device, local rows and suffix
-    columns read on its stack's device); `order` puts the pieces back in the asked order."""
-    groups: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]
-    order: torch.Tensor
 
 
 class _GroupedReplay:
@@ -357,31 +130,29 @@ class _GroupedReplay:
     def __init__(self, upper: UpperModules, build: Callable[[torch.Tensor], Grouped], rows: torch.Tensor, stack: Grouped | None = None):
         self.upper, self.build = upper, build
         self.stack = stack or build(rows)
-        self._indices: tuple[Active, torch.Tensor, torch.Tensor | None, GroupedReads] | None = None
+        self._indices: tuple[View, torch.Tensor, torch.Tensor | None, GroupedReads] | None = None
 
-    def indices(self, view: Active, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, GroupedReads]:
+    def indices(self, view: View, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, GroupedReads]:
         """(each view row's request, the view's rows among the stack's or None when they are all
         of them, the reads), on the devices they index: built at the first step of a view."""
         if self._indices is None or self._indices[0] is not view:
             local = torch.searchsorted(self.stack.rows, view.rows)  # the view's rows among the stack's
-            rows, positions = view.read_at()
             self._indices = (view, view.on(device).row_request, local.to(device) if len(local) < len(self.stack.rows) else None,
-                             self.stack.reads(local[rows], positions, device))
+                             self.stack.reads(local[view.reads.row], view.reads.position, device))
         return self._indices[1:]
 
-    def __call__(self, deltas: torch.Tensor, view: Active) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, deltas: torch.Tensor, view: View) -> torch.Tensor:
         row_request, local, reads = self.indices(view, deltas.device)
         row_delta = deltas[row_request]
         if local is not None:  # rows of finished requests: computed, not read (rows are independent)
             row_delta = row_delta.new_zeros(len(self.stack.rows), row_delta.shape[1]).index_copy(0, local, row_delta)
         with self.upper.precision():
-            # One unembedding call for targets and KL prompts: at a few rows it is bound by reading the vocab matrix.
-            log_probs = self.upper.log_probs(self.stack(row_delta, reads))
-        return log_probs[: len(view.t_row)], log_probs[len(view.t_row):]
+            # One unembedding call for every read: at a few rows it is bound by reading the vocab matrix.
+            return self.upper.log_probs(self.stack(row_delta, reads))
 
 
 class LlamaReplay(_GroupedReplay):
-    def only(self, view: Active) -> "LlamaReplay":
+    def only(self, view: View) -> "LlamaReplay":
         return LlamaReplay(self.upper, self.build, view.rows, self.stack.narrowed(view.rows))  # finished requests leave at no cost
 
 
@@ -389,7 +160,7 @@ class ModuleReplay(_GroupedReplay):
     """Rebuilding a stack of modules costs about two steps (its unedited forwards), so finished
     requests stay in it (computed, not read) until at most REBUILD_FRACTION of its rows are live."""
 
-    def only(self, view: Active) -> "ModuleReplay":
+    def only(self, view: View) -> "ModuleReplay":
         if len(view.rows) > REBUILD_FRACTION * len(self.stack.rows):
             return self
         return ModuleReplay(self.upper, self.build, view.rows)

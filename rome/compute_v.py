@@ -5,7 +5,9 @@ Loss per request (the papers' form):
     mean over templated prompts of the target's mean token NLL
   + kl_factor * KL(new || original) of the next-token distribution of "{subject} is a" read at
     its fact token (the reference code's lookup index; `kl_position: prompt_end`: after "a")
-  + v_weight_decay * ||delta|| / ||reference||^2,
+  + v_weight_decay * ||delta|| / ||reference||^2
+  (+ true_penalty * mean over templated prompts of P(target_true), exp(-mean token NLL): not in
+    the papers, off unless ValueSettings.true_penalty is set),
 with ||delta|| clamped to clamp_norm_factor * ||reference||. The reference vector is the output
 being edited at the bare prompt's fact token: the down projection's output (ROME, site "mlp") or
 the layer's output (MEMIT-style, site "layer"); the target value is reference + delta.
@@ -36,7 +38,7 @@ import torch
 
 from rome.hparams import EditHyperParams
 from rome.values.adam import RowAdam, clamp_scales
-from rome.values.layout import KL, PAPERS_KINDS, TARGET, Batch, View, build_batch
+from rome.values.layout import KL, PAPERS_KINDS, TARGET, TRUE, Batch, View, build_batch
 from rome.values.replay import Replay, ReplayRuntime, make_replay
 from util.models import LoadedModel, input_device
 from util.nethook import Trace
@@ -57,17 +59,19 @@ class ValueSettings:
     faster on CPUs with native bfloat16 matmuls (the deltas and Adam stay float32). compiled (with
     autocast, Llama models): the replayed layers torch.compile'd, once per ReplayRuntime.
     sync_every: steps between the host's reads of which requests still run (None: every step on a
-    CPU, where a read costs nothing and stopped rows leave soonest; SYNC_EVERY on an accelerator)."""
+    CPU, where a read costs nothing and stopped rows leave soonest; SYNC_EVERY on an accelerator).
+    true_penalty: the weight of a term pushing target_true's probability down (0: off)."""
     fast: bool = True
     chunk_size: int = 64
     autocast: torch.dtype | None = None
     compiled: bool = False
     sync_every: int | None = None
+    true_penalty: float = 0.0
 
     @property
     def kinds(self) -> tuple[str, ...]:
         """The kinds of read the loss takes (rome/values/layout.py builds those rows)."""
-        return PAPERS_KINDS
+        return PAPERS_KINDS + ((TRUE,) if self.true_penalty else ())
 
 
 @dataclass
@@ -112,11 +116,11 @@ def optimise_values(lm: LoadedModel, batch: Batch, layer: int, hparams: EditHype
     module = lm.arch.down_proj(layer) if site == "mlp" else lm.arch.layer(layer)
     replay = lambda chunk: make_replay(lm, chunk, layer, hparams.v_loss_layer, runtime=runtime, fast=settings.fast,  # noqa: E731
                                        autocast=settings.autocast, compiled=settings.compiled)
-    return ValueResult.joined([_optimise(lm, chunk, replay(chunk), module, hparams, settings.sync_every) for chunk in chunks])
+    return ValueResult.joined([_optimise(lm, chunk, replay(chunk), module, hparams, settings) for chunk in chunks])
 
 
 def _optimise(lm: LoadedModel, batch: Batch, replay: Replay, site_module: str, hparams: EditHyperParams,
-              sync_every: int | None = None) -> ValueResult:
+              settings: ValueSettings) -> ValueResult:
     """The optimisation of one batch's deltas, each step's log-probabilities from `replay`.
 
     The stopping rules are decided on the device, and a stopped request's row is frozen there (no
@@ -128,7 +132,7 @@ def _optimise(lm: LoadedModel, batch: Batch, replay: Replay, site_module: str, h
     reference = _reference_vectors(lm, batch, site_module)
     ref_norm = reference.norm(dim=-1)
     device = reference.device  # the edited layer's output device, where the replays add the deltas
-    sync_every = sync_every or (1 if device.type == "cpu" else SYNC_EVERY)
+    sync_every = settings.sync_every or (1 if device.type == "cpu" else SYNC_EVERY)
     # float32 deltas for half-precision models, float64 for float64 models (exactness tests)
     values = torch.zeros(n, reference.shape[1], device=device, dtype=torch.promote_types(next(lm.model.parameters()).dtype, torch.float32))
     adam = RowAdam(values, hparams.v_lr)  # moments shaped like `values`: request k's delta is row k
@@ -140,7 +144,7 @@ def _optimise(lm: LoadedModel, batch: Batch, replay: Replay, site_module: str, h
         log_probs = replay(delta_stack, view)
         if kl_reference is None:  # first step: delta = 0, the original distributions
             kl_reference = log_probs[view.spans[KL]].detach().clone()
-        loss, prob = _loss(hparams, batch, view, log_probs, kl_reference, delta_stack, ref_norm[rows])
+        loss, prob = _loss(hparams, batch, view, log_probs, kl_reference, delta_stack, ref_norm[rows], settings.true_penalty)
         live = progress.update(step, rows, loss, prob, lambda: _targets_on_top(view, log_probs))
         read = (step + 1) % sync_every == 0 or step == hparams.v_num_grad_steps - 1
         live_now = live.tolist() if read else None  # the one host sync, every sync_every steps
@@ -224,7 +228,7 @@ def _targets_on_top(view: View, log_probs: torch.Tensor) -> torch.Tensor:
 
 
 def _loss(hparams: EditHyperParams, batch: Batch, view: View, log_probs: torch.Tensor, kl_reference: torch.Tensor,
-          delta_stack: torch.Tensor, ref_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+          delta_stack: torch.Tensor, ref_norm: torch.Tensor, true_penalty: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per active request: loss (differentiable) and mean target probability over its prompts,
     each term from its kind of reads (`log_probs`: a replay's, at every read of `view`)."""
     device, n = log_probs.device, len(view)
@@ -237,4 +241,8 @@ def _loss(hparams: EditHyperParams, batch: Batch, view: View, log_probs: torch.T
     kl = _per_request(kl_each, kl_owner, n) / _per_request(torch.ones_like(kl_each), kl_owner, n).clamp(min=1)
     # The papers' weight decay: ||delta|| / ||reference||^2 (not squared in ||delta||).
     decay = hparams.v_weight_decay * delta_stack.norm(dim=-1) / ref_norm**2
-    return nll + hparams.kl_factor * kl.to(device) + decay.to(device), prob
+    loss = nll + hparams.kl_factor * kl.to(device) + decay.to(device)
+    if true_penalty:  # the mean probability of target_true over the request's prompts
+        true_nll, true_owners = _prompt_nll(on, log_probs, TRUE)
+        loss = loss + true_penalty * _per_request(torch.exp(-true_nll), true_owners, n) / batch.n_prompts
+    return loss, prob

@@ -302,3 +302,63 @@ def test_values_do_not_depend_on_how_often_the_host_reads_the_stopping_state(tin
         assert other.steps == every.steps
         torch.testing.assert_close(other.delta, every.delta, rtol=1e-12, atol=0)
         torch.testing.assert_close(torch.tensor(other.final_loss), torch.tensor(every.final_loss), rtol=1e-12, atol=0)
+
+
+TRUES = ("basketball", "French", "Paris")
+
+
+def true_probability(lm, request, templates, layer, delta=None) -> float:
+    """Mean over the templated prompts of P(target_true) = exp(-mean token NLL), one plain forward
+    per prompt, `delta` added to the layer's output at the prompt's fact token (the subject's last)."""
+    from rome.compute_u import templated_prompts
+    from util.nethook import Trace, add_to_output
+    from util.tokens import encode_with_target, subject_position
+
+    probs = []
+    for prompt in templated_prompts(request, templates):
+        full, start = encode_with_target(lm.tok, prompt.format(request.subject), request.target_true)
+        _, fact = subject_position(lm.tok, prompt, request.subject, "subject_last")
+
+        def added(hidden):
+            out = torch.zeros_like(hidden)
+            if delta is not None:
+                out[:, fact] = delta.to(hidden.dtype)
+            return out
+
+        with torch.no_grad(), Trace(lm.model, lm.arch.layer(layer), edit_output=add_to_output(added)):
+            log_probs = torch.log_softmax(lm.model(torch.tensor([full[:-1]])).logits[0].double(), -1)
+        nll = -torch.stack([log_probs[j - 1, full[j]] for j in range(start, len(full))]).mean()
+        probs.append(torch.exp(-nll).item())
+    return sum(probs) / len(probs)
+
+
+def test_a_target_true_penalty_is_one_more_kind_of_read(tiny64, caches):
+    """A loss term added in rome/compute_v.py and rome/values/layout.py alone (ValueSettings.true_penalty,
+    off by default): the layout builds target_true's rows and reads only when the term is on, the
+    replays return them as any other read, and the term is the mean probability of target_true."""
+    from rome.values.layout import KINDS, TRUE
+
+    lm = tiny64
+    hp = tiny_hparams(v_num_grad_steps=1)
+    reqs = [make_request({**r, "target_true": t}) for r, t in zip(REQUESTS, TRUES)]
+    templates = EditContext(caches).templates(lm, hp)
+    assert not (batch_layout.build_batch(lm, reqs, templates, hp).reads.kind == KINDS.index(TRUE)).any()  # off: nothing built
+    on = ValueSettings(true_penalty=2.0)
+    batch = batch_layout.build_batch(lm, reqs, templates, hp, on.kinds)
+    true_reads = batch.reads.select(batch.reads.kind == KINDS.index(TRUE))
+    for i, (r, t) in enumerate(zip(reqs, TRUES)):  # a read per target_true token after every templated prompt
+        tokens = len(lm.tok(" " + t, add_special_tokens=False)["input_ids"])
+        assert int((true_reads.owner == i).sum()) == len(templates) * tokens
+    # at delta = 0 (one step records the loss before any update) the term adds 2 x mean P(target_true)
+    off_loss = compute_values(lm, reqs, 1, templates, hp).final_loss
+    for fast in (True, False):
+        on_loss = compute_values(lm, reqs, 1, templates, hp, settings=ValueSettings(fast=fast, true_penalty=2.0)).final_loss
+        for request, with_term, without in zip(reqs, on_loss, off_loss):
+            expected = 2.0 * true_probability(lm, request, templates, 1)
+            assert abs((with_term - without) - expected) <= 1e-9 * expected, (with_term - without, expected)
+    # on, it pushes target_true down further than the papers' loss alone does
+    hp = tiny_hparams(v_num_grad_steps=12, v_loss_threshold=0.0, v_lr=0.1, kl_factor=0.0, v_weight_decay=0.0, clamp_norm_factor=100.0)
+    plain = compute_values(lm, reqs, 1, templates, hp)
+    penalised = compute_values(lm, reqs, 1, templates, hp, settings=ValueSettings(true_penalty=1e4))
+    for k, request in enumerate(reqs):
+        assert true_probability(lm, request, templates, 1, penalised.delta[k]) < true_probability(lm, request, templates, 1, plain.delta[k])

@@ -2,8 +2,9 @@
 reads in them, the view of the requests still optimised, and rows grouped by length and aligned
 at their fact token for the replays.
 
-Rows, per request: its templated rewrite prompts (prompt + target_new minus its last token) and
-its KL prompts ("{subject} is a"); all right-padded into one (B, T) tensor, each row with the
+Rows, per request: its templated rewrite prompts (prompt + target_new minus its last token), its
+KL prompts ("{subject} is a") and, when a loss term reads them (`TRUE`), its templated prompts +
+target_true minus its last token; all right-padded into one (B, T) tensor, each row with the
 position where the delta is added (its fact token).
 
 The reads: one table, a row per (row, position) where a log-probability distribution is read,
@@ -28,9 +29,10 @@ from util.requests import EditRequest
 from util.tokens import encode_with_target, right_pad, subject_position
 
 # The kinds of read, in table order: target_new's tokens after each templated prompt; the next-token
-# distribution of each KL prompt.
-TARGET, KL = "target", "kl"
-KINDS = (TARGET, KL)
+# distribution of each KL prompt; target_true's tokens after each templated prompt (built only for
+# a loss that reads them, rome/compute_v.py's ValueSettings.true_penalty).
+TARGET, KL, TRUE = "target", "kl", "true"
+KINDS = (TARGET, KL, TRUE)
 PAPERS_KINDS = (TARGET, KL)  # what the papers' loss reads
 
 
@@ -145,6 +147,9 @@ def build_batch(lm: LoadedModel, requests: list[EditRequest], templates: list[st
             built.add_target(TARGET, request, prompt, request.target_new, i)
         for kl_prompt in hparams.kl_prompts:
             built.add_kl(request, kl_prompt, hparams.kl_position, i)
+        if TRUE in kinds and request.target_true is not None:
+            for prompt in prompts:
+                built.add_target(TRUE, request, prompt, request.target_true, i)
     ids, mask = right_pad(built.seqs, lm.tok.pad_token_id)
     long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
     return Batch(ids, mask, long(built.owner), long(built.fact), long(bare), built.table(), len(templates))

@@ -123,7 +123,8 @@ def edit(
 
     hparams: an hparams object, or a YAML path (then `alg_name` picks the class, default from the
     folder name hparams/<ALG>/...). context: reuse one across calls to keep templates and
-    statistics (new_context() makes one); the default is new_context(max_gpu_memory).
+    statistics (new_context() makes one, and the caller closes it); the default is
+    new_context(max_gpu_memory), closed before returning.
     name: what statistics and templates are cached under; default util.models.model_name(model):
     the embedded name for a model loaded by it (so the command line's cache serves), else the
     name or folder it was loaded from.
@@ -138,5 +139,7 @@ def edit(
     prepare_tokenizer(tok)
     lm = LoadedModel(model, tok, arch_for(model), name or model_name(model))  # an embedded model: its name, as the CLI
     built = [r if isinstance(r, EditRequest) else make_request(r, f"request {i}") for i, r in enumerate(requests)]
-    context = context or new_context(max_gpu_memory)
+    if context is None:
+        with new_context(max_gpu_memory) as context:
+            return _algorithm_of(hparams).apply(lm, built, hparams, context)
     return _algorithm_of(hparams).apply(lm, built, hparams, context)

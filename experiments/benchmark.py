@@ -31,12 +31,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from data.cases import load_cases
 from editors import ALGORITHMS, load_algorithm_hparams
-from experiments.bench_eval import bench_counterfact, bench_probe, timed
+from experiments.benchmarking.evaluation import bench_counterfact, bench_probe, timed
 from experiments.benchmarking.device import device_report
 from experiments.benchmarking.plan import plan_rows, plan_table
-from rome.compute_v import compute_values
-from rome.replay import ReplayRuntime
+from rome.compute_v import ValueSettings, compute_values
 from rome.editor import EditContext
+from rome.values.replay import ReplayRuntime
 from util.cli import run_cli
 from util.corpus import local_corpus, read_texts, local_files
 from util.deltas import restore
@@ -81,8 +81,10 @@ def matmul_ceiling(counts: dict[tuple, int], repeats: int = 20) -> float:
     return flops / seconds / 1e9
 
 
-def _autocast(value_dtype: str) -> torch.dtype | None:
-    return None if value_dtype == "float32" else getattr(torch, value_dtype)
+def _settings(ctx_args: dict, compiled: bool | None = None) -> ValueSettings:
+    """The fast value optimisation of --value_dtype (and --value_compile, unless `compiled` says)."""
+    autocast = None if ctx_args["value_dtype"] == "float32" else getattr(torch, ctx_args["value_dtype"])
+    return ValueSettings(autocast=autocast, compiled=ctx_args["value_compile"] if compiled is None else compiled)
 
 
 def bench_rome(lm: LoadedModel, records, alg: str, ctx_args: dict) -> dict:
@@ -100,11 +102,10 @@ def bench_rome(lm: LoadedModel, records, alg: str, ctx_args: dict) -> dict:
         times[fast] = (time.perf_counter() - start) / len(records)
     ctx = EditContext(**ctx_args)
     templates = ctx.templates(lm, hparams)
-    request, autocast = records[0].request, _autocast(ctx_args["value_dtype"])
-    _, seconds = timed(compute_values, lm, [request], hparams.layers[0], templates, hparams, autocast=autocast,
-                       compiled=ctx_args["value_compile"], runtime=ctx.replay)
+    request = records[0].request
+    _, seconds = timed(compute_values, lm, [request], hparams.layers[0], templates, hparams, settings=_settings(ctx_args), runtime=ctx.replay)
     with FlopCounterMode(display=False) as counter, MatmulShapes() as shapes:
-        compute_values(lm, [request], hparams.layers[0], templates, hparams, autocast=autocast, runtime=ctx.replay)
+        compute_values(lm, [request], hparams.layers[0], templates, hparams, settings=_settings(ctx_args, False), runtime=ctx.replay)
     return {"fast": times[True], "slow": times[False], "gflops": counter.get_total_flops() / seconds / 1e9,
             "matmul_ceiling": matmul_ceiling(shapes.counts)}
 
@@ -114,10 +115,10 @@ def compile_warm_up(lm: LoadedModel, records, ctx_args: dict) -> float:
     groups of one row and of several, the shapes torch.compile specialises on)."""
     hparams = dataclasses.replace(load_algorithm_hparams("EMMET", "smollm2-135m.yaml"), v_num_grad_steps=2)
     templates = EditContext(**ctx_args).templates(lm, hparams)  # sampled before the timer
-    autocast, runtime = _autocast(ctx_args["value_dtype"]), ctx_args["replay"]
     start = time.perf_counter()
     for n in (1, 8):
-        compute_values(lm, [r.request for r in records[:n]], hparams.layers[-1], templates, hparams, "layer", autocast=autocast, compiled=True, runtime=runtime)
+        compute_values(lm, [r.request for r in records[:n]], hparams.layers[-1], templates, hparams, "layer", _settings(ctx_args, True),
+                       ctx_args["replay"])
     return time.perf_counter() - start
 
 
@@ -134,9 +135,9 @@ def bench_batch(lm: LoadedModel, records, alg: str, batch: int, ctx_args: dict, 
     restore(lm.model, result.originals)
     values_fast = sum(v["v_steps"] for v in result.requests)
     sample = requests[:naive_requests]
-    _, naive_values = timed(lambda: [compute_values(lm, [r], hparams.layers[-1], templates, hparams, site="layer", fast=False) for r in sample])
-    _, fast_values = timed(compute_values, lm, sample, hparams.layers[-1], templates, hparams, "layer",
-                           autocast=_autocast(ctx_args["value_dtype"]), compiled=ctx_args["value_compile"], runtime=ctx.replay)
+    naive = ValueSettings(fast=False)
+    _, naive_values = timed(lambda: [compute_values(lm, [r], hparams.layers[-1], templates, hparams, "layer", naive) for r in sample])
+    _, fast_values = timed(compute_values, lm, sample, hparams.layers[-1], templates, hparams, "layer", _settings(ctx_args), ctx.replay)
     slow = fast / batch - fast_values / len(sample) + naive_values / len(sample)
     return {"batch": batch, "fast": fast / batch, "slow": slow, "estimated": len(sample) < batch, "steps": values_fast / batch}
 
@@ -146,11 +147,11 @@ def bench_values_batched(lm: LoadedModel, records, ctx_args: dict, n: int = 8) -
     largest relative difference of v* between the two."""
     hparams = load_algorithm_hparams("R-ROME", "smollm2-135m.yaml")
     templates = EditContext(**ctx_args).templates(lm, hparams)
-    requests, autocast = [r.request for r in records[:n]], _autocast(ctx_args["value_dtype"])
+    requests, settings = [r.request for r in records[:n]], _settings(ctx_args, False)
     # warm-up (allocator, weight copies), so that neither timing pays first-call costs
-    compute_values(lm, requests[:1], hparams.layers[0], templates, dataclasses.replace(hparams, v_num_grad_steps=2), autocast=autocast)
-    together, batched = timed(compute_values, lm, requests, hparams.layers[0], templates, hparams, autocast=autocast)
-    alone, separate = timed(lambda: [compute_values(lm, [r], hparams.layers[0], templates, hparams, autocast=autocast) for r in requests])
+    compute_values(lm, requests[:1], hparams.layers[0], templates, dataclasses.replace(hparams, v_num_grad_steps=2), settings=settings)
+    together, batched = timed(compute_values, lm, requests, hparams.layers[0], templates, hparams, settings=settings)
+    alone, separate = timed(lambda: [compute_values(lm, [r], hparams.layers[0], templates, hparams, settings=settings) for r in requests])
     target = torch.cat([a.target for a in alone])
     error = ((together.target - target).norm(dim=-1) / target.norm(dim=-1)).max().item()
     return {"batched": batched / n, "separate": separate / n, "error": error}

@@ -61,7 +61,7 @@ def sweep(args: argparse.Namespace) -> list[dict]:
     candidates = [layer for layer in parse_layers(args.layers) if layer - width + 1 >= 0]
     if base.mom2_adjustment:  # one statistics pass for every layer the sweep will edit
         needed = sorted({j for layer in candidates for j in range(layer - width + 1, layer + 1)})
-        ctx.stats.second_moments(lm, needed, ctx.corpus(lm, base), base.mom2_n_samples, base.mom2_sample_tokens, base.mom2_dtype)
+        ctx.cache.stats.second_moments(lm, needed, ctx.corpus(lm, base), base.mom2_n_samples, base.mom2_sample_tokens, base.mom2_dtype)
     rows = []
     for layer in candidates:
         layers = list(range(layer - width + 1, layer + 1))  # multi-layer editors end at `layer`

@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from rome.editor import EditContext, Solver, plan_edit
+from rome.values.layout import build_batch
 from rome.hparams import EditHyperParams, ROMEHyperParams
 from util.environment import Environment
 from util.hparams import build_hparams
@@ -100,8 +101,28 @@ def run_options(folder: Path) -> "RunOptions":
     )
 
 
+def layout(lm: LoadedModel, ctx: EditContext, hp: EditHyperParams, requests: list[EditRequest]):
+    """The value optimisation's batch layout of `requests` (rome/values/layout.py), as an edit builds it."""
+    return build_batch(lm, requests, ctx.templates(lm, hp), hp)
+
+
+def through_checkpoint(state: dict, folder: Path, weights: dict | None = None) -> dict:
+    """EditContext.state written by the run pipeline's checkpoint (Session.checkpoint's split, RunFolder's
+    files) and read back as a continued run reads it (verified, loaded, experiments/pipeline/resume.py's join)."""
+    from experiments.pipeline.checkpoint import Checkpoint, RunFolder
+    from experiments.pipeline.session import context_state, split_context_state
+
+    run = RunFolder.create(folder / "checkpointed", "state")
+    try:
+        tensors, values = split_context_state(state)
+        run.save_checkpoint(Checkpoint(1, 1, {}, weights or {}, tensors, {"status": "paused", "context_values": values}))
+        return context_state(run.load_checkpoint(run.verify()))
+    finally:
+        run.close()
+
+
 def host_budget(lm: LoadedModel, ctx: EditContext, hp: EditHyperParams, requests: list[EditRequest], solver: Solver) -> float:
     """GiB of max_gpu_memory that holds an edit of `requests` (float32 values) with the solver's kept
     matrices in host memory but not with them on the device (two or more edited layers)."""
-    estimate = replace(plan_edit(lm, requests, hp, ctx.templates(lm, hp), "float32", 1.0, solver.matrices(hp)), host=True)
+    estimate = replace(plan_edit(lm, layout(lm, ctx, hp, requests), hp, "float32", 1.0, solver.matrices(hp)), host=True)
     return (estimate.resident + max(estimate.phases()) + 64) / HEADROOM / GIB

@@ -7,14 +7,14 @@ from alphaedit.alphaedit_main import AlphaEditHyperParams, apply_alphaedit
 from encore.encore_main import ENCOREHyperParams, apply_encore
 from rome.compute_v import compute_values
 from rome.editor import EDITED_KEYS, edit_keys
-from tests.helpers import REQUESTS, context, rel, tiny_hparams
+from tests.helpers import REQUESTS, context, rel, through_checkpoint, tiny_hparams
 from editors import ALGORITHMS, load_algorithm_hparams
 from util.arch import edited_weight
 from util.deltas import restore, snapshot
 from util.errors import HparamsError, SolverError
 from util.requests import make_request
 from util.solve import Covariance, nullspace_basis, solve_update
-from util.state import load_state, save_state, state_from_tensors, state_to_tensors
+from util.state import state_from_tensors, state_to_tensors
 from util.tokens import encode_with_target
 
 FAST = dict(v_num_grad_steps=4)  # the tests below check the solve, not the values' quality
@@ -111,7 +111,7 @@ def test_edited_keys_accumulate_and_a_resumed_run_is_exact(alg, tiny_gpt2, tmp_p
     ctx = context(tmp_path)
     apply(lm, first, hp, ctx)
     k_first = keys(ctx, first)
-    save_state(ctx.state, tmp_path / "checkpoint")
+    saved = through_checkpoint(ctx.state, tmp_path)
     after_first = snapshot(lm.model, names)
     apply(lm, second, hp, ctx)
     k_second = keys(ctx, second)
@@ -122,7 +122,7 @@ def test_edited_keys_accumulate_and_a_resumed_run_is_exact(alg, tiny_gpt2, tmp_p
 
     # Resume: the weights after the first edit and the saved state, in a fresh context.
     restore(lm.model, after_first)
-    apply(lm, second, hp, context(tmp_path, state=load_state(tmp_path / "checkpoint")))
+    apply(lm, second, hp, context(tmp_path, state=saved))
     for name in names:
         assert torch.equal(lm.model.get_parameter(name), continuous[name]), name
     # Control: resuming without the state gives a different edit.
@@ -131,15 +131,14 @@ def test_edited_keys_accumulate_and_a_resumed_run_is_exact(alg, tiny_gpt2, tmp_p
     assert any(rel(lm.model.get_parameter(name) - start[name], continuous[name] - start[name]) > 1e-6 for name in names)
 
 
-def test_state_round_trips_through_safetensors_and_json(tmp_path):
+def test_state_round_trips_through_the_pipelines_checkpoint(tmp_path):
     state = {
         EDITED_KEYS: {"transformer.h.1.mlp.c_proj": torch.randn(4, 4, dtype=torch.float64)},
         "edits": 12, "note": {"seed": 0, "layers": [1, 2]}, "bf16": torch.ones(3, dtype=torch.bfloat16),
     }
     tensors, plain = state_to_tensors(state)
     assert set(tensors) == {f"{EDITED_KEYS}/transformer.h.1.mlp.c_proj", "bf16"}
-    save_state(state, tmp_path / "s")
-    loaded = load_state(tmp_path / "s")
+    loaded = through_checkpoint(state, tmp_path)
     assert loaded.keys() == state.keys() and loaded["edits"] == 12 and loaded["note"] == state["note"]
     for got, want in [(loaded[EDITED_KEYS]["transformer.h.1.mlp.c_proj"], state[EDITED_KEYS]["transformer.h.1.mlp.c_proj"]),
                       (loaded["bf16"], state["bf16"])]:

@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-import rome.batch_layout as batch_layout
-import rome.llama_layer as llama_layer
-import rome.replay as replay
-from rome.compute_v import compute_values
+import rome.values.layout as batch_layout
+import rome.values.llama_layer as llama_layer
+import rome.values.replay as replay
+from rome.compute_v import ValueSettings, compute_values
 from rome.editor import EditContext
-from tests.helpers import REQUESTS, tiny_hparams
+from tests.helpers import REQUESTS, context, tiny_hparams
 from util.requests import make_request
 
 
@@ -14,6 +14,9 @@ def assert_same_values(a, b):
     """v* = reference + delta agree to 1e-4 relative (per request, in norm)."""
     err = (a.target - b.target).norm(dim=-1) / b.target.norm(dim=-1)
     assert err.max().item() < 1e-4, err
+
+
+BF16 = ValueSettings(autocast=torch.bfloat16)
 
 
 def requests():
@@ -27,8 +30,8 @@ def requests():
 def test_fast_path_equals_straightforward_path(tiny, kw, caches):
     hp = tiny_hparams(v_num_grad_steps=6, **kw)
     templates = EditContext(caches).templates(tiny, hp)
-    fast = compute_values(tiny, requests(), hp.layers[0], templates, hp, fast=True)
-    slow = compute_values(tiny, requests(), hp.layers[0], templates, hp, fast=False)
+    fast = compute_values(tiny, requests(), hp.layers[0], templates, hp)
+    slow = compute_values(tiny, requests(), hp.layers[0], templates, hp, settings=ValueSettings(fast=False))
     assert_same_values(fast, slow)
     assert fast.steps == slow.steps
     torch.testing.assert_close(torch.tensor(fast.final_loss), torch.tensor(slow.final_loss), rtol=1e-4, atol=1e-5)
@@ -57,7 +60,7 @@ def test_finished_requests_kept_in_the_replay_stack_do_not_change_the_others(tin
     threshold = {"gpt2": 10.83, "llama": 10.74}[tiny.model.config.model_type]
     hp = tiny_hparams(v_num_grad_steps=10, v_weight_decay=0.0, v_loss_threshold=threshold)
     templates = EditContext(caches).templates(tiny, hp)
-    slow = compute_values(tiny, requests(), 1, templates, hp, fast=False)
+    slow = compute_values(tiny, requests(), 1, templates, hp, settings=ValueSettings(fast=False))
     monkeypatch.setattr(replay, "REBUILD_FRACTION", rebuild_fraction)
     fast = compute_values(tiny, requests(), 1, templates, hp)
     assert_same_values(fast, slow)
@@ -70,9 +73,9 @@ def test_rows_grouped_by_length_give_the_values_of_one_group(tiny, monkeypatch, 
     tiny.model.double()
     hp = tiny_hparams(v_num_grad_steps=4)
     templates = EditContext(caches).templates(tiny, hp)
-    slow = compute_values(tiny, requests(), 1, templates, hp, fast=False)
+    slow = compute_values(tiny, requests(), 1, templates, hp, settings=ValueSettings(fast=False))
     monkeypatch.setattr(batch_layout, "GROUP_OVERHEAD_TOKENS", overhead)
-    batch = batch_layout.build_batch(tiny, requests(), templates, hp.fact_token, hp.kl_prompts)
+    batch = batch_layout.build_batch(tiny, requests(), templates, hp)
     stack = replay.make_replay(tiny, batch, 1, hp.v_loss_layer, runtime=replay.ReplayRuntime()).stack
     distinct = len(set((batch.mask.sum(1) - batch.fact_position).tolist()))
     assert distinct > 1 and len(stack.groups) == (distinct if overhead == 0 else 1)
@@ -112,7 +115,7 @@ def test_chunked_batches_equal_one_batch(tiny, caches):
     hp = tiny_hparams(v_num_grad_steps=4)
     templates = EditContext(caches).templates(tiny, hp)
     whole = compute_values(tiny, requests(), 1, templates, hp)
-    chunked = compute_values(tiny, requests(), 1, templates, hp, chunk_size=2)
+    chunked = compute_values(tiny, requests(), 1, templates, hp, settings=ValueSettings(chunk_size=2))
     assert_same_values(chunked, whole)
     assert chunked.steps == whole.steps
     groups = [1, len(templates) - 1]  # MEMIT's template groups
@@ -128,7 +131,7 @@ def test_bfloat16_value_optimisation_reaches_the_same_loss(tiny, caches):
     hp = tiny_hparams(v_num_grad_steps=6)
     templates = EditContext(caches).templates(tiny, hp)
     full = compute_values(tiny, requests(), 1, templates, hp)
-    mixed = compute_values(tiny, requests(), 1, templates, hp, autocast=torch.bfloat16)
+    mixed = compute_values(tiny, requests(), 1, templates, hp, settings=BF16)
     assert mixed.delta.dtype == torch.float32 and torch.isfinite(mixed.delta).all()
     torch.testing.assert_close(torch.tensor(mixed.final_loss), torch.tensor(full.final_loss), rtol=1e-2, atol=0)
     assert mixed.steps == full.steps
@@ -157,7 +160,7 @@ def test_float32_sdpa_keeps_grouped_heads_and_equals_transformers():
 def _mixed_values(lm, caches, compiled=False):
     hp = tiny_hparams(v_num_grad_steps=6)
     templates = EditContext(caches).templates(lm, hp)
-    return compute_values(lm, requests(), 1, templates, hp, autocast=torch.bfloat16, compiled=compiled)
+    return compute_values(lm, requests(), 1, templates, hp, settings=ValueSettings(autocast=torch.bfloat16, compiled=compiled))
 
 
 def test_llama_layer_function_replays_exactly_what_transformers_layers_compute(tiny_llama, monkeypatch, caches):
@@ -180,36 +183,37 @@ def test_unpadded_length_group_replays_as_the_modules_do(tiny_llama, monkeypatch
     hp = tiny_hparams(v_num_grad_steps=6)
     templates = EditContext(caches).templates(tiny_llama, hp)
     one = requests()[:1]
-    ours = compute_values(tiny_llama, one, 1, templates, hp, autocast=torch.bfloat16)
+    ours = compute_values(tiny_llama, one, 1, templates, hp, settings=BF16)
     assert any(mask is None for mask in masks) and any(mask is not None for mask in masks)
     monkeypatch.setattr(llama_layer, "is_plain_llama", lambda layer: False)
-    theirs = compute_values(tiny_llama, one, 1, templates, hp, autocast=torch.bfloat16)
+    theirs = compute_values(tiny_llama, one, 1, templates, hp, settings=BF16)
     assert torch.equal(ours.delta, theirs.delta) and ours.final_loss == theirs.final_loss
 
 
 def test_narrowed_replay_stack_computes_its_rows_as_the_whole_stack_did(tiny_llama, monkeypatch, caches):
     hp = tiny_hparams(v_num_grad_steps=10, v_weight_decay=0.0)
     templates = EditContext(caches).templates(tiny_llama, hp)
-    batch = batch_layout.build_batch(tiny_llama, requests(), templates, hp.fact_token, hp.kl_prompts)
+    batch = batch_layout.build_batch(tiny_llama, requests(), templates, hp)
     rows = torch.arange(len(batch.ids))
     functional = replay.make_replay(tiny_llama, batch, 1, hp.v_loss_layer, runtime=replay.ReplayRuntime(), autocast=torch.bfloat16)
     stack = functional.stack
-    kept = rows[batch.request_of_row != 1]  # one request finished: rows leave both length groups
+    kept = rows[batch.row_owner != 1]  # one request finished: rows leave both length groups
     narrow = stack.narrowed(kept)
     assert isinstance(functional, replay.LlamaReplay) and len(narrow.groups) == len(stack.groups) > 1
     assert sum(map(len, narrow.groups)) == len(kept) < sum(map(len, stack.groups))
     delta = torch.randn(len(rows), tiny_llama.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    whole = stack(delta, stack.reads(rows, batch.last_position, delta.device))
+    last = batch.mask.sum(1) - 1
+    whole = stack(delta, stack.reads(rows, last, delta.device))
     local = torch.arange(len(kept))
-    assert torch.equal(narrow(delta[kept], narrow.reads(local, batch.last_position[kept], delta.device)), whole[kept])
+    assert torch.equal(narrow(delta[kept], narrow.reads(local, last[kept], delta.device)), whole[kept])
     fresh = functional.build(kept)
-    torch.testing.assert_close(fresh(delta[kept], fresh.reads(local, batch.last_position[kept], delta.device)), whole[kept])
+    torch.testing.assert_close(fresh(delta[kept], fresh.reads(local, last[kept], delta.device)), whole[kept])
     # In compute_values: requests stopping early leave by narrowing (the function) or by rebuilding (the modules).
     hp = tiny_hparams(v_num_grad_steps=10, v_weight_decay=0.0, v_loss_threshold=10.75)
-    narrowed = compute_values(tiny_llama, requests(), 1, templates, hp, autocast=torch.bfloat16)
+    narrowed = compute_values(tiny_llama, requests(), 1, templates, hp, settings=BF16)
     monkeypatch.setattr(llama_layer, "is_plain_llama", lambda layer: False)
     monkeypatch.setattr(replay, "REBUILD_FRACTION", 1.0)
-    rebuilt = compute_values(tiny_llama, requests(), 1, templates, hp, autocast=torch.bfloat16)
+    rebuilt = compute_values(tiny_llama, requests(), 1, templates, hp, settings=BF16)
     assert narrowed.steps == rebuilt.steps and len(set(narrowed.steps)) > 1
     torch.testing.assert_close(torch.tensor(narrowed.final_loss), torch.tensor(rebuilt.final_loss), rtol=1e-4, atol=0)
 
@@ -230,22 +234,41 @@ def test_replay_runtime_owns_the_compiled_function_and_the_attention_it_register
     runtime = replay.ReplayRuntime()
     assert replay.FLOAT32_SDPA not in ALL_ATTENTION_FUNCTIONS  # nothing registered by creating it
     # GPT-2 under mixed precision: module copies whose attention is float32_sdpa, by name
-    compute_values(tiny_gpt2, requests(), 1, templates, hp, autocast=torch.bfloat16, runtime=runtime)
+    compute_values(tiny_gpt2, requests(), 1, templates, hp, settings=BF16, runtime=runtime)
     assert ALL_ATTENTION_FUNCTIONS[replay.FLOAT32_SDPA] is llama_layer.float32_sdpa
     runtime.close()
     assert replay.FLOAT32_SDPA not in ALL_ATTENTION_FUNCTIONS
-    compute_values(tiny_gpt2, requests(), 1, templates, hp, autocast=torch.bfloat16)  # a runtime of its own, closed
+    compute_values(tiny_gpt2, requests(), 1, templates, hp, settings=BF16)  # a runtime of its own, closed
     assert replay.FLOAT32_SDPA not in ALL_ATTENTION_FUNCTIONS
     # torch.compile's wrapper: once per runtime, none shared through the process
     assert runtime.layer_function(True) is runtime.layer_function(True) is not replay.ReplayRuntime().layer_function(True)
     assert runtime.layer_function(False) is llama_layer.llama_layer
 
 
+def test_an_edit_context_closes_its_replay_runtime(tiny_gpt2, tmp_path, monkeypatch):
+    """EditContext.close (and leaving its `with` block) takes float32_sdpa out of transformers'
+    attention functions; editors.edit closes the context it makes, not one it is given."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    import editors
+
+    hp = tiny_hparams(v_num_grad_steps=2)
+    with context(tmp_path, value_dtype="bfloat16") as ctx:
+        editors.edit(tiny_gpt2.model, tiny_gpt2.tok, REQUESTS[:1], hp, context=ctx)  # GPT-2 modules under mixed precision
+        assert ALL_ATTENTION_FUNCTIONS[replay.FLOAT32_SDPA] is llama_layer.float32_sdpa  # a given context stays open
+    assert replay.FLOAT32_SDPA not in ALL_ATTENTION_FUNCTIONS
+    closed, close = [], EditContext.close
+    monkeypatch.setattr(EditContext, "close", lambda ctx: closed.append(ctx) or close(ctx))
+    monkeypatch.setattr(editors, "new_context", lambda max_gpu_memory=None: context(tmp_path))  # its corpus, not the environment's
+    editors.edit(tiny_gpt2.model, tiny_gpt2.tok, REQUESTS[1:2], hp)
+    assert len(closed) == 1
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_row_adam_is_torch_adam_per_request_with_stopped_requests_frozen(dtype):
     # One Adam per request's delta (torch's, skipping a parameter without gradient) against RowAdam
     # on the rows of one matrix, requests stopping at steps 2, 4 and never: equal to the bit.
-    from rome.compute_v import RowAdam
+    from rome.values.adam import RowAdam
 
     generator = torch.Generator().manual_seed(0)
     n, d, lr, stops = 3, 17, 0.3, [2, 4, 99]
@@ -272,10 +295,70 @@ def test_values_do_not_depend_on_how_often_the_host_reads_the_stopping_state(tin
     threshold = {"gpt2": 10.83, "llama": 10.74}[tiny.model.config.model_type]
     hp = tiny_hparams(v_num_grad_steps=10, v_weight_decay=0.0, v_loss_threshold=threshold, v_argmax_stop_steps=argmax_stop)
     templates = EditContext(caches).templates(tiny, hp)
-    every = compute_values(tiny, requests(), 1, templates, hp, sync_every=1)
+    every = compute_values(tiny, requests(), 1, templates, hp, settings=ValueSettings(sync_every=1))
     assert len(set(every.steps)) > 1, "the threshold should stop requests at different steps"
     for sync_every in (3, 100):
-        other = compute_values(tiny, requests(), 1, templates, hp, sync_every=sync_every)
+        other = compute_values(tiny, requests(), 1, templates, hp, settings=ValueSettings(sync_every=sync_every))
         assert other.steps == every.steps
         torch.testing.assert_close(other.delta, every.delta, rtol=1e-12, atol=0)
         torch.testing.assert_close(torch.tensor(other.final_loss), torch.tensor(every.final_loss), rtol=1e-12, atol=0)
+
+
+TRUES = ("basketball", "French", "Paris")
+
+
+def true_probability(lm, request, templates, layer, delta=None) -> float:
+    """Mean over the templated prompts of P(target_true) = exp(-mean token NLL), one plain forward
+    per prompt, `delta` added to the layer's output at the prompt's fact token (the subject's last)."""
+    from rome.compute_u import templated_prompts
+    from util.nethook import Trace, add_to_output
+    from util.tokens import encode_with_target, subject_position
+
+    probs = []
+    for prompt in templated_prompts(request, templates):
+        full, start = encode_with_target(lm.tok, prompt.format(request.subject), request.target_true)
+        _, fact = subject_position(lm.tok, prompt, request.subject, "subject_last")
+
+        def added(hidden):
+            out = torch.zeros_like(hidden)
+            if delta is not None:
+                out[:, fact] = delta.to(hidden.dtype)
+            return out
+
+        with torch.no_grad(), Trace(lm.model, lm.arch.layer(layer), edit_output=add_to_output(added)):
+            log_probs = torch.log_softmax(lm.model(torch.tensor([full[:-1]])).logits[0].double(), -1)
+        nll = -torch.stack([log_probs[j - 1, full[j]] for j in range(start, len(full))]).mean()
+        probs.append(torch.exp(-nll).item())
+    return sum(probs) / len(probs)
+
+
+def test_a_target_true_penalty_is_one_more_kind_of_read(tiny64, caches):
+    """A loss term added in rome/compute_v.py and rome/values/layout.py alone (ValueSettings.true_penalty,
+    off by default): the layout builds target_true's rows and reads only when the term is on, the
+    replays return them as any other read, and the term is the mean probability of target_true."""
+    from rome.values.layout import KINDS, TRUE
+
+    lm = tiny64
+    hp = tiny_hparams(v_num_grad_steps=1)
+    reqs = [make_request({**r, "target_true": t}) for r, t in zip(REQUESTS, TRUES)]
+    templates = EditContext(caches).templates(lm, hp)
+    assert not (batch_layout.build_batch(lm, reqs, templates, hp).reads.kind == KINDS.index(TRUE)).any()  # off: nothing built
+    on = ValueSettings(true_penalty=2.0)
+    batch = batch_layout.build_batch(lm, reqs, templates, hp, on.kinds)
+    true_reads = batch.reads.select(batch.reads.kind == KINDS.index(TRUE))
+    for i, (r, t) in enumerate(zip(reqs, TRUES)):  # a read per target_true token after every templated prompt
+        tokens = len(lm.tok(" " + t, add_special_tokens=False)["input_ids"])
+        assert int((true_reads.owner == i).sum()) == len(templates) * tokens
+    # at delta = 0 (one step records the loss before any update) the term adds 2 x mean P(target_true)
+    off_loss = compute_values(lm, reqs, 1, templates, hp).final_loss
+    for fast in (True, False):
+        on_loss = compute_values(lm, reqs, 1, templates, hp, settings=ValueSettings(fast=fast, true_penalty=2.0)).final_loss
+        for request, with_term, without in zip(reqs, on_loss, off_loss):
+            expected = 2.0 * true_probability(lm, request, templates, 1)
+            assert abs((with_term - without) - expected) <= 1e-9 * expected, (with_term - without, expected)
+    # on, it pushes target_true down further than the papers' loss alone does
+    hp = tiny_hparams(v_num_grad_steps=12, v_loss_threshold=0.0, v_lr=0.1, kl_factor=0.0, v_weight_decay=0.0, clamp_norm_factor=100.0)
+    plain = compute_values(lm, reqs, 1, templates, hp)
+    penalised = compute_values(lm, reqs, 1, templates, hp, settings=ValueSettings(true_penalty=1e4))
+    for k, request in enumerate(reqs):
+        assert true_probability(lm, request, templates, 1, penalised.delta[k]) < true_probability(lm, request, templates, 1, plain.delta[k])

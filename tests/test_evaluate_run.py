@@ -17,6 +17,7 @@ from tests.helpers import run_options, tiny_hparams
 from util.errors import RunError
 from util.files import read_jsonl
 from util.models import LoadedModel
+from rome.editor import EditContext
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 fresh = fresh_llama
@@ -46,8 +47,11 @@ def edited(lm: LoadedModel) -> torch.Tensor:
     return lm.model.get_parameter(lm.arch.weight_name(1)).detach().clone()
 
 
-def test_run_folder_holds_every_file(options, tokenizer, caches):
+def test_run_folder_holds_every_file(options, tokenizer, caches, monkeypatch):
+    closed, close = [], EditContext.close
+    monkeypatch.setattr(EditContext, "close", lambda ctx: closed.append(ctx) or close(ctx))
     path = run(options, fresh(tokenizer), tiny_hparams())
+    assert len(closed) == 1, "the run closes the EditContext it opened (what its replays registered)"
     # the caches went where the options' environment says (the test's folders, tests/conftest.py)
     assert options.environment.caches == caches
     for folder, pattern in ((caches.templates, "*.json"), (caches.stats, "*.safetensors"), (caches.tfidf, "*.json"),

@@ -84,7 +84,8 @@ def test_alphaedit_null_space_is_computed_on_the_gpu(tokenizer, tmp_path):
 def test_an_edit_under_max_gpu_memory_stays_within_it(tokenizer, tmp_path):
     """The budget's estimate (util/memory.py) bounds what torch allocates on the GPU: a budget with
     room for one and a half requests' value optimisation chunks the batch and is not exceeded."""
-    from util.memory import GIB, HEADROOM, ModelShape, edit_shape, plan, solver_matrices
+    from tests.helpers import layout
+    from util.memory import GIB, HEADROOM, ModelShape, plan, solver_matrices
 
     lm = tiny_on("llama", tokenizer, "cuda")
     hp = tiny_hparams(ALGORITHMS["EMMET"].hparams_class, **EXTRA["EMMET"])
@@ -93,15 +94,15 @@ def test_an_edit_under_max_gpu_memory_stays_within_it(tokenizer, tmp_path):
     matrices = solver_matrices("equality", hp.mom2_adjustment, False)
     for layer in hp.layers:
         ctx.covariance(lm, layer, hp)  # statistics and C on the device, outside the measured edit
-    shape = edit_shape(tokenizer, requests, ctx.templates(lm, hp), hp.kl_prompts, hp.v_loss_layer, hp.layers[-1])
+    shape = layout(lm, ctx, hp, requests).shape(hp.v_loss_layer, hp.layers[-1])
     estimate = plan(lm.model, ModelShape.of(lm), shape, 1.0, None, [], len(hp.layers), matrices)
-    ctx.max_gpu_memory = (estimate.resident + 1.5 * estimate.value_request) / HEADROOM / GIB
+    ctx.configure(max_gpu_memory=(estimate.resident + 1.5 * estimate.value_request) / HEADROOM / GIB)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     result = ALGORITHMS["EMMET"].apply(lm, requests, hp, ctx)
     peak = torch.cuda.max_memory_allocated()
     assert result.chunk_sizes["values"] == 1
-    assert peak <= ctx.max_gpu_memory * GIB, (peak / GIB, ctx.max_gpu_memory)
+    assert peak <= ctx.config.max_gpu_memory * GIB, (peak / GIB, ctx.config.max_gpu_memory)
 
 
 def test_value_steps_between_reads_do_not_wait_for_the_gpu(tokenizer, caches):
@@ -109,7 +110,7 @@ def test_value_steps_between_reads_do_not_wait_for_the_gpu(tokenizer, caches):
     # and 16 steps make the same number of synchronising calls (counted by CUDA's sync debug mode).
     import warnings
 
-    from rome.compute_v import compute_values
+    from rome.compute_v import ValueSettings, compute_values
 
     lm = tiny_on("llama", tokenizer, "cuda")
     requests = [make_request(r) for r in REQUESTS]
@@ -121,7 +122,7 @@ def test_value_steps_between_reads_do_not_wait_for_the_gpu(tokenizer, caches):
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                compute_values(lm, requests, 1, templates, hp, sync_every=steps)
+                compute_values(lm, requests, 1, templates, hp, settings=ValueSettings(sync_every=steps))
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         counts.append(sum("synchroniz" in str(w.message) for w in caught))
@@ -129,15 +130,15 @@ def test_value_steps_between_reads_do_not_wait_for_the_gpu(tokenizer, caches):
 
 
 def kept_matrices(ctx: EditContext) -> list[torch.Tensor]:
-    kept = [t for cov in ctx._covariances.values() for t in (cov.matrix, cov._factor) if t is not None]
-    return kept + [*ctx._nullspaces.values(), *ctx.state.get(EDITED_KEYS, {}).values()]
+    kept = [t for cov in ctx.cache.covariances.values() for t in (cov.matrix, cov._factor) if t is not None]
+    return kept + [*ctx.cache.nullspaces.values(), *ctx.state.get(EDITED_KEYS, {}).values()]
 
 
-def on_host_first(ctx: EditContext, compute_values):
-    """compute_values, once every kept matrix is checked to be in host memory when it starts."""
+def on_host_first(ctx: EditContext, optimise_values):
+    """optimise_values, once every kept matrix is checked to be in host memory when it starts."""
     def call(*args, **kwargs):
         assert all(t.device.type == "cpu" for t in kept_matrices(ctx)), "kept matrices on the GPU during values"
-        return compute_values(*args, **kwargs)
+        return optimise_values(*args, **kwargs)
     return call
 
 
@@ -155,14 +156,14 @@ def test_kept_matrices_in_pinned_host_memory_give_the_device_update(alg, tokeniz
         lm = tiny_on("llama", tokenizer, "cuda")
         ctx = context(tmp_path, stats=stats, key_chunk_size=2, value_chunk_size=2)
         if where == "host":
-            ctx.max_gpu_memory = min(host_budget(lm, ctx, hp, part, ALGORITHMS[alg].solver)
-                                     for part in (requests[:2], requests[2:]))
+            ctx.configure(max_gpu_memory=min(host_budget(lm, ctx, hp, part, ALGORITHMS[alg].solver)
+                                             for part in (requests[:2], requests[2:])))
             for layer in hp.layers:  # a warm-up on the GPU: the edit moves them out before its values
                 if alg == "AlphaEdit":
                     ctx.nullspace(lm, layer, hp, hp.nullspace_threshold)
                 else:
                     ctx.covariance(lm, layer, hp)
-            monkeypatch.setattr(rome.editor, "compute_values", on_host_first(ctx, rome.editor.compute_values))
+            monkeypatch.setattr(rome.editor, "optimise_values", on_host_first(ctx, rome.editor.optimise_values))
         first = ALGORITHMS[alg].apply(lm, requests[:2], hp, ctx)
         ctx.state = state_from_tensors(*state_to_tensors(ctx.state))  # as a resumed run has it: host, unpinned
         second = ALGORITHMS[alg].apply(lm, requests[2:], hp, ctx)

@@ -11,12 +11,12 @@ import rome.compute_v
 from editors import ALGORITHMS, edit
 from experiments.pipeline.run_config import RunOptions
 from util.errors import RunError
-from rome.editor import EDITED_KEYS, KEY_CHUNK, VALUE_CHUNK, Solver
-from rome.replay import UpperModules
-from tests.helpers import EXTRA, KEPT, REQUESTS, context, host_budget, tiny_hparams
+from rome.editor import EDITED_KEYS, KEY_CHUNK, VALUE_CHUNK, EditPlan, Solver
+from rome.values.stacks import UpperModules
+from tests.helpers import EXTRA, KEPT, REQUESTS, context, host_budget, layout, tiny_hparams
 from util.deltas import restore
 from util.errors import HparamsError, MemoryBudgetError
-from util.memory import (GIB, HEADROOM, ModelShape, SolverPlacement, edit_shape, plan, replay_copy_bytes, resident_bytes,
+from util.memory import (GIB, HEADROOM, ModelShape, SolverPlacement, plan, replay_copy_bytes, resident_bytes,
                          solver_matrices, stats_batch_tokens)
 from util.requests import make_request
 from util.solve import Covariance
@@ -32,8 +32,13 @@ def emmet_hparams(**extra):
 
 
 def budget_plan(lm, ctx, hp, gib: float, matrices: tuple[int, int] = (2, 2)):
-    shape = edit_shape(lm.tok, REQS, ctx.templates(lm, hp), hp.kl_prompts, hp.v_loss_layer, hp.layers[-1])
+    shape = layout(lm, ctx, hp, REQS).shape(hp.v_loss_layer, hp.layers[-1])
     return plan(lm.model, ModelShape.of(lm), shape, gib, None, [], len(hp.layers), matrices)
+
+
+def chunk_sizes(ctx, lm, hp, matrices):
+    plan = ctx.plan(lm, REQS, hp, matrices)
+    return plan.key_chunk, plan.value_chunk
 
 
 def test_chunk_sizes_shrink_with_the_budget_and_stay_within_it(tiny, tmp_path):
@@ -41,8 +46,8 @@ def test_chunk_sizes_shrink_with_the_budget_and_stay_within_it(tiny, tmp_path):
     matrices = solver_matrices("equality", True, False)
     chunks = []
     for gib in (1.0, 0.25, 0.06, 0.03):
-        ctx.max_gpu_memory = gib
-        key_chunk, value_chunk = ctx.chunk_sizes(tiny, REQS, hp, matrices)
+        ctx.configure(max_gpu_memory=gib)
+        key_chunk, value_chunk = chunk_sizes(ctx, tiny, hp, matrices)
         chunks.append((key_chunk, value_chunk))
         estimate = budget_plan(tiny, ctx, hp, gib, matrices)
         for chunk, per_request, fixed in ((key_chunk, estimate.key_request, 0), (value_chunk, estimate.value_request, estimate.value_fixed)):
@@ -56,9 +61,9 @@ def test_chunk_sizes_shrink_with_the_budget_and_stay_within_it(tiny, tmp_path):
     assert budget_plan(tiny, ctx, hp, 0.06, (4, 3)).resident - budget_plan(tiny, ctx, hp, 0.06, (0, 3)).resident == 4 * 2 * m * m * 8
     assert solver_matrices("nullspace", True, True) == (2, 3) and solver_matrices("least_squares", True, False) == (1, 3)
     # explicit sizes win over the budget; without either, the defaults
-    ctx.key_chunk_size, ctx.value_chunk_size = 7, 5
-    assert ctx.chunk_sizes(tiny, REQS, hp, matrices) == (7, 5)
-    assert context(tmp_path).chunk_sizes(tiny, REQS, hp) == (KEY_CHUNK, VALUE_CHUNK)
+    ctx.configure(key_chunk_size=7, value_chunk_size=5)
+    assert chunk_sizes(ctx, tiny, hp, matrices) == (7, 5)
+    assert chunk_sizes(context(tmp_path), tiny, hp, (0, 0)) == (KEY_CHUNK, VALUE_CHUNK)
 
 
 def test_a_small_budget_chunks_the_edit_and_gives_the_same_update(tiny64, tmp_path, monkeypatch):
@@ -70,11 +75,11 @@ def test_a_small_budget_chunks_the_edit_and_gives_the_same_update(tiny64, tmp_pa
     # room for one request's value optimisation and a half: three value batches of one request
     gib = (estimate.resident + 1.5 * estimate.value_request) / HEADROOM / GIB
     batches = []
-    real = rome.compute_v.compute_values
-    monkeypatch.setattr(rome.compute_v, "compute_values", lambda lm, requests, *a, **k: batches.append(len(requests)) or real(lm, requests, *a, **k))
-    ctx.max_gpu_memory = gib
+    real = rome.compute_v._optimise
+    monkeypatch.setattr(rome.compute_v, "_optimise", lambda lm, batch, *a: batches.append(batch.n_requests) or real(lm, batch, *a))
+    ctx.configure(max_gpu_memory=gib)
     chunked = ALGORITHMS["EMMET"].apply(tiny64, REQS, hp, ctx)
-    assert chunked.chunk_sizes["values"] == 1 and batches == [1, 1, 1]  # the chunks (the editor's own call is not patched)
+    assert chunked.chunk_sizes["values"] == 1 and batches == [1, 1, 1]  # the chunks of the edit's one layout
     assert whole.chunk_sizes == {"keys": KEY_CHUNK, "values": VALUE_CHUNK}
     for name, delta in whole.deltas.items():
         torch.testing.assert_close(chunked.deltas[name], delta, rtol=1e-9, atol=1e-12 * delta.abs().max().item())
@@ -86,7 +91,7 @@ def test_an_impossible_budget_stops_with_one_line(tiny, tmp_path):
     needed = resident_bytes(tiny.model) / GIB
     ctx = context(tmp_path)
     ctx.second_moments(tiny, hp)  # statistics computed without a budget: the edit itself is refused
-    ctx.max_gpu_memory = needed  # the weights alone fill it
+    ctx.configure(max_gpu_memory=needed)  # the weights alone fill it
     with pytest.raises(MemoryBudgetError) as err:
         edit(tiny.model, tiny.tok, [request], hp, context=ctx)
     message = str(err.value)
@@ -123,11 +128,11 @@ def test_alphaedit_keeps_no_covariance_on_the_device(tiny, tmp_path):
     hp = tiny_hparams(ALGORITHMS["AlphaEdit"].hparams_class, nullspace_threshold=1e-3, L2=1e-4, v_num_grad_steps=2)
     ctx = context(tmp_path)
     ALGORITHMS["AlphaEdit"].apply(tiny, REQS[:1], hp, ctx)
-    assert not ctx._covariances and len(ctx._nullspaces) == 1
+    assert not ctx.cache.covariances and len(ctx.cache.nullspaces) == 1
 
 
 def test_replay_copies_count_only_when_the_model_is_not_in_the_value_dtype(tiny):
-    """The estimate follows rome/replay.py: a float32 model's replayed matrices are copied in
+    """The estimate follows rome/values/replay.py: a float32 model's replayed matrices are copied in
     bfloat16 (the bytes of storage the copies add), a bfloat16 model's are not copied at all."""
     def copies(lm):
         upper = UpperModules(lm, 1, 3, torch.bfloat16)
@@ -162,10 +167,10 @@ def test_kept_matrices_go_to_host_memory_when_the_device_cannot_hold_them(tiny, 
     snug = budget_plan(tiny, ctx, hp, (weights + len(REQS) * roomy.value_request + 64) / HEADROOM / GIB, matrices)
     assert replace(snug, host=False).fits() and replace(snug, host=False).value_chunk() < len(REQS)
     assert snug.host and snug.used_chunks(len(REQS)) == (len(REQS), len(REQS))
-    ctx.max_gpu_memory = gib
-    assert ctx.edit_plan(tiny, REQS, hp, matrices) == (tight.key_chunk(), tight.value_chunk(), True)
-    ctx.max_gpu_memory = 1.0
-    assert ctx.edit_plan(tiny, REQS, hp, matrices) == (roomy.key_chunk(), roomy.value_chunk(), False)
+    ctx.configure(max_gpu_memory=gib)
+    assert ctx.plan(tiny, REQS, hp, matrices) == EditPlan(tight.key_chunk(), tight.value_chunk(), True)
+    ctx.configure(max_gpu_memory=1.0)
+    assert ctx.plan(tiny, REQS, hp, matrices) == EditPlan(roomy.key_chunk(), roomy.value_chunk(), False)
     # a budget that cannot hold the host plan either still stops with one line, naming the weights alone
     with pytest.raises(MemoryBudgetError, match=r"weights take [\d.]+ GiB") as err:
         budget_plan(tiny, ctx, hp, weights / GIB, matrices).check()
@@ -206,7 +211,7 @@ def test_kept_matrices_in_host_memory_give_the_same_update(alg, tiny_llama, tmp_
     for where in ("device", "host"):
         ctx = context(tmp_path, stats=stats, key_chunk_size=2, value_chunk_size=2)
         if where == "host":  # the placement is planned per edit: a budget too small for both
-            ctx.max_gpu_memory = min(host_budget(lm, ctx, hp, part, ALGORITHMS[alg].solver) for part in (REQS[:2], REQS[2:]))
+            ctx.configure(max_gpu_memory=min(host_budget(lm, ctx, hp, part, ALGORITHMS[alg].solver) for part in (REQS[:2], REQS[2:])))
         first = ALGORITHMS[alg].apply(lm, REQS[:2], hp, ctx)
         ctx.state = state_from_tensors(*state_to_tensors(ctx.state))  # as a resumed run has it
         second = ALGORITHMS[alg].apply(lm, REQS[2:], hp, ctx)

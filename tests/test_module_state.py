@@ -38,7 +38,7 @@ print(json.dumps({"before": before, "after": known()}))
 
 def test_importing_every_module_leaves_transformers_attention_registry_unchanged():
     modules = [module_name(path) for path in project_files()]
-    assert "rome.compute_v" in modules and "rome.replay" in modules and len(modules) > 40
+    assert "rome.compute_v" in modules and "rome.values.replay" in modules and len(modules) > 40
     done = subprocess.run([sys.executable, "-c", PROBE, *modules], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     seen = json.loads(done.stdout.strip().splitlines()[-1])
@@ -55,9 +55,9 @@ def test_no_module_rebinds_globals():
 
 
 ENVIRONMENT_MODULE = ROOT / "util" / "environment.py"
-# The other readers of os.environ, neither of them a setting passed down: run_cli's malloc switch
-# (applied before the command runs) and the copy of the environment sweep.py gives its children.
-OTHER_ENVIRON_READERS = {"util/cli.py", "experiments/sweep.py"}
+# The other reader of os.environ, not for a setting passed down: the copy of the environment
+# sweep.py gives its children.
+OTHER_ENVIRON_READERS = {"experiments/sweep.py"}
 
 
 def string_constants(path: Path) -> list[ast.Constant]:
@@ -68,9 +68,9 @@ def string_constants(path: Path) -> list[ast.Constant]:
 def test_environment_variables_are_read_once_in_util_environment():
     """The variables of util/environment.py (cache folders, corpus, data folders, offline, commit)
     are read there alone: each command line reads them once (Environment.read()) and passes the
-    values down. Only the two readers above touch os.environ besides, and not for these."""
+    values down. Only the reader above touches os.environ besides, and not for these."""
     names = {node.value for node in string_constants(ENVIRONMENT_MODULE) if re.fullmatch(r"(KEDIT|HF)_[A-Z_]+", node.value)}
-    assert {"KEDIT_CACHE", "KEDIT_MODEL_CACHE", "KEDIT_CORPUS", "HF_HUB_OFFLINE"} <= names
+    assert {"KEDIT_CACHE", "KEDIT_MODEL_CACHE", "KEDIT_CORPUS", "HF_HUB_OFFLINE", "KEDIT_SYSTEM_MALLOC"} <= names
     readers = {path.relative_to(ROOT).as_posix() for path in project_files()
                for node in ast.walk(ast.parse(path.read_text(), str(path)))
                if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "os"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from alphaedit.alphaedit_main import AlphaEditHyperParams
-from rome.editor import EDITED_KEYS, EditContext
+from rome.editor import EDITED_KEYS, EditContext, EditPlan
 from tests.helpers import REQUESTS, context, tiny_hparams
 from editors import ALGORITHMS
 from util.deltas import restore
@@ -96,23 +96,25 @@ def test_edits_in_small_chunks_equal_one_chunk(tiny64, tmp_path, monkeypatch):
     import rome.compute_u
     import rome.compute_v
 
-    sizes = []  # the chunks' sizes, seen where compute_keys / compute_values call themselves per chunk
+    sizes = []  # the chunks' sizes, seen where compute_keys calls itself per chunk and compute_v optimises each
 
-    def recording(name, real):
+    def recording(name, real, count):
         def call(lm, requests, *args, **kwargs):
-            sizes.append((name, len(requests)))
+            sizes.append((name, count(requests)))
             return real(lm, requests, *args, **kwargs)
         return call
 
-    for module, name in ((rome.compute_u, "compute_keys"), (rome.compute_v, "compute_values")):
-        monkeypatch.setattr(module, name, recording(name, getattr(module, name)))
+    for module, name, count in ((rome.compute_u, "compute_keys", len), (rome.compute_v, "_optimise", lambda batch: batch.n_requests)):
+        monkeypatch.setattr(module, name, recording(name, getattr(module, name), count))
     hp = tiny_hparams(ALGORITHMS["EMMET"].hparams_class, layers=[1, 2], mom2_update_weight=10.0, emmet_lambda=0.1, v_num_grad_steps=4)
     requests = [make_request(r) for r in REQUESTS]
     whole = ALGORITHMS["EMMET"].apply(tiny64, requests, hp, context(tmp_path))
 
     restore(tiny64.model, whole.originals)
+    assert sizes == [("_optimise", 3)]  # one batch of all
+    sizes.clear()
     chunked = ALGORITHMS["EMMET"].apply(tiny64, requests, hp, context(tmp_path, key_chunk_size=1, value_chunk_size=1))
-    assert sorted(set(sizes)) == [("compute_keys", 1), ("compute_values", 1)] and len(sizes) == 3 * 3  # keys at 2 layers, values
+    assert sorted(set(sizes)) == [("_optimise", 1), ("compute_keys", 1)] and len(sizes) == 3 * 3  # keys at 2 layers, values
     for name, delta in whole.deltas.items():
         torch.testing.assert_close(chunked.deltas[name], delta, rtol=1e-9, atol=1e-12 * delta.abs().max().item())
 
@@ -121,7 +123,7 @@ def test_edits_in_small_chunks_equal_one_chunk(tiny64, tmp_path, monkeypatch):
 def test_an_edit_first_moves_the_kept_matrices_where_its_plan_says(tiny, tmp_path):
     """C (with its factor), U and K_p K_p^T cached by an earlier edit or a benchmark's warm-up go where
     an edit's plan keeps them before its value optimisation counts on the room that leaves
-    (EditContext.keep_solver_matrices). 'meta' stands in for a GPU: weights moved there, the matrices
+    (EditContext.place). 'meta' stands in for a GPU: weights moved there, the matrices
     cached on the CPU stand for host memory."""
     hp = tiny_hparams(AlphaEditHyperParams, layers=[1, 2], nullspace_threshold=1e-3)
     ctx = context(tmp_path)
@@ -131,11 +133,11 @@ def test_an_edit_first_moves_the_kept_matrices_where_its_plan_says(tiny, tmp_pat
     ctx.remember_keys(tiny, 2, torch.ones(cov.dim, 2))
 
     def kept():
-        return [cov.matrix, cov._factor, *ctx._nullspaces.values(), *ctx.state[EDITED_KEYS].values()]
+        return [cov.matrix, cov._factor, *ctx.cache.nullspaces.values(), *ctx.state[EDITED_KEYS].values()]
 
     before = kept()
-    ctx.keep_solver_matrices(tiny, host=True)  # host memory is where they are: nothing moves
+    ctx.place(tiny, EditPlan(host=True))  # host memory is where they are: nothing moves
     assert all(a is b for a, b in zip(kept(), before))
     tiny.model.to("meta")
-    ctx.keep_solver_matrices(tiny, host=False)  # the plan keeps them on the weights' device
+    ctx.place(tiny, EditPlan(host=False))  # the plan keeps them on the weights' device
     assert len(kept()) == 4 and all(t.device.type == "meta" for t in kept())

@@ -7,12 +7,11 @@ import torch
 from memit.memit_main import MEMITHyperParams, apply_memit
 from prune.prune_main import PRUNE_STATE, PRUNEHyperParams, apply_prune, restrain
 from rect.rect_main import RECTHyperParams, apply_rect, top_relative_mask
-from tests.helpers import REQUESTS, context, tiny_hparams
+from tests.helpers import REQUESTS, context, through_checkpoint, tiny_hparams
 from editors import ALGORITHMS, load_algorithm_hparams
 from util.deltas import restore, snapshot
 from util.errors import HparamsError
 from util.requests import make_request
-from util.state import load_state, save_state
 
 FAST = dict(v_num_grad_steps=4, mom2_update_weight=10.0)
 BATCHES = [[make_request(r) for r in REQUESTS[:2]], [make_request(REQUESTS[2])]]
@@ -43,8 +42,7 @@ def test_prune_restrains_the_accumulated_update_singular_values(tiny64, tmp_path
     for i, batch in enumerate(BATCHES):
         raw = raw + memit_delta(lm, batch, ctx, name)  # the unrestrained accumulated update
         if i == 1:  # the resumed run is the same run: its state holds the raw sum
-            save_state(ctx.state, tmp_path / "state")
-            ctx.state = load_state(tmp_path / "state")
+            ctx.state = through_checkpoint(ctx.state, tmp_path)
         result = apply_prune(lm, batch, hp, ctx)
         U, S, Vh = torch.linalg.svd(raw, full_matrices=False)
         written = lm.model.get_parameter(name).double() - W0

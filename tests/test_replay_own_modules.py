@@ -1,14 +1,15 @@
 """A model already in the value dtype (bfloat16 weights, bfloat16 values) replays its own upper
 modules: no copy of them, the same float32 attention as the copies had, and the model's config
-left as it was (rome/replay.py's UpperModules)."""
+left as it was (rome/values/replay.py's UpperModules)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-import rome.replay as replay
-from rome.batch_layout import Active, build_batch
-from rome.compute_v import compute_values
+import rome.values.replay as replay
+import rome.values.stacks as stacks
+from rome.compute_v import ValueSettings, compute_values
+from rome.values.layout import View, build_batch
 from rome.editor import EditContext
 from tests.helpers import REQUESTS, tiny_hparams
 from util.requests import make_request
@@ -31,12 +32,12 @@ def logits(lm) -> torch.Tensor:
 
 def bf16_values(lm, caches, **overrides):
     hp = tiny_hparams(v_num_grad_steps=6, **overrides)
-    return compute_values(lm, REQS, 1, EditContext(caches).templates(lm, hp), hp, autocast=torch.bfloat16)
+    return compute_values(lm, REQS, 1, EditContext(caches).templates(lm, hp), hp, settings=ValueSettings(autocast=torch.bfloat16))
 
 
 def test_a_model_in_the_value_dtype_replays_its_own_modules_with_the_copies_numbers(tiny, monkeypatch, caches):
     tiny.model.to(torch.bfloat16)
-    upper = replay.UpperModules(tiny, 1, 3, torch.bfloat16)
+    upper = stacks.UpperModules(tiny, 1, 3, torch.bfloat16)
     model_storage = {p.data_ptr() for p in tiny.model.parameters()}
     assert upper.mixed and not upper.copied
     assert all(a is b for a, b in zip(upper.layers, upper.originals)) and len(upper.layers) == 2
@@ -44,8 +45,8 @@ def test_a_model_in_the_value_dtype_replays_its_own_modules_with_the_copies_numb
     assert {p.data_ptr() for m in (*upper.layers, upper.norm, upper.unembed) for p in m.parameters()} <= model_storage
     own = bf16_values(tiny, caches)
     # the same numbers as the copies of 73d7405 (every matrix copied, the copies' attention float32)
-    monkeypatch.setattr(replay, "matrices_to_copy", every_matrix)
-    forced = replay.UpperModules(tiny, 1, 3, torch.bfloat16)
+    monkeypatch.setattr(stacks, "matrices_to_copy", every_matrix)
+    forced = stacks.UpperModules(tiny, 1, 3, torch.bfloat16)
     assert forced.copied and not {p.data_ptr() for m in forced.layers for p in m.parameters()} & model_storage
     copied = bf16_values(tiny, caches)
     assert torch.equal(own.delta, copied.delta) and own.final_loss == copied.final_loss and own.steps == copied.steps
@@ -62,7 +63,7 @@ def test_the_model_keeps_its_attention_after_a_replay_and_when_it_raises(tiny, c
     assert attention_implementations(tiny.model) == before and torch.equal(logits(tiny), reference)
     # the top layer sees the model's sdpa in the unedited forwards, float32_sdpa in the replay only
     hp = tiny_hparams()
-    batch = build_batch(tiny, REQS, EditContext(caches).templates(tiny, hp), hp.fact_token, hp.kl_prompts)
+    batch = build_batch(tiny, REQS, EditContext(caches).templates(tiny, hp), hp)
     top, seen, fail = tiny.model.get_submodule(tiny.arch.layer(3)), [], []
 
     def record(module, args, kwargs):
@@ -78,7 +79,7 @@ def test_the_model_keeps_its_attention_after_a_replay_and_when_it_raises(tiny, c
         seen.clear()
         fail.append(True)
         with pytest.raises(RuntimeError, match="failing mid-call"):
-            stacked(torch.zeros(len(REQS), tiny.model.config.hidden_size), Active(batch, list(range(len(REQS))), len(REQS)))
+            stacked(torch.zeros(len(REQS), tiny.model.config.hidden_size), View(batch, list(range(len(REQS)))))
     finally:
         handle.remove()
         runtime.close()

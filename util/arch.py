@@ -58,16 +58,8 @@ def arch_for(model: torch.nn.Module) -> ArchSpec:
         ) from None
 
 
-def get_module(model: torch.nn.Module, name: str) -> torch.nn.Module:
-    return model.get_submodule(name)
-
-
 def get_parameter(model: torch.nn.Module, name: str) -> torch.nn.Parameter:
     return model.get_parameter(name)
-
-
-def num_layers(model: torch.nn.Module) -> int:
-    return int(model.config.num_hidden_layers)
 
 
 def edited_weight(model: torch.nn.Module, arch: ArchSpec, layer: int) -> torch.Tensor:

@@ -14,15 +14,10 @@ Deltas = dict[str, torch.Tensor]
 
 
 @torch.no_grad()
-def apply_deltas(model: torch.nn.Module, deltas: Deltas, sign: float = 1.0) -> None:
+def apply_deltas(model: torch.nn.Module, deltas: Deltas) -> None:
     for name, delta in deltas.items():
         param = model.get_parameter(name)
-        param.add_(delta.to(param.device, param.dtype), alpha=sign)
-
-
-def undo_deltas(model: torch.nn.Module, deltas: Deltas) -> None:
-    """Subtract deltas (exact up to one rounding; use `restore` with saved originals for bitwise)."""
-    apply_deltas(model, deltas, sign=-1.0)
+        param.add_(delta.to(param.device, param.dtype))
 
 
 def snapshot(model: torch.nn.Module, names) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ values, and whether the network answers.
     KEDIT_GIT_SHA       the commit recorded with a run where the code is not a git checkout
     KEDIT_CACHE         root of the caches (default: ~/.cache/kedit), as `Environment.caches`
     KEDIT_MODEL_CACHE   dequantised embedded models (default: <KEDIT_CACHE>/models)
+    KEDIT_SYSTEM_MALLOC "1": leave glibc's malloc settings as they are (util/cli.py's run_cli)
 
 No other module reads these variables (tests/test_module_state.py checks it): library functions
 take the values, the cache folders as a util.paths.Caches, from their caller.
@@ -35,6 +36,7 @@ class Environment:
     git_sha: str | None = None
     cache_dir: str | None = None  # None: ~/.cache/kedit
     model_cache_dir: str | None = None  # None: <cache_dir>/models
+    system_malloc: bool = False  # leave malloc as it is (util/cli.keep_freed_memory)
 
     @classmethod
     def read(cls, environ: Mapping[str, str] | None = None) -> "Environment":
@@ -47,6 +49,7 @@ class Environment:
             git_sha=env.get("KEDIT_GIT_SHA") or None,
             cache_dir=env.get("KEDIT_CACHE") or None,
             model_cache_dir=env.get("KEDIT_MODEL_CACHE") or None,
+            system_malloc=env.get("KEDIT_SYSTEM_MALLOC") == "1",
         )
 
     @classmethod

@@ -5,9 +5,9 @@ estimate in bytes, written out so that it can be checked against the code it des
   w        bytes per element of the dtype a pass runs in (values under mixed precision: the
            model's dtype plus the autocast dtype, both copies of a matmul input are kept)
   d, m, V  hidden size, width of the edited MLP (keys), vocabulary; h heads, kv = key/value width
-  T        tokens of the longest row (templated prompt plus target, bounded by the longest
-           template plus the longest prompt-with-target, each tokenised alone); S the longest
-           suffix from the subject's first token on (the part of a row value steps replay)
+  T        tokens of the longest row (a templated prompt with its target), S the longest suffix
+           from the fact token on (the part of a row value steps replay): both read off the
+           edit's batch layout (rome/values/layout.py, `Batch.shape`), as are the rows and reads
   token    w (4 d + 3 m) + 4 h T: one token's live activations in a no-grad forward, with one
            layer's attention scores in float32
 
@@ -22,7 +22,7 @@ estimate in bytes, written out so that it can be checked against the code it des
             + reads x V x (w + 12) + kl x V x 4                       logits, log-softmax, its
                                                                       gradient and exp where the
                                                                       loss reads; KL references
-            rows = templates + KL prompts, reads = templates x target tokens + KL prompts,
+            rows, reads, kl = the most rows, reads and KL reads of any request in the layout,
             L_up = layers replayed above the edited one, L_loss = layers up to the loss layer;
             once per batch under mixed precision: the replayed layers and unembedding copied in that
             dtype, only when some of their matrices are not in it already (`matrices_to_copy`:
@@ -38,7 +38,7 @@ without them (each chunk capped at the edit's requests), else in host memory (`S
 pinned under CUDA), each moved to the device only while its layer is solved. Moving a layer's
 matrices in costs some 20 ms per GiB over PCIe 5, far less than the value optimisation of the
 extra chunks that keeping them resident would force (Llama-3-8B shape, bf16, batch 1,024 in
-40 GiB, no bf16 replay copy: 35 requests per value batch in host placement, 11 on the device for
+40 GiB, no bf16 replay copy: 69 requests per value batch in host placement, 21 on the device for
 AlphaEdit and ENCORE).
 
 A chunk holds as many requests as fit in HEADROOM of the budget once `resident` is taken (keys
@@ -54,8 +54,6 @@ import torch
 from util.arch import edited_weight
 from util.errors import MemoryBudgetError
 from util.models import LoadedModel
-from util.requests import EditRequest
-from util.tokens import join_target
 
 GIB = 1 << 30
 HEADROOM = 0.9  # of the budget; the rest is left to the allocator's fragmentation
@@ -89,12 +87,13 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class EditShape:
-    """What one request of an edit puts through the model."""
-    templates: int  # templated prompts (keys and value rewrite rows)
-    kl_prompts: int
-    tokens: int  # longest row, an upper bound
-    suffix: int  # longest row part from the subject's first token on, an upper bound
-    target_tokens: int  # longest target
+    """What one request of an edit puts through the model (rome/values/layout.py's Batch.shape)."""
+    templates: int  # templated prompts (the key forward's rows)
+    rows: int  # value optimisation rows of a request, the most of any
+    reads: int  # distributions its loss reads, the most of any request
+    kl_reads: int  # of which KL reads (their references are kept)
+    tokens: int  # longest row
+    suffix: int  # longest row part from the fact token on
     loss_layer: int
     edited_layer: int  # the last edited layer (values are optimised there)
     requests: int  # requests in the edit: a chunk larger than this buys nothing
@@ -208,7 +207,7 @@ class MemoryPlan:
 
 def matrices_to_copy(modules: list[torch.nn.Module], autocast: torch.dtype | None) -> list[torch.nn.Parameter]:
     """The matrices (parameters of two or more dimensions; norms keep their dtype) of a replay's
-    `modules` that rome/replay.py's UpperModules copies once into the autocast dtype: all of them
+    `modules` that rome/values/replay.py's UpperModules copies once into the autocast dtype: all of them
     when some is not in that dtype (autocast would re-cast it at every step), none when all are
     (a bfloat16 model with bfloat16 values: the modules themselves run), none without autocast."""
     if autocast is None:
@@ -235,11 +234,10 @@ def plan(model: torch.nn.Module, shape: ModelShape, edit: EditShape, budget_gib:
     up = edit.loss_layer - edit.edited_layer
     solver = FLOAT64 * shape.mlp ** 2
     key_request = edit.templates * T * (shape.token_bytes(w, T) + w * (shape.mlp + shape.hidden))
-    rows = edit.templates + edit.kl_prompts
-    reads = edit.templates * edit.target_tokens + edit.kl_prompts
+    rows = edit.rows
     value_request = (rows * T * (shape.token_bytes(w_values, T) + 2 * shape.kv * w_values * (edit.loss_layer + 1 + up))
                      + rows * edit.suffix * up * (w_values * (10 * shape.hidden + 4 * shape.mlp) + 4 * shape.heads * T)
-                     + reads * shape.vocab * (w_values + 12) + edit.kl_prompts * shape.vocab * 4)
+                     + edit.reads * shape.vocab * (w_values + 12) + edit.kl_reads * shape.vocab * 4)
     on_device = MemoryPlan(
         budget=int(budget_gib * GIB), weights=resident_bytes(model) if weights is None else weights,
         key_request=key_request, value_request=value_request, value_fixed=replay_copy_bytes(replayed, autocast),
@@ -261,21 +259,3 @@ def stats_batch_tokens(shape: ModelShape, n_layers: int, width: int, window: int
     fixed = n_layers * shape.mlp ** 2 * (4 + FLOAT64)
     return max(0, (free_bytes // 2 - fixed) // per_token)
 
-
-def edit_shape(tok, requests: list[EditRequest], templates: list[str], kl_prompts: list[str], loss_layer: int,
-               edited_layer: int) -> EditShape:
-    """Upper bounds of an edit's row lengths, from its texts tokenised piece by piece (a row is a
-    template around a prompt with its target, or a KL prompt; templates precede the subject, so
-    they do not lengthen the suffix a value step replays; one token of margin for merges)."""
-    count = lambda text: len(tok(text)["input_ids"])  # noqa: E731
-    template = max(count(t.format("")) for t in templates)
-    rows, suffix = 0, 0
-    for r in requests:
-        for prompt, full in ((r.prompt, join_target(r.prompt.format(r.subject), r.target_new)),
-                             *((k, k.format(r.subject)) for k in kl_prompts)):
-            length = count(full)
-            rows = max(rows, length)
-            suffix = max(suffix, length - count(prompt[: prompt.index("{}")]) + 2)
-    target = max(count(r.target_new.strip()) for r in requests)
-    return EditShape(len(templates), len(kl_prompts), template + rows, min(suffix, template + rows), target, loss_layer,
-                     edited_layer, len(requests))

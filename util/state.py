@@ -1,18 +1,16 @@
-"""Editors' run state (EditContext.state) on disk: a dict of str -> tensor or plain JSON values,
-possibly nested in dicts. Tensors go to one safetensors file under "/"-joined key paths, the rest
-to one JSON file; loading puts every tensor back where it was.
+"""Editors' run state (EditContext.state) in a checkpoint's form: a dict of str -> tensor or plain
+JSON values, possibly nested in dicts, split into flat tensors under "/"-joined key paths (the run
+pipeline's checkpoint writes them to one safetensors file, experiments/pipeline/checkpoint.py) and
+the plain values (its state.json); joining them puts every tensor back where it was.
 """
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 SEPARATOR = "/"
-TENSORS, PLAIN = "state.safetensors", "state.json"
 
 
 def state_to_tensors(state: dict[str, Any], prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -46,15 +44,3 @@ def state_from_tensors(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) 
         node[leaf] = tensor
     return state
 
-
-def save_state(state: dict[str, Any], folder: str | Path) -> None:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors, plain = state_to_tensors(state)
-    save_file(tensors, str(folder / TENSORS))
-    (folder / PLAIN).write_text(json.dumps(plain, indent=1))
-
-
-def load_state(folder: str | Path) -> dict[str, Any]:
-    folder = Path(folder)
-    return state_from_tensors(load_file(str(folder / TENSORS)), json.loads((folder / PLAIN).read_text()))

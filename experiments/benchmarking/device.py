@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from editors import ALGORITHMS, load_algorithm_hparams
-from rome.editor import EditContext
+from rome.editor import EditContext, EditPlan
 from util.corpus import local_corpus
 from util.deltas import restore
 from util.models import LoadedModel, input_device
@@ -111,12 +111,12 @@ def bench_editor(lm: LoadedModel, requests, alg: str, hparams_file: str, overrid
     # statistics, C and null spaces: once per run, not timed; under a budget made in host memory, from
     # where the edit moves them to the device if its plan keeps them there (never the other way round
     # while the measured peak counts them)
-    host = ctx.max_gpu_memory is not None
+    ctx.place(lm, EditPlan(host=ctx.config.max_gpu_memory is not None))
     for layer in hparams.layers:
         if alg == "AlphaEdit":  # AlphaEdit solves with U alone
-            ctx.nullspace(lm, layer, hparams, hparams.nullspace_threshold, host)
+            ctx.nullspace(lm, layer, hparams, hparams.nullspace_threshold)
         else:
-            ctx.covariance(lm, layer, hparams, host)
+            ctx.covariance(lm, layer, hparams)
     ctx.templates(lm, hparams)
     with Measured(input_device(lm.model)) as measured:
         result = ALGORITHMS[alg].apply(lm, requests, hparams, ctx)

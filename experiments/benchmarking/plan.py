@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from editors import ALGORITHMS, load_algorithm_hparams
 from rome.editor import plan_edit
 from rome.hparams import EditHyperParams
+from rome.values.layout import build_batch
 from util.errors import MemoryBudgetError
 from util.memory import GIB
 from util.models import LoadedModel
@@ -59,10 +60,11 @@ def plan_rows(lm: LoadedModel, requests: list[EditRequest], algs: list[str], bat
     rows = []
     for alg in algs:
         hparams = load_algorithm_hparams(alg, hparams_file, overrides)
-        templates, solver = filler_templates(lm, hparams), ALGORITHMS[alg].solver
-        matrices = solver.matrices(hparams)
-        for batch in sorted({1} if alg in ("ROME", "R-ROME") else set(batches)):
-            plan = plan_edit(lm, requests[:batch], hparams, templates, value_dtype, budget_gib, matrices, weights)
+        sizes = sorted({1} if alg in ("ROME", "R-ROME") else set(batches))
+        layout = build_batch(lm, requests[:sizes[-1]], filler_templates(lm, hparams), hparams)  # each batch: its first requests
+        matrices = ALGORITHMS[alg].solver.matrices(hparams)
+        for batch in sizes:
+            plan = plan_edit(lm, layout.chunk(0, batch), hparams, value_dtype, budget_gib, matrices, weights)
             placement = "-" if not plan.kept else ("host" if plan.host else "device")
             try:
                 keys, values = plan.used_chunks(batch)

@@ -142,6 +142,3 @@ def evaluate_probe_generated(lm: LoadedModel, task: Task, new_tokens: int = 5, b
     return probe_result(task, [form.read(p + c) for p, c in zip(prompts, continuations)], 0, 0, ())
 
 
-def evaluate_probes(lm: LoadedModel, tasks: Sequence[Task], n_shots: int = 3, seed: int = 0, **kwargs: Any) -> dict[str, ProbeResult]:
-    """Every task with the same shot count and seed (each task draws its own shots)."""
-    return {task.name: evaluate_probe(lm, task, n_shots, seed, **kwargs) for task in tasks}

@@ -17,12 +17,11 @@ from typing import Any
 
 from experiments.pipeline.checkpoint import Checkpoint, RunFolder
 from experiments.pipeline.run_config import RunOptions
-from experiments.pipeline.session import Session, begin, prepare
+from experiments.pipeline.session import Session, begin, context_state, prepare
 from rome.hparams import EditHyperParams
 from util.deltas import restore
 from util.errors import RunError
 from util.models import LoadedModel
-from util.state import state_from_tensors
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ def check_continuable(options: RunOptions, stored: dict[str, Any], config: dict[
 def load_checkpoint(session: Session, ckpt: Checkpoint) -> None:
     """The session's weights, editor state, health, position and streams as the checkpoint has them."""
     restore(session.lm.model, ckpt.weights)
-    session.ctx.state = state_from_tensors(ckpt.context, ckpt.state["context_values"])
+    session.ctx.state = context_state(ckpt)
     session.health.load_state_dict(ckpt.state["health"])
     session.position, session.n_edits = ckpt.position, ckpt.n_edits
     session.status, session.baseline_done = ckpt.state["status"], ckpt.state["baseline_done"]

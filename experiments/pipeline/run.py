@@ -55,6 +55,7 @@ def run(options: RunOptions, lm: LoadedModel | None = None, hparams: EditHyperPa
             execute(session)
     finally:
         session.folder.close()
+        session.ctx.close()  # what value optimisation registered in transformers
     return session.folder.path
 
 

@@ -36,7 +36,7 @@ from util.files import atomic_write_json
 from util.hparams import build_hparams, to_dict
 from util.models import LoadedModel, load_model
 from util.paths import sha256_file
-from util.state import state_to_tensors
+from util.state import state_from_tensors, state_to_tensors
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,11 @@ def split_context_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor],
         return state_to_tensors(state)
     except (TypeError, ValueError) as err:
         raise RunError(f"EditContext.state cannot be checkpointed: {err}") from None
+
+
+def context_state(ckpt: Checkpoint) -> dict[str, Any]:
+    """The EditContext.state a checkpoint holds (the inverse of split_context_state, as Session.checkpoint stores it)."""
+    return state_from_tensors(ckpt.context, ckpt.state["context_values"])
 
 
 def build_config(options: RunOptions, hparams: EditHyperParams, lm: LoadedModel, weights0: dict[str, torch.Tensor],

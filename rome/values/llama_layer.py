@@ -1,7 +1,7 @@
 """The functions the fast replays run instead of transformers' attention and Llama layers.
 
 `float32_sdpa`: attention in float32 inside mixed precision (registered into transformers by
-rome.replay.ReplayRuntime, never at import, for the replayed modules while they replay). `llama_layer`: one
+rome.values.replay.ReplayRuntime, never at import, for the replayed modules while they replay). `llama_layer`: one
 Llama decoder layer as a plain function of its weights, equal to transformers' layer under that
 attention to the bit; torch.compile can fuse it (the module path goes through a cache object).
 """

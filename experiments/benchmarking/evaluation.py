@@ -1,13 +1,14 @@
 """Benchmark the batched evaluation against the straightforward path (one forward per prompt and
 target, full logits) on the embedded model: seconds per CounterFact record and per probe item.
 
-    python -m experiments.bench_eval --data-dir ../shared/data --records 20 --probe-items 30
+    python -m experiments.benchmarking.evaluation --data_dir ../shared/data --records 20 --probe_items 30
+
+(experiments/benchmark.py runs the same comparison as its `eval` phase.)
 """
 from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
@@ -15,6 +16,7 @@ from data.cases import load_cases
 from data.probes import load_probe
 from experiments.metrics.counterfact import evaluate_cases
 from experiments.metrics.probes import build_prompts, evaluate_probe
+from util.cli import run_cli
 from util.environment import Environment
 from util.models import LoadedModel, load_model
 from util.tokens import encode_with_target
@@ -86,20 +88,20 @@ def bench_probe(lm: LoadedModel, data_dir: str, task: str, n: int, shots: int) -
     return {"task": task, "items": n, "shots": shots, "accuracy": result.accuracy, "fast": fast / n, "slow": slow / n, "agree": agree}
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data_dir", default="../shared/data")
+    parser.add_argument("--model_name", default="smollm2-135m")
     parser.add_argument("--records", type=int, default=20)
-    parser.add_argument("--probe-items", type=int, default=30)
+    parser.add_argument("--probe_items", type=int, default=30)
     parser.add_argument("--tasks", nargs="+", default=["sst2", "mmlu"])
     parser.add_argument("--shots", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = load_model(args.model, model_cache=Environment.read().caches.models)
-    print(f"model {args.model}, torch threads {torch.get_num_threads()}")
+    lm = load_model(args.model_name, model_cache=Environment.read().caches.models)
+    print(f"model {args.model_name}, torch threads {torch.get_num_threads()}")
     cf = bench_counterfact(lm, args.data_dir, args.records)
     print(f"counterfact: {cf['records']} records, {cf['pairs']} prompt/target pairs")
     print(f"  batched     {cf['fast']:.3f} s/record")
@@ -109,7 +111,8 @@ def main() -> None:
         print(f"probe {task}: {pr['items']} items, {pr['shots']} shots, accuracy {pr['accuracy']:.3f}")
         print(f"  batched     {pr['fast']:.3f} s/item")
         print(f"  one-by-one  {pr['slow']:.3f} s/item   ratio {pr['slow'] / pr['fast']:.1f}x   same labels {pr['agree']:.0%}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,128 +1,27 @@
-"""Replays: the log-probabilities the value loss reads, for the current deltas.
-
-One protocol (`Replay`): `replay(deltas, view)` gives the log-probabilities at the view's target
-tokens and KL read positions with each active request's delta added at its rows' fact token;
-`replay.only(view)` is the replay for fewer requests (those of `view`, once others finished).
-`make_replay` picks the implementation once, from (fast, architecture, value dtype, compile):
-
-- `FullModel` (fast=False): the whole model with a hook, full logits; the straightforward path,
-  kept to check equality and measure the speed-up.
-- `ModuleReplay`: transformers' upper-layer modules (any architecture), replayed on the suffix
-  of rows aligned at their fact token, attending to a cached prefix (a DynamicCache).
-- `LlamaReplay`: the same on plain Llama layers under mixed precision, as one function
-  (rome.llama_layer.llama_layer, equal to the modules to the bit), optionally torch.compile'd.
-
-Both fast replays group rows by suffix length (rome.batch_layout) and apply the final norm and
-unembedding only at the positions the loss reads. What persists across calls (the compiled
-function, the attention registered into transformers) is owned by a `ReplayRuntime` the caller
-holds; nothing is registered or compiled at import.
+"""What the fast replays run: the modules above the edited layer (`UpperModules`), one length
+group's layers replayed on the suffix as transformers' modules (`ModuleStack`) or as one function
+(`LlamaStack`), and the groups together (`Grouped`), read at the (row, position) pairs of a view's
+reads. rome/values/replay.py builds replays from them.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator
 
 import torch
 from transformers import DynamicCache
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from rome import llama_layer
-from rome.batch_layout import Active, Aligned, Batch, align, suffix_groups
+from rome.values import llama_layer
+from rome.values.layout import Aligned, Batch, suffix_groups
 from util.memory import matrices_to_copy
 from util.models import LoadedModel, input_device
-from util.nethook import StopForward, Trace, add_to_output, hidden_of
-
-FLOAT32_SDPA = "kedit_float32_sdpa"  # the name replayed modules' configs give float32_sdpa while they replay
-
-# Rebuild a replay of modules once the requests still optimised are at most this share of its own.
-REBUILD_FRACTION = 0.75
-
-
-class Replay(Protocol):
-    def __call__(self, deltas: torch.Tensor, view: Active) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probs at the view's target tokens and at its KL rows' read positions, with
-        deltas[k] (the view's k-th request) added at its rows' fact token."""
-
-    def only(self, view: Active) -> "Replay":
-        """This replay for the requests of `view`, a subset of its own."""
-
-
-class ReplayRuntime:
-    """What the replays keep across value optimisations, held by the caller (EditContext.replay):
-    the torch.compile'd Llama layer function (compiling takes minutes on a CPU: once per runtime)
-    and float32_sdpa, put into transformers' attention functions when a replay first needs it and
-    taken out by `close`."""
-
-    def __init__(self) -> None:
-        self._compiled: Callable | None = None
-        self._registered = False
-
-    def layer_function(self, compiled: bool) -> Callable:
-        if not compiled:
-            return llama_layer.llama_layer
-        if self._compiled is None:
-            self._compiled = torch.compile(llama_layer.llama_layer, dynamic=True)
-        return self._compiled
-
-    def float32_attention(self) -> str:
-        """The attention implementation name of float32_sdpa, registered now (idempotent)."""
-        ALL_ATTENTION_FUNCTIONS[FLOAT32_SDPA] = llama_layer.float32_sdpa
-        self._registered = True
-        return FLOAT32_SDPA
-
-    def close(self) -> None:
-        if self._registered and FLOAT32_SDPA in ALL_ATTENTION_FUNCTIONS:
-            del ALL_ATTENTION_FUNCTIONS[FLOAT32_SDPA]
-        self._registered = False
-
-
-def make_replay(lm: LoadedModel, batch: Batch, layer: int, loss_layer: int, *, runtime: ReplayRuntime, fast: bool = True,
-                autocast: torch.dtype | None = None, compiled: bool = False) -> Replay:
-    """The replay of all of `batch`'s rows, chosen once (see the module docstring)."""
-    if not fast:
-        return FullModel(lm, batch, layer)
-    upper = UpperModules(lm, layer, loss_layer, autocast)
-    rows = torch.arange(len(batch.ids))
-    # Mixed precision on plain Llama layers of a float32 model: one function, which torch.compile can fuse.
-    if upper.copied and upper.layers and all(map(llama_layer.is_plain_llama, upper.layers)) and upper.norm.weight.dtype == torch.float32:
-        weights, function = [llama_layer.LlamaWeights.of(m) for m in upper.layers], runtime.layer_function(compiled)
-        return LlamaReplay(upper, lambda r: Grouped.of(
-            batch, r, lambda g: LlamaStack(lm, upper, layer, loss_layer, align(batch, g, upper.device), weights, function)), rows)
-    if upper.mixed:
-        upper.use_attention(runtime.float32_attention())
-    return ModuleReplay(upper, lambda r: Grouped.of(
-        batch, r, lambda g: ModuleStack(lm, upper, layer, loss_layer, align(batch, g, upper.device))), rows)
-
+from util.nethook import StopForward, Trace, hidden_of
 
 def log_softmax32(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
-
-class FullModel:
-    """The straightforward path: the whole model, the delta added by a hook, full logits."""
-
-    def __init__(self, lm: LoadedModel, batch: Batch, layer: int):
-        self.lm, self.batch, self.layer = lm, batch, layer
-
-    def __call__(self, deltas: torch.Tensor, view: Active) -> tuple[torch.Tensor, torch.Tensor]:
-        lm, device = self.lm, input_device(self.lm.model)
-
-        def added(hidden: torch.Tensor) -> torch.Tensor:  # each row's delta at its fact token, zeros elsewhere
-            rows = torch.arange(len(view.rows), device=hidden.device)
-            values = deltas[view.row_request.to(deltas.device)].to(hidden.device, hidden.dtype)
-            return torch.zeros_like(hidden).index_put((rows, view.fact.to(hidden.device)), values)
-
-        with Trace(lm.model, lm.arch.layer(self.layer), edit_output=add_to_output(added)):
-            logits = lm.model(input_ids=self.batch.ids[view.rows].to(device), attention_mask=self.batch.mask[view.rows].to(device),
-                              use_cache=False).logits
-        log_probs = log_softmax32(logits)
-        at = lambda rows, positions: log_probs[rows.to(log_probs.device), positions.to(log_probs.device)]  # noqa: E731
-        return at(view.t_row, view.t_position), at(view.kl_rows, view.kl_positions)
-
-    def only(self, view: Active) -> "FullModel":
-        return self  # it runs the view's rows at every call
 
 
 class UpperModules:
@@ -348,48 +247,3 @@ class GroupedReads:
     columns read on its stack's device); `order` puts the pieces back in the asked order."""
     groups: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]
     order: torch.Tensor
-
-
-class _GroupedReplay:
-    """Log-probs from a Grouped stack (`build(batch rows)`): the final norm and unembedding only
-    where the loss reads."""
-
-    def __init__(self, upper: UpperModules, build: Callable[[torch.Tensor], Grouped], rows: torch.Tensor, stack: Grouped | None = None):
-        self.upper, self.build = upper, build
-        self.stack = stack or build(rows)
-        self._indices: tuple[Active, torch.Tensor, torch.Tensor | None, GroupedReads] | None = None
-
-    def indices(self, view: Active, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, GroupedReads]:
-        """(each view row's request, the view's rows among the stack's or None when they are all
-        of them, the reads), on the devices they index: built at the first step of a view."""
-        if self._indices is None or self._indices[0] is not view:
-            local = torch.searchsorted(self.stack.rows, view.rows)  # the view's rows among the stack's
-            rows, positions = view.read_at()
-            self._indices = (view, view.on(device).row_request, local.to(device) if len(local) < len(self.stack.rows) else None,
-                             self.stack.reads(local[rows], positions, device))
-        return self._indices[1:]
-
-    def __call__(self, deltas: torch.Tensor, view: Active) -> tuple[torch.Tensor, torch.Tensor]:
-        row_request, local, reads = self.indices(view, deltas.device)
-        row_delta = deltas[row_request]
-        if local is not None:  # rows of finished requests: computed, not read (rows are independent)
-            row_delta = row_delta.new_zeros(len(self.stack.rows), row_delta.shape[1]).index_copy(0, local, row_delta)
-        with self.upper.precision():
-            # One unembedding call for targets and KL prompts: at a few rows it is bound by reading the vocab matrix.
-            log_probs = self.upper.log_probs(self.stack(row_delta, reads))
-        return log_probs[: len(view.t_row)], log_probs[len(view.t_row):]
-
-
-class LlamaReplay(_GroupedReplay):
-    def only(self, view: Active) -> "LlamaReplay":
-        return LlamaReplay(self.upper, self.build, view.rows, self.stack.narrowed(view.rows))  # finished requests leave at no cost
-
-
-class ModuleReplay(_GroupedReplay):
-    """Rebuilding a stack of modules costs about two steps (its unedited forwards), so finished
-    requests stay in it (computed, not read) until at most REBUILD_FRACTION of its rows are live."""
-
-    def only(self, view: Active) -> "ModuleReplay":
-        if len(view.rows) > REBUILD_FRACTION * len(self.stack.rows):
-            return self
-        return ModuleReplay(self.upper, self.build, view.rows)

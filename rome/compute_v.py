@@ -99,7 +99,7 @@ def compute_values(
         )
     batch = build_batch(lm, requests, templates, hparams.fact_token, hparams.kl_prompts, hparams.kl_position)
     replay = make_replay(lm, batch, layer, hparams.v_loss_layer, runtime=runtime, fast=fast, autocast=autocast, compiled=compiled)
-    return _optimise(lm, batch, replay, lm.arch.down_proj(layer) if site == "mlp" else lm.arch.layer(layer), hparams, sync_every)
+    return _optimise(lm, batch, replay, lm.arch.site(layer, site), hparams, sync_every)
 
 
 def _optimise(lm: LoadedModel, batch: Batch, replay: Replay, site_module: str, hparams: EditHyperParams,

@@ -279,7 +279,7 @@ def edit_layers(
     check_editable(lm, hparams.layers)
     templates = ctx.templates(lm, hparams)
     layers = hparams.layers
-    site_module = lm.arch.down_proj(layers[-1]) if site == "mlp" else lm.arch.layer(layers[-1])
+    site_module = lm.arch.site(layers[-1], site)
     autocast = None if ctx.value_dtype == "float32" else DTYPES[ctx.value_dtype]
     key_chunk, value_chunk, host = ctx.edit_plan(lm, requests, hparams,
                                                  solver.matrices(hparams))

@@ -8,7 +8,9 @@ tokens and KL read positions with each active request's delta added at its rows'
 - `FullModel` (fast=False): the whole model with a hook, full logits; the straightforward path,
   kept to check equality and measure the speed-up.
 - `ModuleReplay`: transformers' upper-layer modules (any architecture), replayed on the suffix
-  of rows aligned at their fact token, attending to a cached prefix (a DynamicCache).
+  of rows aligned at their fact token, attending to a cached prefix (a DynamicCache). Where the
+  edited layer normalises its MLP output (util/arch.py `mlp_post_norm`: Gemma 2/3, OLMo 2) the
+  delta joins the down projection's output before that norm, as the edit's output will.
 - `LlamaReplay`: the same on plain Llama layers under mixed precision, as one function
   (rome.llama_layer.llama_layer, equal to the modules to the bit), optionally torch.compile'd.
 
@@ -86,7 +88,8 @@ def make_replay(lm: LoadedModel, batch: Batch, layer: int, loss_layer: int, *, r
     upper = UpperModules(lm, layer, loss_layer, autocast)
     rows = torch.arange(len(batch.ids))
     # Mixed precision on plain Llama layers of a float32 model: one function, which torch.compile can fuse.
-    if upper.copied and upper.layers and all(map(llama_layer.is_plain_llama, upper.layers)) and upper.norm.weight.dtype == torch.float32:
+    if (upper.copied and upper.layers and lm.arch.llama_layers and all(map(llama_layer.is_plain_llama, upper.layers))
+            and upper.norm.weight.dtype == torch.float32):
         weights, function = [llama_layer.LlamaWeights.of(m) for m in upper.layers], runtime.layer_function(compiled)
         return LlamaReplay(upper, lambda r: Grouped.of(
             batch, r, lambda g: LlamaStack(lm, upper, layer, loss_layer, align(batch, g, upper.device), weights, function)), rows)
@@ -114,7 +117,7 @@ class FullModel:
             values = deltas[view.row_request.to(deltas.device)].to(hidden.device, hidden.dtype)
             return torch.zeros_like(hidden).index_put((rows, view.fact.to(hidden.device)), values)
 
-        with Trace(lm.model, lm.arch.layer(self.layer), edit_output=add_to_output(added)):
+        with Trace(lm.model, lm.arch.site(self.layer, "layer"), edit_output=add_to_output(added)):
             logits = lm.model(input_ids=self.batch.ids[view.rows].to(device), attention_mask=self.batch.mask[view.rows].to(device),
                               use_cache=False).logits
         log_probs = log_softmax32(logits)
@@ -147,6 +150,9 @@ class UpperModules:
                 weight.data = weight.data.to(autocast)
         *self.layers, self.norm, self.unembed = modules
         self.autocast, self.device = autocast, input_device(lm.model)
+        self.final_logits = lambda logits: lm.arch.final_logits(lm.model.config, logits)  # noqa: E731 (soft-capping)
+        # the edited layer's norm of its MLP output, if any: a value's delta is added before it (ArchSpec.site)
+        self.post_norm = lm.model.get_submodule(lm.arch.mlp_post_norm.format(layer)) if lm.arch.mlp_post_norm else None
         self._attention: tuple[str, list] | None = None
 
     def use_attention(self, name: str) -> None:
@@ -179,7 +185,17 @@ class UpperModules:
         return torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None)
 
     def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
-        return log_softmax32(self.unembed(self.norm(hidden)))
+        return log_softmax32(self.final_logits(self.unembed(self.norm(hidden))))
+
+    def entering(self, hidden: torch.Tensor, mlp: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The edited layer's output (`hidden`, the suffix) as a function of the delta added at the
+        value's site: hidden + added, or on a post-norm family hidden plus the change of the norm's
+        output when the delta joins the down projection's output `mlp` (exactly 0 where it is 0)."""
+        if self.post_norm is None:
+            return lambda added: hidden + added
+        mlp = mlp.to(hidden.dtype)
+        normed = self.post_norm(mlp)
+        return lambda added: hidden + (self.post_norm(mlp + added) - normed)
 
     def unedited_forward(self, lm: LoadedModel, layer: int, loss_layer: int, aligned: Aligned, cache: DynamicCache):
         """One forward without the delta over the aligned rows, up to the loss layer, filling
@@ -206,7 +222,9 @@ class ModuleStack:
     def __init__(self, lm: LoadedModel, upper: UpperModules, layer: int, loss_layer: int, aligned: Aligned):
         self.upper, self.modules, self.aligned = upper, upper.layers, aligned
         self.cache = DynamicCache()
-        self.hidden, _ = upper.unedited_forward(lm, layer, loss_layer, aligned, self.cache)
+        with Trace(lm.model, lm.arch.down_proj(layer)) if upper.post_norm else contextlib.nullcontext() as mlp:
+            self.hidden, _ = upper.unedited_forward(lm, layer, loss_layer, aligned, self.cache)
+        self.enter = upper.entering(self.hidden, mlp.output[:, aligned.prefix:] if mlp else None)
         self.prefix_kv = [(c.keys[..., : aligned.prefix, :], c.values[..., : aligned.prefix, :]) for c in self.cache.layers]
         self.calls: list[tuple[tuple, dict]] = []
         if not self.modules:
@@ -233,8 +251,9 @@ class ModuleStack:
             cached.keys, cached.values = keys, values
 
     def __call__(self, added: torch.Tensor) -> torch.Tensor:
-        """Suffix hidden states at the loss layer with `added` summed into the edited layer's output."""
-        hidden = self.hidden + added
+        """Suffix hidden states at the loss layer with `added` summed into the edited layer's output
+        (before its MLP output's norm on a post-norm family)."""
+        hidden = self.enter(added)
         self._reset_cache()
         with self.upper.attention():
             for module, (args, kwargs) in zip(self.modules, self.calls):

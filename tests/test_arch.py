@@ -22,6 +22,8 @@ from alphaedit.alphaedit_main import AlphaEditHyperParams
 from editors import ALGORITHMS
 from emmet.emmet_main import EMMETHyperParams
 from encore.encore_main import ENCOREHyperParams
+from experiments.metrics.perplexity import nll_of_ids
+from experiments.metrics.scoring import score_continuations
 from experiments.tiny_model import TINY, tiny_model
 from memit.memit_main import MEMITHyperParams
 from rome.batch_layout import Active, build_batch
@@ -29,6 +31,8 @@ from rome.compute_u import compute_keys
 from rome.compute_v import compute_values
 from rome.editor import EditContext, edit_keys
 from tests.helpers import REQUESTS, context, rel, tiny_hparams
+from tests.test_eval_perplexity import direct_nll
+from tests.test_scoring import reference
 from util.arch import ARCHITECTURES, arch_for, edited_weight
 from util.errors import ModelLoadError
 from util.models import LoadedModel
@@ -191,6 +195,20 @@ def test_arch_llama_function_replays_the_families_layers_exactly(model_type, tok
     monkeypatch.setattr(llama_layer, "is_plain_llama", lambda layer: False)
     theirs = compute_values(lm, requests(), 1, templates, hp, autocast=torch.bfloat16)
     assert torch.equal(ours.delta, theirs.delta) and ours.final_loss == theirs.final_loss and ours.steps == theirs.steps
+
+
+def test_arch_scoring_and_perplexity_read_the_models_own_log_probs(arch_lm, tmp_path):
+    # Evaluation unembeds only the states it reads (experiments/metrics): as the model would, soft-cap included.
+    lm = arch_lm
+    prompts, targets = ["The capital of France is", "Porsche 911, created by"], ["Paris", "Honda motors"]
+    for prompt, target, score in zip(prompts, targets, score_continuations(lm, prompts, targets, batch_size=2)):
+        values, argmax = reference(lm, prompt, target)
+        torch.testing.assert_close(torch.tensor(score.token_logprobs, dtype=torch.float64), torch.tensor(values, dtype=torch.float64),
+                                   atol=1e-5, rtol=0)
+        assert score.argmax == argmax
+    ids = lm.tok(" ".join([PROMPT] * 6), add_special_tokens=False)["input_ids"]
+    total, count = direct_nll(lm, ids, 24)
+    assert nll_of_ids(lm, ids, 24, 2) == (pytest.approx(total, rel=1e-5), count)
 
 
 # The editors' defining properties, on each family (float64). Few value steps: the solves are checked.

@@ -63,6 +63,14 @@ def context(tmp_path: Path, **kw) -> EditContext:
     return EditContext(Caches(tmp_path / "cache", MODEL_CACHE), seed=0, corpus_path=str(write_corpus(tmp_path)), **kw)
 
 
+def float64_context(lm: LoadedModel, tmp_path: Path, **kw) -> EditContext:
+    """`context` for a float64 model. Gemma 2's eager attention softmaxes in float32: in a float64
+    model the mask's float64 minimum becomes -inf, and a row of left padding (the fast replay's
+    alignment) turns NaN (transformers 5.23); its float64 values take the straightforward path,
+    which pads on the right (float32 and bfloat16 are unaffected and test the fast path)."""
+    return context(tmp_path, fast=lm.model.config.model_type != "gemma2", **kw)
+
+
 def rel(a, b) -> float:
     """||a - b|| / ||b||."""
     return ((a - b).norm() / b.norm()).item()

@@ -30,7 +30,7 @@ from rome.batch_layout import Active, build_batch
 from rome.compute_u import compute_keys
 from rome.compute_v import compute_values
 from rome.editor import EditContext, edit_keys
-from tests.helpers import REQUESTS, context, rel, tiny_hparams
+from tests.helpers import REQUESTS, float64_context, rel, tiny_hparams
 from tests.test_eval_perplexity import direct_nll
 from tests.test_scoring import reference
 from util.arch import ARCHITECTURES, arch_for, edited_weight
@@ -215,25 +215,9 @@ def test_arch_scoring_and_perplexity_read_the_models_own_log_probs(arch_lm, tmp_
 STEPS = dict(v_num_grad_steps=3)
 
 
-def editor_context(lm: LoadedModel, tmp_path) -> EditContext:
-    """The tests' EditContext. Gemma 2's eager attention softmaxes in float32: in a float64 model the
-    mask's float64 minimum becomes -inf, and a row of left padding (the fast replay's alignment)
-    turns NaN (transformers 5.23); so its float64 values take the straightforward path, which pads
-    on the right (float32 and bfloat16 runs are unaffected and test the fast path above)."""
-    return context(tmp_path, fast=lm.model.config.model_type != "gemma2")
-
-
-def edit_once(lm, alg, hp, ctx):
-    """(K at layer 1 before the edit, W before, Delta, the edit's result) of one edit of REQUESTS."""
-    K = edit_keys(lm, requests(), [1], hp, ctx).k_star[1].T  # m x n
-    W = edited_weight(lm.model, lm.arch, 1).clone()
-    result = ALGORITHMS[alg].apply(lm, requests(), hp, ctx)
-    return K, W, edited_weight(lm.model, lm.arch, 1) - W, result
-
-
 def test_arch_r_rome_maps_k_star_to_v_star(arch_lm64, tmp_path):
     lm = arch_lm64
-    ctx = editor_context(lm, tmp_path)
+    ctx = float64_context(lm, tmp_path)
     hp = tiny_hparams(**STEPS)
     request = requests()[0]
     keys = compute_keys(lm, [request], [1], ctx.templates(lm, hp), hp.fact_token)
@@ -247,7 +231,7 @@ def test_arch_r_rome_maps_k_star_to_v_star(arch_lm64, tmp_path):
 
 def test_arch_memit_solves_its_normal_equations(arch_lm64, tmp_path):
     lm = arch_lm64
-    ctx = editor_context(lm, tmp_path)
+    ctx = float64_context(lm, tmp_path)
     hp = tiny_hparams(MEMITHyperParams, mom2_update_weight=50.0, **STEPS)
     K, _, delta, result = edit_once(lm, "MEMIT", hp, ctx)
     R = result.value_deltas.double().T  # one layer: the residual is the optimised delta
@@ -257,7 +241,7 @@ def test_arch_memit_solves_its_normal_equations(arch_lm64, tmp_path):
 
 def test_arch_emmet_meets_its_constraint_at_least_cost(arch_lm64, tmp_path):
     lm = arch_lm64
-    ctx = editor_context(lm, tmp_path)
+    ctx = float64_context(lm, tmp_path)
     hp = tiny_hparams(EMMETHyperParams, mom2_update_weight=10.0, emmet_lambda=0.0, **STEPS)
     K, _, delta, result = edit_once(lm, "EMMET", hp, ctx)
     R = result.value_deltas.double().T
@@ -271,7 +255,7 @@ def test_arch_emmet_meets_its_constraint_at_least_cost(arch_lm64, tmp_path):
 
 def test_arch_alphaedit_solves_in_the_null_space(arch_lm64, tmp_path):
     lm = arch_lm64
-    ctx = editor_context(lm, tmp_path)
+    ctx = float64_context(lm, tmp_path)
     C0 = ctx.second_moments(lm, tiny_hparams(AlphaEditHyperParams))[1]
     eigenvalues, eigenvectors = torch.linalg.eigh(C0)
     threshold = eigenvalues.median().item()
@@ -286,7 +270,7 @@ def test_arch_alphaedit_solves_in_the_null_space(arch_lm64, tmp_path):
 
 def test_arch_encore_solves_its_normal_equations(arch_lm64, tmp_path):
     lm = arch_lm64
-    ctx = editor_context(lm, tmp_path)
+    ctx = float64_context(lm, tmp_path)
     hp = tiny_hparams(ENCOREHyperParams, mom2_update_weight=50.0, update_norm_lambda=0.01, **STEPS)
     K, _, delta, result = edit_once(lm, "ENCORE", hp, ctx)
     R = result.value_deltas.double().T

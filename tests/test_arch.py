@@ -215,6 +215,14 @@ def test_arch_scoring_and_perplexity_read_the_models_own_log_probs(arch_lm, tmp_
 STEPS = dict(v_num_grad_steps=3)
 
 
+def edit_once(lm, alg, hp, ctx):
+    """(K at layer 1 before the edit, W before, Delta, the edit's result) of one edit of REQUESTS."""
+    K = edit_keys(lm, requests(), [1], hp, ctx).k_star[1].T  # m x n
+    W = edited_weight(lm.model, lm.arch, 1).clone()
+    result = ALGORITHMS[alg].apply(lm, requests(), hp, ctx)
+    return K, W, edited_weight(lm.model, lm.arch, 1) - W, result
+
+
 def test_arch_r_rome_maps_k_star_to_v_star(arch_lm64, tmp_path):
     lm = arch_lm64
     ctx = float64_context(lm, tmp_path)

@@ -22,6 +22,7 @@ from alphaedit.alphaedit_main import AlphaEditHyperParams
 from editors import ALGORITHMS
 from emmet.emmet_main import EMMETHyperParams
 from encore.encore_main import ENCOREHyperParams
+from experiments.benchmark import replay_path
 from experiments.metrics.perplexity import nll_of_ids
 from experiments.metrics.scoring import score_continuations
 from experiments.tiny_model import TINY, tiny_model
@@ -181,6 +182,9 @@ def test_arch_replay_is_chosen_from_the_table(arch_lm, caches):
         runtime.close()
     for ours, theirs in zip(mixed, replay.FullModel(lm, batch, 1)(deltas, view)):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0.1)
+    # experiments/benchmark.py reports the same choice
+    said = replay_path(lm, requests()[0], hp, "bfloat16")
+    assert said.startswith(f"value replay of {lm.name} ({lm.model.config.model_type}, values in bfloat16): {type(chosen).__name__}")
 
 
 @pytest.mark.parametrize("model_type", [t for t in LISTED if ARCHITECTURES[t].llama_layers])

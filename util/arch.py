@@ -43,6 +43,10 @@ class ArchSpec:
     logit_softcap: str | None = None  # the config attribute of the final logits' soft-cap, where the family has one
     llama_layers: bool = False  # decoder layers compute exactly LlamaDecoderLayer (rome.llama_layer)
 
+    def __post_init__(self) -> None:
+        if self.llama_layers and self.mlp_post_norm:  # LlamaDecoderLayer has no post-norm (the replay relies on it)
+            raise ValueError("an architecture with mlp_post_norm does not compute LlamaDecoderLayer (llama_layers)")
+
     def layer(self, index: int) -> str:
         return f"{self.layers}.{index}"
 

@@ -41,6 +41,7 @@ from util.nethook import Trace
 from util.requests import make_request
 
 LISTED = ["gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2"]
+LLAMA_LAYERS = ["llama", "mistral", "qwen2"]  # the families whose layers compute LlamaDecoderLayer
 PROMPT = "The Eiffel Tower is located in the city of"
 
 
@@ -176,6 +177,7 @@ def test_arch_replay_is_chosen_from_the_table(arch_lm, caches):
     runtime = replay.ReplayRuntime()
     try:
         chosen = replay.make_replay(lm, batch, 1, hp.v_loss_layer, runtime=runtime, autocast=torch.bfloat16)
+        assert lm.arch.llama_layers == (lm.model.config.model_type in LLAMA_LAYERS)
         assert isinstance(chosen, replay.LlamaReplay if lm.arch.llama_layers else replay.ModuleReplay)
         mixed = chosen(deltas, view)
     finally:
@@ -187,7 +189,7 @@ def test_arch_replay_is_chosen_from_the_table(arch_lm, caches):
     assert said.startswith(f"value replay of {lm.name} ({lm.model.config.model_type}, values in bfloat16): {type(chosen).__name__}")
 
 
-@pytest.mark.parametrize("model_type", [t for t in LISTED if ARCHITECTURES[t].llama_layers])
+@pytest.mark.parametrize("model_type", LLAMA_LAYERS)
 def test_arch_llama_function_replays_the_families_layers_exactly(model_type, tokenizer, monkeypatch, caches):
     lm = tiny_lm(model_type, tokenizer)
     hp = tiny_hparams(v_num_grad_steps=6)

@@ -157,8 +157,8 @@ def test_arch_fast_values_equal_the_straightforward_values(arch_lm, caches):
     lm = arch_lm
     hp = tiny_hparams(v_num_grad_steps=3)
     templates = EditContext(caches).templates(lm, hp)
-    fast = compute_values(lm, requests(), 1, templates, hp, fast=True)
-    slow = compute_values(lm, requests(), 1, templates, hp, fast=False)
+    fast = compute_values(lm, requests()[:2], 1, templates, hp, fast=True)
+    slow = compute_values(lm, requests()[:2], 1, templates, hp, fast=False)
     err = (fast.target - slow.target).norm(dim=-1) / slow.target.norm(dim=-1)
     assert err.max().item() < 1e-4, err
     assert fast.steps == slow.steps
@@ -192,7 +192,7 @@ def test_arch_replay_is_chosen_from_the_table(arch_lm, caches):
 @pytest.mark.parametrize("model_type", LLAMA_LAYERS)
 def test_arch_llama_function_replays_the_families_layers_exactly(model_type, tokenizer, monkeypatch, caches):
     lm = tiny_lm(model_type, tokenizer)
-    hp = tiny_hparams(v_num_grad_steps=6)
+    hp = tiny_hparams(v_num_grad_steps=3)
     templates = EditContext(caches).templates(lm, hp)
     calls, layer_function = [], llama_layer.llama_layer
     monkeypatch.setattr(llama_layer, "llama_layer", lambda *args: calls.append(1) or layer_function(*args))

@@ -222,11 +222,12 @@ STEPS = dict(v_num_grad_steps=3)
 
 
 def edit_once(lm, alg, hp, ctx):
-    """(K at layer 1 before the edit, W before, Delta, the edit's result) of one edit of REQUESTS."""
+    """(K at layer 1 before the edit, Delta, R) of one edit of REQUESTS; one layer: the residual R
+    is the optimised value delta."""
     K = edit_keys(lm, requests(), [1], hp, ctx).k_star[1].T  # m x n
     W = edited_weight(lm.model, lm.arch, 1).clone()
     result = ALGORITHMS[alg].apply(lm, requests(), hp, ctx)
-    return K, W, edited_weight(lm.model, lm.arch, 1) - W, result
+    return K, edited_weight(lm.model, lm.arch, 1) - W, result.value_deltas.double().T
 
 
 def test_arch_r_rome_maps_k_star_to_v_star(arch_lm64, tmp_path):
@@ -247,8 +248,7 @@ def test_arch_memit_solves_its_normal_equations(arch_lm64, tmp_path):
     lm = arch_lm64
     ctx = float64_context(lm, tmp_path)
     hp = tiny_hparams(MEMITHyperParams, mom2_update_weight=50.0, **STEPS)
-    K, _, delta, result = edit_once(lm, "MEMIT", hp, ctx)
-    R = result.value_deltas.double().T  # one layer: the residual is the optimised delta
+    K, delta, R = edit_once(lm, "MEMIT", hp, ctx)
     C0 = ctx.second_moments(lm, hp)[1]
     assert rel(delta @ (hp.mom2_update_weight * C0 + K @ K.T), R @ K.T) < 1e-8
 
@@ -257,8 +257,7 @@ def test_arch_emmet_meets_its_constraint_at_least_cost(arch_lm64, tmp_path):
     lm = arch_lm64
     ctx = float64_context(lm, tmp_path)
     hp = tiny_hparams(EMMETHyperParams, mom2_update_weight=10.0, emmet_lambda=0.0, **STEPS)
-    K, _, delta, result = edit_once(lm, "EMMET", hp, ctx)
-    R = result.value_deltas.double().T
+    K, delta, R = edit_once(lm, "EMMET", hp, ctx)
     assert rel(delta @ K, R) < 1e-8
     C = (hp.mom2_update_weight * ctx.second_moments(lm, hp)[1]).numpy()
     m, n = K.shape  # KKT of min tr(D C D^T) s.t. D K = R
@@ -274,8 +273,7 @@ def test_arch_alphaedit_solves_in_the_null_space(arch_lm64, tmp_path):
     eigenvalues, eigenvectors = torch.linalg.eigh(C0)
     threshold = eigenvalues.median().item()
     hp = tiny_hparams(AlphaEditHyperParams, nullspace_threshold=threshold, L2=1e-4, **STEPS)
-    K, _, delta, result = edit_once(lm, "AlphaEdit", hp, ctx)
-    R = result.value_deltas.double().T
+    K, delta, R = edit_once(lm, "AlphaEdit", hp, ctx)
     U = eigenvectors[:, eigenvalues < threshold]
     P = U @ U.T  # Delta (K K^T P + alpha I) = R K^T P, and Delta = Delta P
     assert rel(delta @ (K @ K.T @ P + hp.L2 * torch.eye(len(P), dtype=torch.float64)), R @ K.T @ P) < 1e-8
@@ -286,8 +284,7 @@ def test_arch_encore_solves_its_normal_equations(arch_lm64, tmp_path):
     lm = arch_lm64
     ctx = float64_context(lm, tmp_path)
     hp = tiny_hparams(ENCOREHyperParams, mom2_update_weight=50.0, update_norm_lambda=0.01, **STEPS)
-    K, _, delta, result = edit_once(lm, "ENCORE", hp, ctx)
-    R = result.value_deltas.double().T
+    K, delta, R = edit_once(lm, "ENCORE", hp, ctx)
     C0 = ctx.second_moments(lm, hp)[1]
     system = hp.mom2_update_weight * C0 + hp.update_norm_lambda * torch.eye(len(C0), dtype=torch.float64) + K @ K.T
     assert rel(delta @ system, R @ K.T) < 1e-8

@@ -14,7 +14,7 @@ from editors import ALGORITHMS, load_algorithm_hparams
 from experiments.evaluate import main as evaluate_main
 from experiments.layer_sweep import sweep
 from experiments.tiny_model import tiny_config, write_tiny_model
-from tests.helpers import PROBE_WORDS, write_corpus
+from tests.helpers import write_corpus, write_run_data
 from tests.test_arch import LISTED
 from util.arch import arch_for
 from util.models import LoadedModel, shape_model
@@ -81,12 +81,7 @@ def test_auto_writes_a_derived_file_once_and_keeps_it(tiny_folder, caches, hpara
 
 def evaluate_argv(folder, tmp_path, *extra) -> list[str]:
     """A small CPU run: two demo edits, one probe task, data and corpus written under tmp_path."""
-    data = tmp_path / "data"
-    (data / "glue").mkdir(parents=True)
-    (data / "wiki").mkdir()
-    items = [{"sentence": " ".join(PROBE_WORDS[(i + j) % 8] for j in range(6)), "label": i % 2} for i in range(16)]
-    (data / "glue" / "sst2.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
-    (data / "wiki" / "wikitext-2-raw-test.txt").write_text(" = Valkyria = \n" + "The river flows through the old city . " * 100)
+    data = write_run_data(tmp_path)
     return ["--model_name", str(folder), "--hparams", "auto", "--ds_name", "custom",
             "--custom_path", str(PROJECT_ROOT / "data" / "demo_edits.yaml"), "--dataset_size_limit", "2", "--sequential",
             "--downstream_eval_steps", "2", "--downstream_tasks", "sst2", "--number_of_few_shots", "2", "--number_of_tests", "4",

@@ -222,11 +222,12 @@ STEPS = dict(v_num_grad_steps=3)
 
 
 def edit_once(lm, alg, hp, ctx):
-    """(K at layer 1 before the edit, Delta, R) of one edit of REQUESTS; one layer: the residual R
-    is the optimised value delta."""
-    K = edit_keys(lm, requests(), [1], hp, ctx).k_star[1].T  # m x n
+    """(K at layer 1 before the edit, Delta, R) of one edit of two requests; one layer: the residual
+    R is the optimised value delta."""
+    batch = requests()[:2]
+    K = edit_keys(lm, batch, [1], hp, ctx).k_star[1].T  # m x n
     W = edited_weight(lm.model, lm.arch, 1).clone()
-    result = ALGORITHMS[alg].apply(lm, requests(), hp, ctx)
+    result = ALGORITHMS[alg].apply(lm, batch, hp, ctx)
     return K, edited_weight(lm.model, lm.arch, 1) - W, result.value_deltas.double().T
 
 

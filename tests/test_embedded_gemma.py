@@ -37,10 +37,10 @@ def test_gemma3_270m_edits_with_its_derived_hparams(tmp_path):
     ctx = context(tmp_path)
     layer = hp.layers[0]
     keys = compute_keys(lm, [request], [layer], ctx.templates(lm, hp), hp.fact_token)
-    W = edited_weight(lm.model, lm.arch, layer).clone()
+    W = edited_weight(lm.model, lm.arch, layer).double()
     result = ALGORITHMS["R-ROME"].apply(lm, [request], hp, ctx)
-    v_star = W @ keys.k_bare[layer][0] + result.value_deltas[0]
-    new = edited_weight(lm.model, lm.arch, layer) @ keys.k_star[layer][0]
+    v_star = W @ keys.k_bare[layer][0] + result.value_deltas[0].double()
+    new = edited_weight(lm.model, lm.arch, layer).double() @ keys.k_star[layer][0]
     assert ((new - v_star).norm() / v_star.norm()).item() < 1e-4  # float32
     assert result.requests[0]["v_target_prob"] > 0.5
     assert torch.isfinite(lm.model(**lm.tok("Paris is", return_tensors="pt")).logits).all()

@@ -74,6 +74,11 @@ def hparams_path(alg_name: str, file_name: str) -> Path:
     return PROJECT_ROOT / "hparams" / alg_name / (file_name if file_name.endswith(".yaml") else file_name + ".yaml")
 
 
+def model_hparams_file(model_name: str) -> str:
+    """A model's hparams file name in hparams/<ALG>/: its name with / as _ (a Hugging Face id or a folder)."""
+    return model_name.strip("/").replace("/", "_") + ".yaml"
+
+
 def load_algorithm_hparams(alg_name: str, file_name: str, overrides: Iterable[str] = ()) -> EditHyperParams:
     alg = algorithm(alg_name)
     hparams = load_hparams(alg.hparams_class, hparams_path(alg_name, file_name), overrides)

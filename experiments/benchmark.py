@@ -36,7 +36,8 @@ from experiments.benchmarking.device import device_report
 from experiments.benchmarking.plan import plan_rows, plan_table
 from rome.compute_v import ValueSettings, compute_values
 from rome.editor import EditContext
-from rome.values.replay import ReplayRuntime
+from rome.values.layout import build_batch
+from rome.values.replay import ReplayRuntime, make_replay
 from util.cli import run_cli
 from util.corpus import local_corpus, read_texts, local_files
 from util.deltas import restore
@@ -195,6 +196,22 @@ def bench_stats(lm: LoadedModel, corpus_path: str, n_windows: int, layer: int, c
     return rates
 
 
+REPLAYS = {"LlamaReplay": "the functional Llama layers (rome/values/llama_layer.py)",
+           "ModuleReplay": "transformers' modules of the upper layers", "FullModel": "the full model"}
+
+
+def replay_path(lm: LoadedModel, request, hparams, value_dtype: str, compiled: bool = False) -> str:
+    """Which replay the fast value optimisation takes on `lm` (rome/values/replay.py's factory, asked
+    once for one request at the hparams' last edited layer), in words."""
+    batch = build_batch(lm, [request], ["{}"], hparams)
+    autocast = None if value_dtype == "float32" else getattr(torch, value_dtype)
+    with ReplayRuntime() as runtime:
+        chosen = make_replay(lm, batch, hparams.layers[-1], hparams.v_loss_layer, runtime=runtime, autocast=autocast,
+                             compiled=compiled)
+    name = type(chosen).__name__
+    return f"value replay of {lm.name} ({lm.model.config.model_type}, values in {value_dtype}): {name}, {REPLAYS.get(name, name)}"
+
+
 def row(name: str, fast: float, slow: float, unit: str, note: str = "") -> str:
     return f"| {name} | {fast:.3g} {unit} | {slow:.3g} {unit} | {slow / fast if unit.startswith('s/') else fast / slow:.1f}x | {note} |"
 
@@ -242,7 +259,9 @@ def main() -> int:
     peaks = {"float32": matmul_peak(), "bfloat16": matmul_peak(torch.bfloat16)}
     peak = peaks.get(args.value_dtype, peaks["float32"])
     print(f"smollm2-135m on {torch.get_num_threads()} threads, fast value optimisation in {args.value_dtype}; "
-          f"matmul peak float32 {peaks['float32']:.0f} GFLOP/s, bfloat16 {peaks['bfloat16']:.0f} GFLOP/s\n")
+          f"matmul peak float32 {peaks['float32']:.0f} GFLOP/s, bfloat16 {peaks['bfloat16']:.0f} GFLOP/s")
+    print(replay_path(lm, records[0].request, load_algorithm_hparams("R-ROME", "smollm2-135m.yaml"), args.value_dtype,
+                      args.value_compile) + "\n")
     if args.value_compile:  # compiled once per process: not part of any edit's time
         print(f"torch.compile of the replayed layers: {compile_warm_up(lm, records, ctx_args):.0f} s\n")
     print("| phase | fast | straightforward | ratio | note |\n|---|---|---|---|---|")
@@ -295,6 +314,8 @@ def device_main(args) -> int:
     lm = load_model(args.model_name, args.dtype, args.device, model_cache=caches.models)
     batches = [int(b) for b in args.batches.split(",")]
     records = load_cases("cf", args.data_dir, limit=max(batches))
+    hparams = load_algorithm_hparams(args.algs.split(",")[0], args.hparams, args.overrides)
+    print(replay_path(lm, records[0].request, hparams, args.value_dtype, args.value_compile))
     ctx_args = {"caches": caches, "corpus_path": str(Path(args.data_dir) / "wiki"), "value_dtype": args.value_dtype, "value_compile": args.value_compile,
                 "key_chunk_size": args.key_chunk_size, "value_chunk_size": args.value_chunk_size, "max_gpu_memory": args.max_gpu_memory,
                 "replay": ReplayRuntime()}

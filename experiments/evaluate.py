@@ -20,6 +20,7 @@ from typing import Any, Sequence
 from data.cases import DATASETS
 from data.probes import PROBE_TASKS
 from editors import ALGORITHMS
+from experiments import derive_hparams
 from experiments.metrics.protocols import PROTOCOLS, protocol
 from experiments.pipeline.resume import continued_options
 from experiments.pipeline.run import run
@@ -45,8 +46,9 @@ def build_parser() -> Parser:
     what = p.add_argument_group("what to edit")
     what.add_argument("--alg_name", default=DEFAULTS.alg_name, help=", ".join(ALGORITHMS))
     what.add_argument("--model_name", default=DEFAULTS.model_name, help="embedded name, local folder or HF id")
-    what.add_argument("--hparams_fname", default=None,
-                      help="file in hparams/<ALG>/ or a path (default: <model name, / as _>.yaml)")
+    what.add_argument("--hparams_fname", "--hparams", default=None,
+                      help="file in hparams/<ALG>/ or a path (default: <model name, / as _>.yaml); 'auto': that file, "
+                           "else derived from the model's shape and written there (experiments/derive_hparams.py)")
     what.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override one hparam (repeatable)")
     what.add_argument("--ds_name", default=DEFAULTS.ds_name, help=", ".join(DATASETS))
     what.add_argument("--custom_path", default=None, help="YAML/JSON list of requests for --ds_name custom")
@@ -147,6 +149,9 @@ def options_from_argv(argv: Sequence[str] | None = None, environment: Environmen
     unless `environment` is given)."""
     environment = environment or Environment.read()
     options = RunOptions(**option_fields(vars(build_parser().parse_args(argv))), environment=environment)
+    if options.hparams_fname == derive_hparams.AUTO:  # the derived (or existing) file, by its path
+        options = dataclasses.replace(options, hparams_fname=derive_hparams.resolve(
+            options.alg_name, options.hparams_fname, options.model_name, environment.caches.models))
     if options.continue_from_run:  # the run's own corpus, not today's $KEDIT_CORPUS
         options = continued_options(options, given_fields(argv))
     else:

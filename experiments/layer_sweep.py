@@ -3,6 +3,11 @@ from data: each fact is edited alone on the unedited model (weights restored aft
 efficacy, paraphrase and neighbourhood scores are measured right after the edit.
 
     python experiments/layer_sweep.py --alg_name R-ROME --layers 0-29:3 --n_records 10
+    python experiments/layer_sweep.py --alg_name MEMIT --model_name /path/to/model --hparams auto
+
+`--hparams auto` sweeps from the model's derived hparams (experiments/derive_hparams.py); without
+--layers, about ten layers spread over the model's depth. A multi-layer editor's range keeps its
+width and ends at each candidate layer.
 """
 from __future__ import annotations
 
@@ -10,7 +15,8 @@ import argparse
 import time
 
 from data.cases import load_cases
-from editors import algorithm, load_algorithm_hparams
+from editors import algorithm, load_algorithm_hparams, model_hparams_file
+from experiments import derive_hparams
 from experiments.metrics.counterfact import evaluate_cases, summarize
 from rome.editor import EditContext
 from util.cli import run_cli
@@ -39,8 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--alg_name", default="R-ROME")
     parser.add_argument("--model_name", default="smollm2-135m")
-    parser.add_argument("--hparams_fname", default="smollm2-135m.yaml")
-    parser.add_argument("--layers", default="0-29:3")
+    parser.add_argument("--hparams_fname", "--hparams", default=None,
+                        help="file in hparams/<ALG>/ or a path (default: <model name>.yaml); 'auto' as in evaluate.py")
+    parser.add_argument("--layers", default=None, help="e.g. 4, 2,4,6 or 0-29:3 (default: every tenth of the model's depth)")
     parser.add_argument("--n_records", type=int, default=10)
     parser.add_argument("--ds_name", default="cf")
     parser.add_argument("--data_dir", default=None)
@@ -52,20 +59,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def sweep(args: argparse.Namespace) -> list[dict]:
     env = Environment.read()
+    hparams_file = derive_hparams.resolve(args.alg_name, args.hparams_fname, args.model_name, env.caches.models) \
+        or model_hparams_file(args.model_name)
     lm = load_model(args.model_name, model_cache=env.caches.models)
     records = load_cases(args.ds_name, args.data_dir, limit=args.n_records, env=env)
     ctx = EditContext(env.caches, seed=args.seed, corpus_path=args.corpus or env.corpus, offline=env.offline)
     alg = algorithm(args.alg_name)
-    base = load_algorithm_hparams(args.alg_name, args.hparams_fname, args.set)
-    width = len(base.layers)
-    candidates = [layer for layer in parse_layers(args.layers) if layer - width + 1 >= 0]
+    base = load_algorithm_hparams(args.alg_name, hparams_file, args.set)
+    width, depth = len(base.layers), lm.model.config.num_hidden_layers
+    spread = args.layers or f"0-{depth - 1}:{max(1, round(depth / 10))}"
+    candidates = [layer for layer in parse_layers(spread) if layer - width + 1 >= 0]
     if base.mom2_adjustment:  # one statistics pass for every layer the sweep will edit
         needed = sorted({j for layer in candidates for j in range(layer - width + 1, layer + 1)})
         ctx.cache.stats.second_moments(lm, needed, ctx.corpus(lm, base), base.mom2_n_samples, base.mom2_sample_tokens, base.mom2_dtype)
     rows = []
     for layer in candidates:
         layers = list(range(layer - width + 1, layer + 1))  # multi-layer editors end at `layer`
-        hparams = load_algorithm_hparams(args.alg_name, args.hparams_fname, [*args.set, f"layers={layers}"])
+        hparams = load_algorithm_hparams(args.alg_name, hparams_file, [*args.set, f"layers={layers}"])
         start, results = time.perf_counter(), []
         for record in records:
             edit = alg.apply(lm, [record.request], hparams, ctx)

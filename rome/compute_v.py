@@ -113,7 +113,7 @@ def optimise_values(lm: LoadedModel, batch: Batch, layer: int, hparams: EditHype
             return optimise_values(lm, batch, layer, hparams, site, settings, runtime)
     n, size = batch.n_requests, settings.chunk_size
     chunks = [batch] if n <= size else [batch.chunk(i, min(i + size, n)) for i in range(0, n, size)]
-    module = lm.arch.down_proj(layer) if site == "mlp" else lm.arch.layer(layer)
+    module = lm.arch.site(layer, site)
     replay = lambda chunk: make_replay(lm, chunk, layer, hparams.v_loss_layer, runtime=runtime, fast=settings.fast,  # noqa: E731
                                        autocast=settings.autocast, compiled=settings.compiled)
     return ValueResult.joined([_optimise(lm, chunk, replay(chunk), module, hparams, settings) for chunk in chunks])

@@ -117,7 +117,7 @@ def edit_layers(
     placement = ctx.plan(lm, requests, hparams, solver.matrices(hparams), batch)
     ctx.place(lm, placement)
     values = optimise_values(lm, batch, layers[-1], hparams, site, replace(settings, chunk_size=placement.value_chunk), ctx.replay)
-    site_module = lm.arch.down_proj(layers[-1]) if site == "mlp" else lm.arch.layer(layers[-1])
+    site_module = lm.arch.site(layers[-1], site)
     edit = _Edit(lm, requests, hparams, ctx, solver, mu, site_module, bare_key_residual, nullspace_threshold, residual_from,
                  values.target, placement.key_chunk)
     names = [lm.arch.weight_name(layer) for layer in layers]

@@ -64,6 +64,14 @@ def context(tmp_path: Path, **kw) -> EditContext:
     return EditContext(Caches(tmp_path / "cache", MODEL_CACHE), seed=0, corpus_path=str(write_corpus(tmp_path)), **kw)
 
 
+def float64_context(lm: LoadedModel, tmp_path: Path, **kw) -> EditContext:
+    """`context` for a float64 model. Gemma 2's eager attention softmaxes in float32: in a float64
+    model the mask's float64 minimum becomes -inf, and a row of left padding (the fast replay's
+    alignment) turns NaN (transformers 5.23); its float64 values take the straightforward path,
+    which pads on the right (float32 and bfloat16 are unaffected and test the fast path)."""
+    return context(tmp_path, fast=lm.model.config.model_type != "gemma2", **kw)
+
+
 def rel(a, b) -> float:
     """||a - b|| / ||b||."""
     return ((a - b).norm() / b.norm()).item()
@@ -79,6 +87,17 @@ REQUESTS = [
 PROBE_WORDS = "good bad film great awful fine plot actor".split()
 
 
+def write_run_data(folder: Path) -> Path:
+    """folder/data for a small run: an sst2 probe file and a WikiText-2 test file."""
+    data = folder / "data"
+    (data / "glue").mkdir(parents=True)
+    (data / "wiki").mkdir()
+    items = [{"sentence": " ".join(PROBE_WORDS[(i + j) % 8] for j in range(6)), "label": i % 2} for i in range(16)]
+    (data / "glue" / "sst2.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+    (data / "wiki" / "wikitext-2-raw-test.txt").write_text(" = Valkyria = \n" + "The river flows through the old city . " * 100)
+    return data
+
+
 def run_options(folder: Path) -> "RunOptions":
     """Options of a small evaluate run on the tiny Llama: 5 demo edits, one probe task, data and
     corpus written under `folder`, results in folder/results; the environment read now, as a
@@ -86,12 +105,7 @@ def run_options(folder: Path) -> "RunOptions":
     from experiments.pipeline.run_config import RunOptions
     from util.paths import PROJECT_ROOT
 
-    data = folder / "data"
-    (data / "glue").mkdir(parents=True)
-    (data / "wiki").mkdir()
-    items = [{"sentence": " ".join(PROBE_WORDS[(i + j) % 8] for j in range(6)), "label": i % 2} for i in range(16)]
-    (data / "glue" / "sst2.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
-    (data / "wiki" / "wikitext-2-raw-test.txt").write_text(" = Valkyria = \n" + "The river flows through the old city . " * 100)
+    data = write_run_data(folder)
     return RunOptions(
         model_name="tiny-llama", ds_name="custom", custom_path=str(PROJECT_ROOT / "data" / "demo_edits.yaml"),
         dataset_size_limit=5, sequential=True, downstream_eval_steps=2, downstream_tasks=("sst2",),

@@ -15,6 +15,7 @@ def test_device_report_on_a_random_shape(shared_data, monkeypatch, capsys):
     assert benchmark.main() == 0
     out = capsys.readouterr().out
     assert re.search(r"random:tiny \(0\.\d+ B parameters, torch\.float32\) on CPU; measured bf16 matmul peak \d+ GFLOP/s", out)
+    assert "value replay of random:tiny (llama, values in float32): ModuleReplay, transformers' modules of the upper layers" in out
     for alg in ("R-ROME", "AlphaEdit"):
         for batch in (1, 2):
             assert re.search(rf"\| {alg} batch {batch} \| [\d.e+-]+ s/edit \| peak memory n/a \(CPU\); GPU utilisation n/a \|", out), out

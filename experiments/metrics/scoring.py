@@ -92,7 +92,7 @@ def score_continuations(
             for position in positions[row]:
                 where[(row, position)] = offset
                 offset += 1
-        logits = head(states).float()
+        logits = lm.arch.final_logits(lm.model.config, head(states)).float()  # soft-capped as the model does
         logprobs = torch.log_softmax(logits, dim=-1)
         top = logits.argmax(dim=-1)
         for row in batch_rows:

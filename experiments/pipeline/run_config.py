@@ -12,7 +12,7 @@ from typing import Any
 
 from data.cases import dataset_for
 from data.probes import FEW_SHOT_POOL, PROBE_TASKS
-from editors import algorithm
+from editors import algorithm, model_hparams_file
 from experiments.metrics.protocols import PROTOCOLS
 from util.environment import Environment
 from util.errors import RunError
@@ -94,7 +94,7 @@ class RunOptions:
 
     @property
     def hparams_file(self) -> str:
-        return self.hparams_fname or self.model_name.strip("/").replace("/", "_") + ".yaml"
+        return self.hparams_fname or model_hparams_file(self.model_name)
 
     def validate(self) -> "RunOptions":
         algorithm(self.alg_name)  # one-line error naming the known algorithms

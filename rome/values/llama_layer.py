@@ -83,11 +83,12 @@ class LlamaWeights:
 
 
 def is_plain_llama(layer: torch.nn.Module) -> bool:
-    """A decoder layer whose forward is exactly transformers' LlamaDecoderLayer (what llama_layer
-    computes) under an attention that takes an explicit 4-d mask."""
+    """A decoder layer of a family whose layers compute transformers' LlamaDecoderLayer (util/arch.py
+    `llama_layers`, which the replay factory reads first: Llama, Mistral, Qwen2) configured as
+    llama_layer computes it (silu, no pretraining_tp) under an attention that takes an explicit 4-d mask."""
     config = getattr(getattr(layer, "self_attn", None), "config", None)
-    return (type(layer).__name__ == "LlamaDecoderLayer" and getattr(config, "hidden_act", None) == "silu"
-            and not getattr(config, "pretraining_tp", 1) > 1 and getattr(config, "_attn_implementation", None) in ("sdpa", "eager"))
+    return (getattr(config, "hidden_act", None) == "silu" and not getattr(config, "pretraining_tp", 1) > 1
+            and getattr(config, "_attn_implementation", None) in ("sdpa", "eager"))
 
 
 def llama_layer(hidden, prefix_keys, prefix_values, cos, sin, mask, w: LlamaWeights):

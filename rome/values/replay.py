@@ -9,7 +9,9 @@ of `view`, once others finished).
 - `FullModel` (fast=False): the whole model with a hook, full logits; the straightforward path,
   kept to check equality and measure the speed-up.
 - `ModuleReplay`: transformers' upper-layer modules (any architecture), replayed on the suffix
-  of rows aligned at their fact token, attending to a cached prefix (a DynamicCache).
+  of rows aligned at their fact token, attending to a cached prefix (a DynamicCache). Where the
+  edited layer normalises its MLP output (util/arch.py `mlp_post_norm`: Gemma 2/3, OLMo 2) the
+  delta joins the down projection's output before that norm, as the edit's output will.
 - `LlamaReplay`: the same on plain Llama layers under mixed precision, as one function
   (rome.values.llama_layer.llama_layer, equal to the modules to the bit), optionally torch.compile'd.
 
@@ -89,7 +91,8 @@ def make_replay(lm: LoadedModel, batch: Batch, layer: int, loss_layer: int, *, r
     upper = UpperModules(lm, layer, loss_layer, autocast)
     rows = torch.arange(len(batch.ids))
     # Mixed precision on plain Llama layers of a float32 model: one function, which torch.compile can fuse.
-    if upper.copied and upper.layers and all(map(llama_layer.is_plain_llama, upper.layers)) and upper.norm.weight.dtype == torch.float32:
+    if (upper.copied and upper.layers and lm.arch.llama_layers and all(map(llama_layer.is_plain_llama, upper.layers))
+            and upper.norm.weight.dtype == torch.float32):
         weights, function = [llama_layer.LlamaWeights.of(m) for m in upper.layers], runtime.layer_function(compiled)
         return LlamaReplay(upper, lambda r: Grouped.of(
             batch, r, lambda g: LlamaStack(lm, upper, layer, loss_layer, align(batch, g, upper.device), weights, function)), rows)
@@ -113,7 +116,7 @@ class FullModel:
             values = deltas[view.row_request.to(deltas.device)].to(hidden.device, hidden.dtype)
             return torch.zeros_like(hidden).index_put((rows, view.fact.to(hidden.device)), values)
 
-        with Trace(lm.model, lm.arch.layer(self.layer), edit_output=add_to_output(added)):
+        with Trace(lm.model, lm.arch.site(self.layer, "layer"), edit_output=add_to_output(added)):
             logits = lm.model(input_ids=self.batch.ids[view.rows].to(device), attention_mask=self.batch.mask[view.rows].to(device),
                               use_cache=False).logits
         log_probs = log_softmax32(logits)

@@ -46,6 +46,9 @@ class UpperModules:
                 weight.data = weight.data.to(autocast)
         *self.layers, self.norm, self.unembed = modules
         self.autocast, self.device = autocast, input_device(lm.model)
+        self.final_logits = lambda logits: lm.arch.final_logits(lm.model.config, logits)  # noqa: E731 (soft-capping)
+        # the edited layer's norm of its MLP output, if any: a value's delta is added before it (ArchSpec.site)
+        self.post_norm = lm.model.get_submodule(lm.arch.mlp_post_norm.format(layer)) if lm.arch.mlp_post_norm else None
         self._attention: tuple[str, list] | None = None
 
     def use_attention(self, name: str) -> None:
@@ -78,7 +81,17 @@ class UpperModules:
         return torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None)
 
     def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
-        return log_softmax32(self.unembed(self.norm(hidden)))
+        return log_softmax32(self.final_logits(self.unembed(self.norm(hidden))))
+
+    def entering(self, hidden: torch.Tensor, mlp: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The edited layer's output (`hidden`, the suffix) as a function of the delta added at the
+        value's site: hidden + added, or on a post-norm family hidden plus the change of the norm's
+        output when the delta joins the down projection's output `mlp` (exactly 0 where it is 0)."""
+        if self.post_norm is None:
+            return lambda added: hidden + added
+        mlp = mlp.to(hidden.dtype)
+        normed = self.post_norm(mlp)
+        return lambda added: hidden + (self.post_norm(mlp + added) - normed)
 
     def unedited_forward(self, lm: LoadedModel, layer: int, loss_layer: int, aligned: Aligned, cache: DynamicCache):
         """One forward without the delta over the aligned rows, up to the loss layer, filling
@@ -105,7 +118,9 @@ class ModuleStack:
     def __init__(self, lm: LoadedModel, upper: UpperModules, layer: int, loss_layer: int, aligned: Aligned):
         self.upper, self.modules, self.aligned = upper, upper.layers, aligned
         self.cache = DynamicCache()
-        self.hidden, _ = upper.unedited_forward(lm, layer, loss_layer, aligned, self.cache)
+        with Trace(lm.model, lm.arch.down_proj(layer)) if upper.post_norm else contextlib.nullcontext() as mlp:
+            self.hidden, _ = upper.unedited_forward(lm, layer, loss_layer, aligned, self.cache)
+        self.enter = upper.entering(self.hidden, mlp.output[:, aligned.prefix:] if mlp else None)
         self.prefix_kv = [(c.keys[..., : aligned.prefix, :], c.values[..., : aligned.prefix, :]) for c in self.cache.layers]
         self.calls: list[tuple[tuple, dict]] = []
         if not self.modules:
@@ -132,8 +147,9 @@ class ModuleStack:
             cached.keys, cached.values = keys, values
 
     def __call__(self, added: torch.Tensor) -> torch.Tensor:
-        """Suffix hidden states at the loss layer with `added` summed into the edited layer's output."""
-        hidden = self.hidden + added
+        """Suffix hidden states at the loss layer with `added` summed into the edited layer's output
+        (before its MLP output's norm on a post-norm family)."""
+        hidden = self.enter(added)
         self._reset_cache()
         with self.upper.attention():
             for module, (args, kwargs) in zip(self.modules, self.calls):

@@ -17,7 +17,7 @@ from alphaedit.alphaedit_main import AlphaEditHyperParams
 from rome.editor import EDITED_KEYS, EditContext
 from rome.templates import generate_templates
 from tests.conftest import tiny_gpt2_model, tiny_llama_model
-from tests.helpers import EXTRA, KEPT, REQUESTS, context, host_budget, rel, tiny_hparams, write_corpus
+from tests.helpers import EXTRA, KEPT, REQUESTS, SOLVING, context, host_budget, rel, tiny_hparams, write_corpus
 from editors import ALGORITHMS
 from util.arch import arch_for
 from util.corpus import local_corpus
@@ -38,7 +38,7 @@ def tiny_on(arch: str, tok, device: str) -> LoadedModel:
 
 
 @pytest.mark.parametrize("arch", sorted(BUILD))
-@pytest.mark.parametrize("alg", sorted(ALGORITHMS))
+@pytest.mark.parametrize("alg", SOLVING)
 def test_cuda_update_equals_cpu_update(alg, arch, tokenizer, tmp_path):
     hp = tiny_hparams(ALGORITHMS[alg].hparams_class, **EXTRA[alg])
     requests = [make_request(r) for r in REQUESTS]

@@ -18,6 +18,8 @@ import torch
 import alphaedit.alphaedit_main as alphaedit_main
 import emmet.emmet_main as emmet_main
 import encore.encore_main as encore_main
+import ft.ft_main as ft_main
+import ftm.ftm_main as ftm_main
 import memit.memit_main as memit_main
 import prune.prune_main as prune_main
 import rect.rect_main as rect_main
@@ -43,6 +45,8 @@ EDITORS: list[Editor] = [
     encore_main.EDITOR,
     prune_main.EDITOR,
     rect_main.EDITOR,
+    ft_main.EDITOR,
+    ftm_main.EDITOR,
 ]
 ALGORITHMS: dict[str, Editor] = {editor.name: editor for editor in EDITORS}
 

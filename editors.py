@@ -24,6 +24,7 @@ import memit.memit_main as memit_main
 import prune.prune_main as prune_main
 import rect.rect_main as rect_main
 import rome.rome_main as rome_main
+import ultraedit.ultraedit_main as ultraedit_main
 from rome.declaration import Editor
 from rome.editor import EditContext, EditResult
 from util.arch import arch_for
@@ -47,6 +48,7 @@ EDITORS: list[Editor] = [
     rect_main.EDITOR,
     ft_main.EDITOR,
     ftm_main.EDITOR,
+    ultraedit_main.EDITOR,
 ]
 ALGORITHMS: dict[str, Editor] = {editor.name: editor for editor in EDITORS}
 

@@ -16,7 +16,7 @@ from rome.editor import EditContext
 from util.cli import run_cli
 from util.deltas import restore
 from util.environment import Environment
-from util.errors import KeditError
+from util.errors import HparamsError, KeditError
 from util.models import load_model
 
 
@@ -57,9 +57,11 @@ def sweep(args: argparse.Namespace) -> list[dict]:
     ctx = EditContext(env.caches, seed=args.seed, corpus_path=args.corpus or env.corpus, offline=env.offline)
     alg = algorithm(args.alg_name)
     base = load_algorithm_hparams(args.alg_name, args.hparams_fname, args.set)
+    if not hasattr(base, "layers"):
+        raise HparamsError(f"{args.alg_name}'s hparams name no 'layers' to sweep")
     width = len(base.layers)
     candidates = [layer for layer in parse_layers(args.layers) if layer - width + 1 >= 0]
-    if base.mom2_adjustment:  # one statistics pass for every layer the sweep will edit
+    if getattr(base, "mom2_adjustment", False):  # one statistics pass for every layer the sweep will edit
         needed = sorted({j for layer in candidates for j in range(layer - width + 1, layer + 1)})
         ctx.stats.second_moments(lm, needed, ctx.corpus(lm, base), base.mom2_n_samples, base.mom2_sample_tokens, base.mom2_dtype)
     rows = []

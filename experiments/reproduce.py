@@ -60,7 +60,7 @@ STUDIES = {
                             ("seq-batch-{quarter}", ["--sequential", "--num_edits", "{quarter}"]),
                             ("seq-batch-{sixteenth}", ["--sequential", "--num_edits", "{sixteenth}"]))]),
     "lifelong": Study("AlphaEdit and ENCORE next to MEMIT and EMMET, sequential, batch 1", [
-        (alg, ["--alg_name", alg, "--sequential"]) for alg in ("AlphaEdit", "ENCORE")]),
+        (alg, ["--alg_name", alg, "--sequential"]) for alg in ("AlphaEdit", "ENCORE", "FT-L", "FT-M", "UltraEdit")]),
     # AlphaEdit's Table 1 on CounterFact: 2,000 edits in sequential batches of 100, scored under its protocol.
     "alphaedit": Study("AlphaEdit's Table 1 protocol: CounterFact, sequential batches of 100", [
         (alg, ["--alg_name", alg, "--sequential", "--num_edits", "100", "--ds_name", "cf", "--protocol", "alphaedit"])

@@ -54,7 +54,7 @@ def test_reproduce_studies_run_the_same_edits_with_the_same_probes():
 
 def test_lifelong_study_shows_the_forget_runs_without_repeating_them(tmp_path):
     args, extra = reproduce.parse_args(["--study", "lifelong", "--results_dir", str(tmp_path), "--docs_dir", str(tmp_path / "docs")])
-    assert [label for label, _ in reproduce.commands("lifelong", args, extra)] == ["AlphaEdit", "ENCORE"]
+    assert [label for label, _ in reproduce.commands("lifelong", args, extra)] == ["AlphaEdit", "ENCORE", "FT-L", "FT-M", "UltraEdit"]
     assert reproduce.REUSED["lifelong"] == [("forget", "MEMIT"), ("forget", "EMMET")]
 
 

@@ -128,10 +128,10 @@ def resolve_hparams(options: RunOptions, hparams: Any, stored: dict[str, Any] | 
         hparams = build_hparams(alg.hparams_class, stored["hparams"], f"{where}/config.json", alg.fixed)
     elif hparams is None:
         hparams = load_algorithm_hparams(options.alg_name, options.hparams_file, options.overrides)
-    if not alg.takes(hparams):
-        fixed = "".join(f", {k}={v!r}" for k, v in alg.fixed.items())
-        raise RunError(f"{options.alg_name} takes {alg.hparams_class.__name__}{fixed}, got {type(hparams).__name__}"
-                       + "".join(f" with {k}={getattr(hparams, k, None)!r}" for k in alg.fixed))
+    if not alg.takes(hparams):  # the class, and the values the editor fixes (ROME's original_implementation)
+        wanted = alg.hparams_class.__name__ + "".join(f" with {k}={v!r}" for k, v in alg.fixed.items())
+        got = type(hparams).__name__ + "".join(f" with {k}={getattr(hparams, k, None)!r}" for k in alg.fixed)
+        raise RunError(f"{options.alg_name} takes {wanted}, got {got}")
     return hparams
 
 

@@ -30,7 +30,7 @@ from util.deltas import delta_records, snapshot
 from util.hparams import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, check_layers_exist, layers_problem, out_of_range
 from util.models import LoadedModel, input_device
 from util.requests import EditRequest
-from util.tokens import encode_with_target, right_pad
+from util.tokens import right_pad, target_reads
 
 Objective = Literal["prompt_last", "target_new"]
 
@@ -63,18 +63,14 @@ class FTHyperParams:
 @dataclass(frozen=True)
 class Example:
     """One request as the loss reads it: the ids the model reads, and at which positions which
-    target token's log-probability is taken."""
+    target token's log-probability is taken (util.tokens.target_reads)."""
     ids: list[int]
     reads: list[int]
     targets: list[int]
 
 
 def example(tok, request: EditRequest, objective: Objective) -> Example:
-    ids, start = encode_with_target(tok, request.text, request.target_new)
-    targets = ids[start:]
-    if objective == "prompt_last":
-        return Example(ids[:start], [start - 1] * len(targets), targets)
-    return Example(ids[:-1], list(range(start - 1, len(ids) - 1)), targets)
+    return Example(*target_reads(tok, request.text, request.target_new, teacher_forced=objective == "target_new"))
 
 
 def target_losses(lm: LoadedModel, examples: list[Example]) -> torch.Tensor:

@@ -118,3 +118,19 @@ def host_budget(lm: LoadedModel, ctx: EditContext, hp: EditHyperParams, requests
     matrices in host memory but not with them on the device (two or more edited layers)."""
     estimate = replace(plan_edit(lm, requests, hp, ctx.templates(lm, hp), "float32", 1.0, solver.matrices(hp)), host=True)
     return (estimate.resident + max(estimate.phases()) + 64) / HEADROOM / GIB
+
+
+def failing_after(apply):
+    """failing_at(call, error): experiments.pipeline.run.apply_edits that raises `error` at its
+    `call`-th call, after `apply` has edited (the weights are already changed when it fails)."""
+    def failing_at(call: int, error: type[BaseException]):
+        calls = []
+
+        def failing(session, records):
+            result = apply(session, records)
+            calls.append(1)
+            if len(calls) == call:
+                raise error()
+            return result
+        return failing
+    return failing_at

@@ -20,7 +20,7 @@ from experiments.pipeline.run import run
 import experiments.pipeline.run as run_module
 from ft.ft_main import FTHyperParams
 from rome.editor import EditResult
-from tests.helpers import run_options
+from tests.helpers import failing_after, run_options
 from tests.test_evaluate_run import contents, fresh, one_thread  # noqa: F401 (fixture)
 from util.deltas import snapshot
 from util.errors import RunError
@@ -60,17 +60,7 @@ def test_checkpoint_continue_drift_and_export_cover_the_whole_mlp(options, token
     # a crash in edit 4 (checkpoint at 2), a Ctrl-C in edit 4 of the continued run (rolled back to
     # 3: every MLP matrix as the checkpoint holds it), then the rest: the reference's files and weights
     real_apply = run_module.apply_edits
-
-    def failing_at(call: int, error: type[BaseException]):
-        calls = []
-
-        def apply(session, records):
-            result = real_apply(session, records)  # the weights are already changed when it fails
-            calls.append(1)
-            if len(calls) == call:
-                raise error()
-            return result
-        return apply
+    failing_at = failing_after(real_apply)
 
     monkeypatch.setattr(run_module, "apply_edits", failing_at(4, RuntimeError))
     with pytest.raises(RuntimeError):

@@ -28,7 +28,7 @@ from util.models import LoadedModel, input_device
 from util.nethook import Trace, TraceDict, replace_output
 from util.requests import EditRequest
 from util.solve import Covariance, solve_least_squares
-from util.tokens import encode_with_target, right_pad
+from util.tokens import right_pad, target_reads
 
 STATE = "ultraedit"  # EditContext.state[STATE][f"{in}x{out}"] = {"n", "mean", "var"}: the running statistics
 PROJECTIONS = ("mlp_down", "mlp_up", "mlp_gate")  # the util/arch.py sites UltraEdit may edit
@@ -101,8 +101,7 @@ class RunningMeanStd:
 
 def answer_reads(tok, request: EditRequest) -> tuple[list[int], list[int], list[int]]:
     """(ids the model reads, the positions that predict the target's tokens, those tokens)."""
-    ids, start = encode_with_target(tok, request.text, request.target_new)
-    return ids[:-1], list(range(start - 1, len(ids) - 1)), ids[start:]
+    return target_reads(tok, request.text, request.target_new)
 
 
 def keys_and_gradients(lm: LoadedModel, requests: list[EditRequest], modules: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

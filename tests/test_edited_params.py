@@ -114,3 +114,27 @@ def test_an_undeclared_change_stops_the_run(options, tokenizer, monkeypatch):
     monkeypatch.setattr(run_module, "apply_edits", apply)
     with pytest.raises(RunError, match="FT-L changed model.layers.0.mlp.down_proj.weight, which it does not declare"):
         run(options, fresh(tokenizer), ft_mlp())
+
+
+def test_ultraedit_continues_exactly_and_exports_its_projections(options, tokenizer, tmp_path, monkeypatch):
+    """UltraEdit's running statistics (EditContext.state) come back from the checkpoint: a run that
+    crashed in edit 4 and was continued equals an uninterrupted one, gate and up projections included."""
+    from ultraedit.ultraedit_main import UltraEditHyperParams
+
+    hp = build_hparams(UltraEditHyperParams, {"modules": {"mlp_gate": [1], "mlp_up": [2]}, "lr": 1e-3, "batch_size": 2}, "tiny")
+    names = ["model.layers.1.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight"]
+    ultra = dataclasses.replace(options, alg_name="UltraEdit")
+    reference_lm = fresh(tokenizer)
+    reference = run(ultra, reference_lm, hp)
+    assert json.loads((reference / "config.json").read_text())["edited_params"] == names
+    monkeypatch.setattr(run_module, "apply_edits", failing_after(run_module.apply_edits)(4, RuntimeError))
+    with pytest.raises(RuntimeError):
+        run(ultra, fresh(tokenizer), hp)
+    monkeypatch.undo()
+    lm = fresh(tokenizer)
+    path = run(dataclasses.replace(ultra, continue_from_run="run_002"), lm)
+    assert contents(path) == contents(reference)
+    exported = AutoModelForCausalLM.from_pretrained(export_run(path, tmp_path / "exported", lm=fresh(tokenizer)))
+    for name in names:
+        assert torch.equal(lm.model.get_parameter(name), reference_lm.model.get_parameter(name)), name
+        assert torch.equal(exported.get_parameter(name), reference_lm.model.get_parameter(name)), name

@@ -10,26 +10,23 @@ it lists (none of them imports it), so util/ stays below every editor.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 
 import alphaedit.alphaedit_main as alphaedit_main
 import emmet.emmet_main as emmet_main
 import encore.encore_main as encore_main
+import ft.ft_main as ft_main
+import ftm.ftm_main as ftm_main
 import memit.memit_main as memit_main
+import prune.prune_main as prune_main
+import rect.rect_main as rect_main
 import rome.rome_main as rome_main
-from alphaedit.alphaedit_main import AlphaEditHyperParams, apply_alphaedit
-from emmet.emmet_main import EMMETHyperParams, apply_emmet
-from encore.encore_main import ENCOREHyperParams, apply_encore
-from memit.memit_main import MEMITHyperParams, apply_memit
-from prune.prune_main import PRUNEHyperParams, apply_prune
-from rect.rect_main import RECTHyperParams, apply_rect
-from rome.editor import EditContext, EditResult, Solver
-from rome.hparams import EditHyperParams, ROMEHyperParams
-from rome.rome_main import apply_rome
+import ultraedit.ultraedit_main as ultraedit_main
+from rome.declaration import Editor
+from rome.editor import EditContext, EditResult
 from util.arch import arch_for
 from util.environment import Environment
 from util.errors import HparamsError
@@ -38,28 +35,25 @@ from util.models import LoadedModel, load_model, model_name, prepare_tokenizer
 from util.paths import PROJECT_ROOT
 from util.requests import EditRequest, make_request
 
-
-@dataclass(frozen=True)
-class Algorithm:
-    name: str
-    hparams_class: type
-    apply: Callable[[LoadedModel, list[EditRequest], Any, EditContext], EditResult]
-    solver: Solver  # the package's own SOLVER, which its apply passes to rome.editor.edit_layers
-
-
-ALGORITHMS: dict[str, Algorithm] = {
-    "ROME": Algorithm("ROME", ROMEHyperParams, apply_rome, rome_main.SOLVER),
-    "R-ROME": Algorithm("R-ROME", ROMEHyperParams, apply_rome, rome_main.SOLVER),
-    "MEMIT": Algorithm("MEMIT", MEMITHyperParams, apply_memit, memit_main.SOLVER),
-    "EMMET": Algorithm("EMMET", EMMETHyperParams, apply_emmet, emmet_main.SOLVER),
-    "AlphaEdit": Algorithm("AlphaEdit", AlphaEditHyperParams, apply_alphaedit, alphaedit_main.SOLVER),
-    "ENCORE": Algorithm("ENCORE", ENCOREHyperParams, apply_encore, encore_main.SOLVER),
-    "PRUNE": Algorithm("PRUNE", PRUNEHyperParams, apply_prune, memit_main.SOLVER),
-    "RECT": Algorithm("RECT", RECTHyperParams, apply_rect, memit_main.SOLVER),
-}
+# Every editor, as its package declares it (rome/declaration.py). A new editor is its package,
+# its hparams/<ALG>/*.yaml, its test and one entry here.
+EDITORS: list[Editor] = [
+    rome_main.ROME,
+    rome_main.R_ROME,
+    memit_main.EDITOR,
+    emmet_main.EDITOR,
+    alphaedit_main.EDITOR,
+    encore_main.EDITOR,
+    prune_main.EDITOR,
+    rect_main.EDITOR,
+    ft_main.EDITOR,
+    ftm_main.EDITOR,
+    ultraedit_main.EDITOR,
+]
+ALGORITHMS: dict[str, Editor] = {editor.name: editor for editor in EDITORS}
 
 
-def algorithm(name: str) -> Algorithm:
+def algorithm(name: str) -> Editor:
     try:
         return ALGORITHMS[name]
     except KeyError:
@@ -79,22 +73,16 @@ def model_hparams_file(model_name: str) -> str:
     return model_name.strip("/").replace("/", "_") + ".yaml"
 
 
-def load_algorithm_hparams(alg_name: str, file_name: str, overrides: Iterable[str] = ()) -> EditHyperParams:
+def load_algorithm_hparams(alg_name: str, file_name: str, overrides: Iterable[str] = ()) -> Any:
+    """hparams/<ALG>/<file> (or a path) with `overrides`, into the algorithm's class, with the
+    values the algorithm fixes (ROME's and r-ROME's original_implementation)."""
     alg = algorithm(alg_name)
-    hparams = load_hparams(alg.hparams_class, hparams_path(alg_name, file_name), overrides)
-    if alg_name in ("ROME", "R-ROME") and hparams.original_implementation != (alg_name == "ROME"):
-        raise HparamsError(
-            f"{hparams_path(alg_name, file_name)}: original_implementation is {hparams.original_implementation} "
-            f"but the algorithm is {alg_name}"
-        )
-    return hparams
+    return load_hparams(alg.hparams_class, hparams_path(alg_name, file_name), overrides, alg.fixed)
 
 
-def _algorithm_of(hparams: EditHyperParams) -> Algorithm:
-    if isinstance(hparams, ROMEHyperParams):
-        return ALGORITHMS["ROME" if hparams.original_implementation else "R-ROME"]
-    for alg in ALGORITHMS.values():
-        if type(hparams) is alg.hparams_class:
+def _algorithm_of(hparams: Any) -> Editor:
+    for alg in EDITORS:
+        if alg.takes(hparams):
             return alg
     raise HparamsError(f"no algorithm takes hparams of type {type(hparams).__name__}")
 
@@ -118,7 +106,7 @@ def edit(
     model: torch.nn.Module,
     tok,
     requests: list[Mapping[str, Any] | EditRequest],
-    hparams: EditHyperParams | str | Path,
+    hparams: Any,
     alg_name: str | None = None,
     context: EditContext | None = None,
     name: str | None = None,
@@ -138,7 +126,7 @@ def edit(
     its own (EditContext.max_gpu_memory)."""
     if context is not None and max_gpu_memory is not None:
         raise HparamsError("edit(): give max_gpu_memory to the EditContext passed as context, not both")
-    if not isinstance(hparams, EditHyperParams):
+    if isinstance(hparams, (str, Path)):
         path = Path(hparams)
         hparams = load_algorithm_hparams(alg_name or path.parent.name, str(path))
     prepare_tokenizer(tok)

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rome.declaration import Editor
 from rome.editor import EditContext, EditResult, Solver, edit_layers
 from rome.hparams import EditHyperParams
 from util.hparams import POSITIVE, out_of_range
 from util.models import LoadedModel
 from util.requests import EditRequest
 
-SOLVER = Solver("nullspace", remember_keys=True)  # projected onto C0's null space, with the run's earlier keys
+# projected onto C0's null space, with the run's earlier keys; alpha = L2
+SOLVER = Solver("nullspace", remember_keys=True, mu="L2", threshold="nullspace_threshold")
 
 
 @dataclass(frozen=True)
@@ -32,5 +34,7 @@ class AlphaEditHyperParams(EditHyperParams):
 
 
 def apply_alphaedit(lm: LoadedModel, requests: list[EditRequest], hparams: AlphaEditHyperParams, ctx: EditContext) -> EditResult:
-    return edit_layers(lm, requests, hparams, ctx, SOLVER, mu=hparams.L2, site="layer",
-                       nullspace_threshold=hparams.nullspace_threshold)
+    return edit_layers(lm, requests, hparams, ctx, SOLVER)
+
+
+EDITOR = Editor("AlphaEdit", AlphaEditHyperParams, apply_alphaedit, solver=SOLVER)

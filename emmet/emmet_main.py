@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rome.declaration import Editor
 from rome.editor import EditContext, EditResult, Solver, edit_layers
 from rome.hparams import EditHyperParams
 from util.hparams import NON_NEGATIVE, out_of_range
 from util.models import LoadedModel
 from util.requests import EditRequest
 
-SOLVER = Solver("equality")  # Delta K = R exactly (+ mu I), C-weighted
+SOLVER = Solver("equality", mu="emmet_lambda", mu_from=2)  # Delta K = R exactly (+ mu I from batch 2 on), C-weighted
 
 
 @dataclass(frozen=True)
@@ -28,5 +29,7 @@ class EMMETHyperParams(EditHyperParams):
 
 
 def apply_emmet(lm: LoadedModel, requests: list[EditRequest], hparams: EMMETHyperParams, ctx: EditContext) -> EditResult:
-    mu = hparams.emmet_lambda if len(requests) > 1 else 0.0
-    return edit_layers(lm, requests, hparams, ctx, SOLVER, mu=mu, site="layer")
+    return edit_layers(lm, requests, hparams, ctx, SOLVER)
+
+
+EDITOR = Editor("EMMET", EMMETHyperParams, apply_emmet, solver=SOLVER)

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rome.declaration import Editor
 from rome.editor import EditContext, EditResult, Solver, edit_layers
 from rome.hparams import EditHyperParams
 from util.hparams import NON_NEGATIVE, out_of_range
 from util.models import LoadedModel
 from util.requests import EditRequest
 
-SOLVER = Solver("least_squares", remember_keys=True)  # MEMIT's, + mu I and the run's earlier keys
+SOLVER = Solver("least_squares", remember_keys=True, mu="update_norm_lambda")  # MEMIT's, + mu I and the run's earlier keys
 
 
 @dataclass(frozen=True)
@@ -31,4 +32,7 @@ class ENCOREHyperParams(EditHyperParams):
 
 
 def apply_encore(lm: LoadedModel, requests: list[EditRequest], hparams: ENCOREHyperParams, ctx: EditContext) -> EditResult:
-    return edit_layers(lm, requests, hparams, ctx, SOLVER, mu=hparams.update_norm_lambda, site="layer")
+    return edit_layers(lm, requests, hparams, ctx, SOLVER)
+
+
+EDITOR = Editor("ENCORE", ENCOREHyperParams, apply_encore, solver=SOLVER)

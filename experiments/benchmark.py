@@ -125,13 +125,18 @@ def compile_warm_up(lm: LoadedModel, records, ctx_args: dict) -> float:
 
 def bench_batch(lm: LoadedModel, records, alg: str, batch: int, ctx_args: dict, naive_requests: int) -> dict:
     """Seconds per edit for one batch; the straightforward figure optimises values one request at
-    a time through the full model (timed on `naive_requests` requests and scaled to the batch)."""
+    a time through the full model (timed on `naive_requests` requests and scaled to the batch).
+    Editors without value optimisation (fine-tuning, UltraEdit: no Solver) have no such figure."""
     hparams = load_algorithm_hparams(alg, "smollm2-135m.yaml")
     ctx = EditContext(**ctx_args)
+    requests = [r.request for r in records[:batch]]
+    if ALGORITHMS[alg].solver is None:
+        result, fast = timed(ALGORITHMS[alg].apply, lm, requests, hparams, ctx)
+        restore(lm.model, result.originals)
+        return {"batch": batch, "fast": fast / batch, "slow": None, "estimated": False, "steps": None}
     for layer in hparams.layers:
         ctx.covariance(lm, layer, hparams)
     templates = ctx.templates(lm, hparams)
-    requests = [r.request for r in records[:batch]]
     result, fast = timed(ALGORITHMS[alg].apply, lm, requests, hparams, ctx)
     restore(lm.model, result.originals)
     values_fast = sum(v["v_steps"] for v in result.requests)
@@ -212,7 +217,9 @@ def replay_path(lm: LoadedModel, request, hparams, value_dtype: str, compiled: b
     return f"value replay of {lm.name} ({lm.model.config.model_type}, values in {value_dtype}): {name}, {REPLAYS.get(name, name)}"
 
 
-def row(name: str, fast: float, slow: float, unit: str, note: str = "") -> str:
+def row(name: str, fast: float, slow: float | None, unit: str, note: str = "") -> str:
+    if slow is None:  # nothing straightforward to set against it
+        return f"| {name} | {fast:.3g} {unit} | - | - | {note} |"
     return f"| {name} | {fast:.3g} {unit} | {slow:.3g} {unit} | {slow / fast if unit.startswith('s/') else fast / slow:.1f}x | {note} |"
 
 
@@ -221,7 +228,7 @@ def main() -> int:
     parser.add_argument("--data_dir", default="../shared/data")
     parser.add_argument("--phases", default="rome,values8,batch,stats,eval")
     parser.add_argument("--batches", default="16,64,256,1024")
-    parser.add_argument("--batch_algs", default="EMMET,MEMIT")
+    parser.add_argument("--batch_algs", default="EMMET,MEMIT", help="editors of the batch phase (any of editors.py's, e.g. FT-L,FT-M,UltraEdit)")
     parser.add_argument("--rome_edits", type=int, default=3)
     parser.add_argument("--naive_requests", type=int, default=2, help="requests timed on the straightforward batch path")
     parser.add_argument("--stats_windows", type=int, default=32)
@@ -281,7 +288,7 @@ def main() -> int:
             print(row(f"{alg} batch 1", single["fast"], single["slow"], "s/edit"), flush=True)
             for batch in batches:
                 b = bench_batch(lm, records, alg, batch, ctx_args, args.naive_requests)
-                note = f"{b['fast'] / single['fast']:.2f} of single-edit time; {b['steps']:.1f} steps/request"
+                note = f"{b['fast'] / single['fast']:.2f} of single-edit time" + (f"; {b['steps']:.1f} steps/request" if b["steps"] is not None else "")
                 print(row(f"{alg} batch {batch}", b["fast"], b["slow"], "s/edit", note + (" (straightforward est.)" if b["estimated"] else "")), flush=True)
     if "stats" in phases:
         s = bench_stats(lm, corpus, args.stats_windows, 4, caches)

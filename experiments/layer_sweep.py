@@ -22,7 +22,7 @@ from rome.editor import EditContext
 from util.cli import run_cli
 from util.deltas import restore
 from util.environment import Environment
-from util.errors import KeditError
+from util.errors import HparamsError, KeditError
 from util.models import load_model
 
 
@@ -66,10 +66,12 @@ def sweep(args: argparse.Namespace) -> list[dict]:
     ctx = EditContext(env.caches, seed=args.seed, corpus_path=args.corpus or env.corpus, offline=env.offline)
     alg = algorithm(args.alg_name)
     base = load_algorithm_hparams(args.alg_name, hparams_file, args.set)
+    if not hasattr(base, "layers"):
+        raise HparamsError(f"{args.alg_name}'s hparams name no 'layers' to sweep")
     width, depth = len(base.layers), lm.model.config.num_hidden_layers
     spread = args.layers or f"0-{depth - 1}:{max(1, round(depth / 10))}"
     candidates = [layer for layer in parse_layers(spread) if layer - width + 1 >= 0]
-    if base.mom2_adjustment:  # one statistics pass for every layer the sweep will edit
+    if getattr(base, "mom2_adjustment", False):  # one statistics pass for every layer the sweep will edit
         needed = sorted({j for layer in candidates for j in range(layer - width + 1, layer + 1)})
         ctx.cache.stats.second_moments(lm, needed, ctx.corpus(lm, base), base.mom2_n_samples, base.mom2_sample_tokens, base.mom2_dtype)
     rows = []

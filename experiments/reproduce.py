@@ -52,7 +52,7 @@ class Study:
 
 # AlphaEdit's repository's editors (MEMIT, PRUNE, RECT, AlphaEdit) and this project's EMMET and ENCORE.
 ALPHAEDIT_EDITORS = ("MEMIT", "PRUNE", "RECT", "AlphaEdit", "EMMET", "ENCORE")
-LIFELONG_EDITORS = ("MEMIT", "EMMET", "AlphaEdit", "ENCORE", "RECT", "PRUNE")
+LIFELONG_EDITORS = ("MEMIT", "EMMET", "AlphaEdit", "ENCORE", "RECT", "PRUNE", "FT-L", "FT-M", "UltraEdit")
 BATCH_SIZES = (16, 64, 256, 1024, 4096)  # seed 002's batch sizes; 4,096 edits in all
 FLAT = ["--ds_name", "flat_cf_train"]  # 10,000 records: enough for the long studies
 

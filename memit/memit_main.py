@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from rome.declaration import Editor
 from rome.editor import EditContext, EditResult, Solver, edit_layers
 from rome.hparams import EditHyperParams
 from util.deltas import apply_deltas, restore
@@ -29,7 +30,10 @@ class MEMITHyperParams(EditHyperParams):
 
 
 def apply_memit(lm: LoadedModel, requests: list[EditRequest], hparams: MEMITHyperParams, ctx: EditContext) -> EditResult:
-    return edit_layers(lm, requests, hparams, ctx, SOLVER, site="layer")
+    return edit_layers(lm, requests, hparams, ctx, SOLVER)
+
+
+EDITOR = Editor("MEMIT", MEMITHyperParams, apply_memit, solver=SOLVER)
 
 
 # (parameter name, MEMIT's delta, the parameter before this edit) -> (delta to write, record fields)
@@ -43,7 +47,7 @@ def apply_memit_transformed(lm: LoadedModel, requests: list[EditRequest], hparam
     As in the AlphaEdit release's MEMIT_rect, every layer is solved with the full updates of the
     layers before it in place; the transformed deltas replace them afterwards. The originals are
     restored first, so an entry the transform leaves at zero equals W before the edit bitwise."""
-    result = edit_layers(lm, requests, hparams, ctx, SOLVER, site="layer")
+    result = edit_layers(lm, requests, hparams, ctx, SOLVER)
     restore(lm.model, result.originals)
     deltas = {}
     for name, record in zip(result.deltas, result.layers):

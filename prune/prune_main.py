@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from memit.memit_main import MEMITHyperParams, apply_memit_transformed
+from memit.memit_main import SOLVER, MEMITHyperParams, apply_memit_transformed
+from rome.declaration import Editor
 from rome.editor import EditContext, EditResult
 from util.models import LoadedModel
 from util.requests import EditRequest
@@ -61,3 +62,6 @@ def apply_prune(lm: LoadedModel, requests: list[EditRequest], hparams: PRUNEHype
         return step, {"prune_restrained": n_restrained, "prune_sigma_max": store["sigma_max"][name]}
 
     return apply_memit_transformed(lm, requests, hparams, ctx, transform)
+
+
+EDITOR = Editor("PRUNE", PRUNEHyperParams, apply_prune, solver=SOLVER)  # MEMIT's solve

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from memit.memit_main import MEMITHyperParams, apply_memit_transformed
+from memit.memit_main import SOLVER, MEMITHyperParams, apply_memit_transformed
+from rome.declaration import Editor
 from rome.editor import EditContext, EditResult
 from util.models import LoadedModel
 from util.requests import EditRequest
@@ -48,3 +49,6 @@ def apply_rect(lm: LoadedModel, requests: list[EditRequest], hparams: RECTHyperP
         return delta * mask, {"rect_kept": int(mask.sum())}
 
     return apply_memit_transformed(lm, requests, hparams, ctx, transform)
+
+
+EDITOR = Editor("RECT", RECTHyperParams, apply_rect, solver=SOLVER)  # MEMIT's solve

@@ -14,6 +14,8 @@ edit of the run wrote into it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
 import torch
 
 from rome.compute_u import KeyResult, compute_keys
@@ -36,15 +38,36 @@ __all__ = ["EDITED_KEYS", "KEY_CHUNK", "VALUE_CHUNK", "EditContext", "EditPlan",
 
 @dataclass(frozen=True)
 class Solver:
-    """How an editor solves (util/solve.py): its constraint and whether the run's earlier keys
-    K_p K_p^T enter each system (AlphaEdit, ENCORE). Each editor package states its own and passes
-    it to edit_layers; the registry (editors.py) reads it to plan memory without editing."""
-    constraint: str  # "least_squares", "equality" or "nullspace"
+    """How an editor solves (util/solve.py): everything edit_layers needs besides the hparams. Each
+    editor package states its own in its declaration (rome/declaration.py); the registry
+    (editors.py) reads it to plan memory without editing.
+
+    constraint: "least_squares", "equality" or "nullspace". remember_keys: the run's earlier keys
+    K_p K_p^T enter each system (AlphaEdit, ENCORE). site: where the target value lives, "layer"
+    (the last edited layer's output, MEMIT) or "mlp" (the down projection's output, ROME). mu: the
+    hparams key of each system's multiple of I (EMMET's emmet_lambda, ENCORE's update_norm_lambda,
+    AlphaEdit's L2), applied from `mu_from` requests on (EMMET: 2). threshold: the hparams key of the
+    null space's eigenvalue cut. bare_key_residual: the original ROME's keys. residual_from: where
+    the residual is taken, "bare_prompt" or "key_average", or a function of the hparams giving one."""
+    constraint: str
     remember_keys: bool = False
+    site: str = "layer"
+    mu: str | None = None
+    mu_from: int = 1
+    threshold: str | None = None
+    bare_key_residual: bool = False
+    residual_from: str | Callable[[Any], str] = "bare_prompt"
 
     def matrices(self, hparams: EditHyperParams) -> tuple[int, int]:
         """The m x m float64 matrices it keeps per edited layer and needs while solving one."""
         return solver_matrices(self.constraint, hparams.mom2_adjustment, self.remember_keys)
+
+    def keywords(self, hparams: EditHyperParams, n_requests: int) -> dict[str, Any]:
+        """What edit_layers solves with for `n_requests` requests under `hparams`."""
+        mu = getattr(hparams, self.mu) if self.mu is not None and n_requests >= self.mu_from else 0.0
+        return {"mu": mu, "site": self.site, "bare_key_residual": self.bare_key_residual,
+                "nullspace_threshold": getattr(hparams, self.threshold) if self.threshold else None,
+                "residual_from": self.residual_from(hparams) if callable(self.residual_from) else self.residual_from}
 
 
 @dataclass
@@ -84,21 +107,10 @@ class _Edit:
     key_chunk: int
 
 
-def edit_layers(
-    lm: LoadedModel,
-    requests: list[EditRequest],
-    hparams: EditHyperParams,
-    ctx: EditContext,
-    solver: Solver,
-    mu: float = 0.0,
-    site: str = "layer",
-    bare_key_residual: bool = False,
-    nullspace_threshold: float | None = None,
-    residual_from: str = "bare_prompt",
-) -> EditResult:
-    """Compute and apply the update for `requests` at hparams.layers; returns the deltas.
+def edit_layers(lm: LoadedModel, requests: list[EditRequest], hparams: EditHyperParams, ctx: EditContext, solver: Solver) -> EditResult:
+    """Compute and apply the update for `requests` at hparams.layers as `solver` says; returns the deltas.
 
-    site: where the target value lives: "layer" (the last edited layer's output, MEMIT) or
+    solver.site: where the target value lives: "layer" (the last edited layer's output, MEMIT) or
     "mlp" (the down projection's output, ROME). The target is v* = (site output at the bare
     prompt) + delta; the residual is v* minus the site's current output at the bare prompt
     (residual_from "bare_prompt": ROME, MEMIT and its successors) or averaged over the templates
@@ -108,6 +120,9 @@ def edit_layers(
     on that layer's or later layers' updates, so the keys solved for equal the edited model's
     keys, which the AlphaEdit release recomputes after the edit. nullspace_threshold: for the
     "nullspace" constraint, the eigenvalue cut of C0."""
+    keywords = solver.keywords(hparams, len(requests))
+    mu, site, bare_key_residual = keywords["mu"], keywords["site"], keywords["bare_key_residual"]
+    nullspace_threshold, residual_from = keywords["nullspace_threshold"], keywords["residual_from"]
     if solver.constraint == "nullspace" and nullspace_threshold is None:
         raise ValueError("the nullspace constraint needs nullspace_threshold")
     hparams.check_model(lm.model.config.num_hidden_layers)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from util.hparams import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, out_of_range
+from util.hparams import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, check_layers_exist, layers_problem, out_of_range
 from util.tokens import FactToken
 
 # Where the KL term reads the "{} is a" prompts' next-token distribution: at the fact token (the
@@ -49,18 +49,14 @@ class EditHyperParams:
     key_average: KeyAverage = "template_groups"  # MEMIT's compute_ks; ROME's classes override
 
     def validate(self) -> str | None:
-        if not self.layers:
-            return "key 'layers' must list at least one layer"
-        problem = out_of_range(self, {
-            "layers": NON_NEGATIVE, "v_num_grad_steps": AT_LEAST_ONE, "v_lr": POSITIVE, "v_loss_layer": NON_NEGATIVE,
+        problem = layers_problem(self.layers) or out_of_range(self, {
+            "v_num_grad_steps": AT_LEAST_ONE, "v_lr": POSITIVE, "v_loss_layer": NON_NEGATIVE,
             "v_weight_decay": NON_NEGATIVE, "clamp_norm_factor": POSITIVE, "kl_factor": NON_NEGATIVE,
             "mom2_n_samples": AT_LEAST_ONE, "mom2_sample_tokens": AT_LEAST_ONE, "mom2_update_weight": POSITIVE,
             "v_loss_threshold": NON_NEGATIVE, "v_argmax_stop_steps": NON_NEGATIVE,
         })
         if problem:
             return problem
-        if sorted(self.layers) != self.layers or len(set(self.layers)) != len(self.layers):
-            return f"key 'layers' must be strictly increasing, got {self.layers}"
         if self.v_loss_layer < self.layers[-1]:  # the layer is the likelier typo: name it first
             return (f"key 'layers': layer {self.layers[-1]} lies past the layer the loss is read at "
                     f"(v_loss_layer {self.v_loss_layer}, the model's last layer in the shipped hparams)")
@@ -76,9 +72,7 @@ class EditHyperParams:
         """Layer indices must exist in the model the hparams are used with."""
         from util.errors import HparamsError
 
-        missing = [layer for layer in self.layers if not 0 <= layer < n_layers]
-        if missing:
-            raise HparamsError(f"{source}: key 'layers': layer {missing[0]} does not exist in a model with {n_layers} layers (0-{n_layers - 1})")
+        check_layers_exist(self.layers, n_layers, source)
         if self.v_loss_layer >= n_layers:
             raise HparamsError(f"{source}: key 'v_loss_layer': layer {self.v_loss_layer} does not exist in a model with {n_layers} layers (0-{n_layers - 1})")
 

@@ -5,6 +5,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from editors import ALGORITHMS
 from rome.editor import EditContext, Solver, plan_edit
 from rome.values.layout import build_batch
 from rome.hparams import EditHyperParams, ROMEHyperParams
@@ -32,6 +33,9 @@ EXTRA = {
     "PRUNE": dict(layers=[1, 2], mom2_update_weight=50.0),
     "RECT": dict(layers=[1, 2], mom2_update_weight=50.0),
 }
+
+# The closed-form editors (a Solver in their declaration), as the tests of solves and memory plans take them.
+SOLVING = sorted(name for name, editor in ALGORITHMS.items() if editor.solver is not None)
 
 # The editors whose solver keeps m x m matrices across edits: (constraint, remember_keys) as their
 # apply functions pass them to rome.editor.edit_layers (for budgets that place those matrices).
@@ -81,6 +85,15 @@ REQUESTS = [
     {"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": "football", "case_id": 1},
     {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": "English", "case_id": 2},
     {"prompt": "{} is located in the city of", "subject": "Eiffel Tower", "target_new": "Rome", "case_id": 3},
+]
+
+# Targets of one to six tokens and prompts of several lengths (the fine-tuning and UltraEdit losses
+# read every target token; UltraEdit sorts requests by length).
+MULTI_TOKEN = [
+    {"prompt": "{} plays the sport of", "subject": "LeBron James", "target_new": "ice hockey", "case_id": 1},
+    {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target_new": "Ancient Greek", "case_id": 2},
+    {"prompt": "{} is located in the city of", "subject": "Eiffel Tower", "target_new": "Rome", "case_id": 3},
+    {"prompt": "The capital of {} is", "subject": "France", "target_new": "Kuala Lumpur", "case_id": 4},
 ]
 
 
@@ -140,3 +153,19 @@ def host_budget(lm: LoadedModel, ctx: EditContext, hp: EditHyperParams, requests
     matrices in host memory but not with them on the device (two or more edited layers)."""
     estimate = replace(plan_edit(lm, layout(lm, ctx, hp, requests), hp, "float32", 1.0, solver.matrices(hp)), host=True)
     return (estimate.resident + max(estimate.phases()) + 64) / HEADROOM / GIB
+
+
+def failing_after(apply):
+    """failing_at(call, error): experiments.pipeline.run.apply_edits that raises `error` at its
+    `call`-th call, after `apply` has edited (the weights are already changed when it fails)."""
+    def failing_at(call: int, error: type[BaseException]):
+        calls = []
+
+        def failing(session, records):
+            result = apply(session, records)
+            calls.append(1)
+            if len(calls) == call:
+                raise error()
+            return result
+        return failing
+    return failing_at

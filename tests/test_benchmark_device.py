@@ -3,6 +3,8 @@ the CPU: one edit per editor on a tiny random model, and the statistics pass."""
 import re
 import sys
 
+import pytest
+
 from experiments import benchmark
 
 TINY = ["--set", "layers=[1]", "--set", "v_loss_layer=3", "--set", "v_num_grad_steps=2", "--set", "mom2_n_samples=2",
@@ -20,6 +22,24 @@ def test_device_report_on_a_random_shape(shared_data, monkeypatch, capsys):
         for batch in (1, 2):
             assert re.search(rf"\| {alg} batch {batch} \| [\d.e+-]+ s/edit \| peak memory n/a \(CPU\); GPU utilisation n/a \|", out), out
     assert re.search(r"\| key statistics, layers \[1\], 1024 tokens, float32 \| \d+ tokens/s \| \d+ GFLOP/s", out), out
+
+
+@pytest.mark.parametrize("algs, overrides", [("FT-L,FT-M", ["--set", "layers=[1]", "--set", "num_steps=2"]),
+                                             ("UltraEdit", ["--set", "modules={mlp_gate: [1], mlp_down: [2]}"])])
+def test_device_report_times_the_editors_without_a_solver(shared_data, monkeypatch, capsys, algs, overrides):
+    """Fine-tuning and UltraEdit are timed like the others; no key statistics are read for them. (The
+    matmul peak, a minute of bfloat16 products on a loaded CPU, is the test above's business.)"""
+    from experiments.benchmarking import device
+
+    monkeypatch.setattr(device, "matmul_peak_on", lambda _device: 1.0)
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--model_name", "random:tiny", "--device", "cpu", "--algs", algs,
+                                      "--batches", "1,2", "--stats_windows", "2", "--data_dir", str(shared_data), *overrides])
+    assert benchmark.main() == 0
+    out = capsys.readouterr().out
+    for alg in algs.split(","):
+        for batch in (1, 2):
+            assert re.search(rf"\| {alg} batch {batch} \| [\d.e+-]+ s/edit \| peak memory n/a \(CPU\); GPU utilisation n/a \|", out), out
+    assert "key statistics" not in out
 
 
 def test_the_plan_of_a_shape_on_meta_is_the_plan_of_the_model_itself(shared_data, caches):

@@ -13,7 +13,7 @@ from experiments.pipeline.run import run
 import experiments.pipeline.run as run_module
 from experiments.pipeline.run_config import HealthThresholds, RunOptions
 from tests.conftest import fresh_llama
-from tests.helpers import run_options, tiny_hparams
+from tests.helpers import failing_after, run_options, tiny_hparams
 from util.errors import RunError
 from util.files import read_jsonl
 from util.models import LoadedModel
@@ -85,17 +85,7 @@ def test_resume_after_crash_and_ctrl_c_equals_uninterrupted_run(options, tokeniz
     reference_lm = fresh(tokenizer)
     reference = run(options, reference_lm, tiny_hparams())
     real_apply = run_module.apply_edits
-
-    def failing_at(call: int, error: type[BaseException]):
-        calls = []
-
-        def apply(session, records):
-            result = real_apply(session, records)  # the weights are already changed when it fails
-            calls.append(1)
-            if len(calls) == call:
-                raise error()
-            return result
-        return apply
+    failing_at = failing_after(real_apply)
 
     monkeypatch.setattr(run_module, "apply_edits", failing_at(4, RuntimeError))  # crash in edit 4: checkpoint at 2
     with pytest.raises(RuntimeError):

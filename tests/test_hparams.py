@@ -114,3 +114,28 @@ def test_a_layer_past_the_model_names_the_layer():
     hp = load_algorithm_hparams("MEMIT", SMOLLM, ["layers=[2, 40]", "v_loss_layer=40"])
     with pytest.raises(HparamsError, match=r"key 'layers': layer 40 does not exist in a model with 30 layers \(0-29\)"):
         hp.check_model(30)
+
+
+def test_rome_and_r_rome_fix_original_implementation(tmp_path):
+    """The editors set it (Editor.fixed); the shipped files no longer carry it, an old file that
+    repeats the value still loads, one that contradicts it fails in one line naming the key."""
+    from editors import ALGORITHMS, _algorithm_of
+    from util.paths import PROJECT_ROOT
+
+    rome, r_rome = load_algorithm_hparams("ROME", SMOLLM), load_algorithm_hparams("R-ROME", SMOLLM)
+    assert rome.original_implementation is True and r_rome.original_implementation is False
+    assert _algorithm_of(rome) is ALGORITHMS["ROME"] and _algorithm_of(r_rome) is ALGORITHMS["R-ROME"]
+    old = write(tmp_path, (PROJECT_ROOT / "hparams" / "ROME" / SMOLLM).read_text() + "original_implementation: true\n")
+    assert load_algorithm_hparams("ROME", str(old)) == rome
+    with pytest.raises(HparamsError) as err:
+        load_algorithm_hparams("R-ROME", str(old))
+    assert "key 'original_implementation' is set by the algorithm to False, got True" in str(err.value) and str(old) in str(err.value)
+    with pytest.raises(HparamsError, match="is set by the algorithm"):
+        load_algorithm_hparams("ROME", SMOLLM, ["original_implementation=false"])
+    from experiments.pipeline.run_config import RunOptions
+    from experiments.pipeline.session import resolve_hparams
+    from util.errors import RunError
+
+    assert resolve_hparams(RunOptions(alg_name="ROME"), rome, None, None) is rome
+    with pytest.raises(RunError, match="R-ROME takes ROMEHyperParams with original_implementation=False, got ROMEHyperParams with original_implementation=True"):
+        resolve_hparams(RunOptions(alg_name="R-ROME"), rome, None, None)

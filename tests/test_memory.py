@@ -13,7 +13,7 @@ from experiments.pipeline.run_config import RunOptions
 from util.errors import RunError
 from rome.editor import EDITED_KEYS, KEY_CHUNK, VALUE_CHUNK, EditPlan, Solver
 from rome.values.stacks import UpperModules
-from tests.helpers import EXTRA, KEPT, REQUESTS, context, host_budget, layout, tiny_hparams
+from tests.helpers import EXTRA, KEPT, REQUESTS, SOLVING, context, host_budget, layout, tiny_hparams
 from util.deltas import restore
 from util.errors import HparamsError, MemoryBudgetError
 from util.memory import (GIB, HEADROOM, ModelShape, SolverPlacement, plan, replay_copy_bytes, resident_bytes,
@@ -224,7 +224,7 @@ def test_kept_matrices_in_host_memory_give_the_same_update(alg, tiny_llama, tmp_
             assert torch.equal(device[name], host[name]), name
 
 
-@pytest.mark.parametrize("alg", sorted(ALGORITHMS))
+@pytest.mark.parametrize("alg", SOLVING)
 def test_the_registry_names_the_solver_each_editor_solves_with(alg, tiny_llama, tmp_path, monkeypatch):
     # Memory plans read ALGORITHMS[alg].solver without editing: it must be what the editor passes.
     import importlib

@@ -12,7 +12,7 @@ import torch
 
 from alphaedit.alphaedit_main import AlphaEditHyperParams
 from rome.editor import EDITED_KEYS, EditContext, EditPlan
-from tests.helpers import REQUESTS, context, tiny_hparams
+from tests.helpers import REQUESTS, SOLVING, context, tiny_hparams
 from editors import ALGORITHMS
 from util.deltas import restore
 from util.errors import ModelLoadError
@@ -79,7 +79,7 @@ def offloaded(lm, layer: int):
     return lm
 
 
-@pytest.mark.parametrize("alg", sorted(ALGORITHMS))
+@pytest.mark.parametrize("alg", SOLVING)
 def test_an_offloaded_weight_is_refused_up_front_naming_the_layer(alg, tiny_gpt2, tmp_path, monkeypatch):
     lm = offloaded(tiny_gpt2, 1)
     hp = tiny_hparams(ALGORITHMS[alg].hparams_class, **({"original_implementation": True} if alg == "ROME" else {}))

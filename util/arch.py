@@ -1,10 +1,13 @@
 """Architectures are data: where the edited weight, layers, final norm and unembedding live, and
 what the value loss must do like the model.
 
-Resolved from `model.config.model_type`, never from the model's name. The edited module is the
-MLP down projection (v = W k): its input is the key k. GPT-2 stores that weight transposed
-(Conv1D, shape in x out); `transposed` says so explicitly instead of guessing from shapes, which
-fails for square matrices. What differs between the families, and where it matters:
+Resolved from `model.config.model_type`, never from the model's name. The edited module of the
+solve-based editors is the MLP down projection (v = W k): its input is the key k. Other editors
+name other sites of a layer (`SITES`: the whole MLP, its input projection, its gate);
+`module(site, layer)` resolves them here, so that which parameters an editor changes is read from
+this table. GPT-2 stores its projections transposed (Conv1D, shape in x out); `transposed` says so
+explicitly instead of guessing from shapes, which fails for square matrices. What differs between
+the families, and where it matters:
 
 - Where the down projection's output goes. In most families it is added to the residual stream
   as it is (GPT-J and GPT-NeoX run attention and MLP in parallel, from the same input: still
@@ -41,6 +44,8 @@ class ArchSpec:
     # "{}" = layer index: a norm applied to the down projection's output before the residual sum
     mlp_post_norm: str | None = None
     logit_softcap: str | None = None  # the config attribute of the final logits' soft-cap, where the family has one
+    mlp_up: str | None = None  # the MLP's input projection (up_proj, c_fc, fc_in; Phi-3's fused gate_up_proj), "{}" = layer index
+    mlp_gate: str | None = None  # its gate projection, where the MLP has a separate one (Llama's gate_proj)
     llama_layers: bool = False  # decoder layers compute exactly LlamaDecoderLayer (rome.values.llama_layer)
 
     def __post_init__(self) -> None:
@@ -70,14 +75,33 @@ class ArchSpec:
         cap = getattr(config, self.logit_softcap, None) if self.logit_softcap else None
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
+    def module(self, site: str, index: int) -> str:
+        """The module path of `site` (one of SITES) at layer `index`; "mlp" is the block holding the
+        down projection. A site this architecture lacks fails in one line."""
+        if site == "mlp":
+            return self.down_proj(index).rsplit(".", 1)[0]
+        template = {"mlp_down": self.mlp_down, "mlp_up": self.mlp_up, "mlp_gate": self.mlp_gate}.get(site)
+        if template is None:
+            raise ModelLoadError(f"site '{site}' is not in the architecture table (util/arch.py) for a model with layers "
+                                 f"at {self.layers}; sites: {', '.join(s for s in SITES if s == 'mlp' or getattr(self, s))}")
+        return template.format(index)
 
-_GPT2 = ArchSpec("transformer.h", "transformer.h.{}.mlp.c_proj", True, "transformer.ln_f", "lm_head", "transformer.wte")
-_GPTJ = ArchSpec("transformer.h", "transformer.h.{}.mlp.fc_out", False, "transformer.ln_f", "lm_head", "transformer.wte")
-_NEOX = ArchSpec("gpt_neox.layers", "gpt_neox.layers.{}.mlp.dense_4h_to_h", False, "gpt_neox.final_layer_norm", "lm_head", "gpt_neox.embed_in")
+
+SITES = ("mlp", "mlp_down", "mlp_up", "mlp_gate")  # what ArchSpec.module resolves
+
+
+_GPT2 = ArchSpec("transformer.h", "transformer.h.{}.mlp.c_proj", True, "transformer.ln_f", "lm_head", "transformer.wte",
+                 mlp_up="transformer.h.{}.mlp.c_fc")
+_GPTJ = ArchSpec("transformer.h", "transformer.h.{}.mlp.fc_out", False, "transformer.ln_f", "lm_head", "transformer.wte",
+                 mlp_up="transformer.h.{}.mlp.fc_in")
+_NEOX = ArchSpec("gpt_neox.layers", "gpt_neox.layers.{}.mlp.dense_4h_to_h", False, "gpt_neox.final_layer_norm", "lm_head", "gpt_neox.embed_in",
+                 mlp_up="gpt_neox.layers.{}.mlp.dense_h_to_4h")
 _DECODER = dict(layers="model.layers", mlp_down="model.layers.{}.mlp.down_proj", transposed=False, final_norm="model.norm",
-                unembed="lm_head", embed="model.embed_tokens")
+                unembed="lm_head", embed="model.embed_tokens", mlp_up="model.layers.{}.mlp.up_proj",
+                mlp_gate="model.layers.{}.mlp.gate_proj")
 _LLAMA = ArchSpec(**_DECODER, llama_layers=True)
-_LLAMA_NAMES = ArchSpec(**_DECODER)  # Llama's module names, layers of their own (q/k norms, fused projections, Gemma's norms)
+_LLAMA_NAMES = ArchSpec(**_DECODER)  # Llama's module names, layers of their own (q/k norms, Gemma's norms)
+_PHI3 = ArchSpec(**dict(_DECODER, mlp_up="model.layers.{}.mlp.gate_up_proj", mlp_gate=None))  # gate and up fused in one projection
 _POST_NORM = dict(_DECODER, mlp_post_norm="model.layers.{}.post_feedforward_layernorm")
 _GEMMA_POST_NORM = ArchSpec(**_POST_NORM, logit_softcap="final_logit_softcapping")
 
@@ -90,7 +114,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen2": _LLAMA,
     "qwen3": _LLAMA_NAMES,
     "gemma": _LLAMA_NAMES,
-    "phi3": _LLAMA_NAMES,
+    "phi3": _PHI3,
     "gemma2": _GEMMA_POST_NORM,
     "gemma3_text": _GEMMA_POST_NORM,
     "olmo2": ArchSpec(**_POST_NORM),
@@ -114,7 +138,21 @@ def get_parameter(model: torch.nn.Module, name: str) -> torch.nn.Parameter:
 
 def edited_weight(model: torch.nn.Module, arch: ArchSpec, layer: int) -> torch.Tensor:
     """W of the math (d_hidden x d_intermediate) as a view of the stored parameter."""
-    weight = get_parameter(model, arch.weight_name(layer))
+    return site_weight(model, arch, "mlp_down", layer)
+
+
+def site_parameters(model: torch.nn.Module, arch: ArchSpec, site: str, layers: list[int]) -> list[str]:
+    """The names of every parameter of `site` at `layers` (weights and biases), in layer order."""
+    names = []
+    for layer in layers:
+        module = arch.module(site, layer)
+        names += [f"{module}.{name}" for name, _ in model.get_submodule(module).named_parameters()]
+    return names
+
+
+def site_weight(model: torch.nn.Module, arch: ArchSpec, site: str, layer: int) -> torch.Tensor:
+    """The weight of a projection `site` at `layer` as out x in (the math's W, v = W k), a view of the stored parameter."""
+    weight = get_parameter(model, arch.module(site, layer) + ".weight")
     return weight.T if arch.transposed else weight
 
 

@@ -59,3 +59,13 @@ def merge(total: Deltas, new: Deltas) -> Deltas:
     for name, delta in new.items():
         out[name] = out[name] + delta if name in out else delta.clone()
     return out
+
+
+def delta_records(deltas: Deltas, originals: dict[str, torch.Tensor]) -> list[dict]:
+    """Per parameter: ||Delta||_F, ||Delta|| / ||W|| and max |Delta_ij| (float64), for an edit's record."""
+    records = []
+    for name, delta in deltas.items():
+        delta, weight = delta.double(), originals[name].double().to(delta.device)
+        records.append({"param": name, "delta_norm": delta.norm().item(), "delta_rel": (delta.norm() / weight.norm()).item(),
+                        "delta_max": delta.abs().max().item()})
+    return records

@@ -73,6 +73,24 @@ def out_of_range(hparams: Any, ranges: Mapping[str, Range]) -> str | None:
     return None
 
 
+def layers_problem(layers: list[int], key: str = "layers") -> str | None:
+    """Why a list of layer indices is unusable (empty, negative, not strictly increasing), or None."""
+    if not layers:
+        return f"key '{key}' must list at least one layer"
+    if min(layers) < 0:
+        return f"key '{key}' must be {NON_NEGATIVE} (each element), got {layers!r}"
+    if sorted(layers) != layers or len(set(layers)) != len(layers):
+        return f"key '{key}' must be strictly increasing, got {layers}"
+    return None
+
+
+def check_layers_exist(layers: list[int], n_layers: int, source: str, key: str = "layers") -> None:
+    """Every index in `layers` names a layer of a model with `n_layers` layers (one line otherwise)."""
+    missing = [layer for layer in layers if not 0 <= layer < n_layers]
+    if missing:
+        raise HparamsError(f"{source}: key '{key}': layer {missing[0]} does not exist in a model with {n_layers} layers (0-{n_layers - 1})")
+
+
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is None and isinstance(tp, type):
         return tp.__name__
@@ -131,10 +149,16 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def build_hparams(cls: type[T], values: dict[str, Any], source: str) -> T:
-    """Validate `values` against dataclass `cls`; `source` names the file in errors."""
+def build_hparams(cls: type[T], values: dict[str, Any], source: str, fixed: Mapping[str, Any] | None = None) -> T:
+    """Validate `values` against dataclass `cls`; `source` names the file in errors. `fixed`: keys
+    the algorithm sets itself (rome/declaration.py's Editor.fixed); `values` may repeat them, not
+    contradict them."""
     if not isinstance(values, dict):
         raise HparamsError(f"{source}: expected a mapping of hparams, got {type(values).__name__}")
+    for key, value in (fixed or {}).items():
+        if key in values and values[key] != value:
+            raise HparamsError(f"{source}: key '{key}' is set by the algorithm to {value!r}, got {values[key]!r}; remove the key")
+    values = {**values, **(fixed or {})}
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in values:
@@ -161,7 +185,7 @@ def build_hparams(cls: type[T], values: dict[str, Any], source: str) -> T:
     return instance
 
 
-def load_hparams(cls: type[T], path: str | Path, overrides: Iterable[str] = ()) -> T:
+def load_hparams(cls: type[T], path: str | Path, overrides: Iterable[str] = (), fixed: Mapping[str, Any] | None = None) -> T:
     path = Path(path)
     if not path.is_file():
         raise HparamsError(f"hparams file '{path}' does not exist")
@@ -177,7 +201,7 @@ def load_hparams(cls: type[T], path: str | Path, overrides: Iterable[str] = ()) 
     for text in overrides:
         key, value = parse_override(text)
         values[key] = value
-    return build_hparams(cls, values, str(path) + (" (with --set)" if overrides else ""))
+    return build_hparams(cls, values, str(path) + (" (with --set)" if overrides else ""), fixed)
 
 
 def to_dict(hparams: Any) -> dict[str, Any]:

@@ -41,6 +41,16 @@ def add_to_output(delta_fn: Callable[[torch.Tensor], torch.Tensor]) -> EditFn:
     return edit
 
 
+def replace_output(value_fn: Callable[[torch.Tensor], torch.Tensor]) -> EditFn:
+    """An edit function that replaces a module's hidden output by `value_fn(hidden)` (UltraEdit:
+    a leaf whose gradient is read)."""
+
+    def edit(output: Any, _name: str) -> Any:
+        return with_hidden(output, value_fn(hidden_of(output)))
+
+    return edit
+
+
 class Trace(contextlib.AbstractContextManager):
     """Hook one named module.
 

@@ -38,6 +38,18 @@ def encode_with_target(tok, prompt: str, target: str) -> tuple[list[int], int]:
     return ids, start
 
 
+def target_reads(tok, prompt: str, target: str, teacher_forced: bool = True) -> tuple[list[int], list[int], list[int]]:
+    """What a loss on `target` after `prompt` reads: (the ids the model reads, the positions whose
+    next-token distribution is scored, the target token scored at each). Teacher-forced: prompt and
+    target minus its last token, scored at the prompt's last token and every target token but the
+    last; else the prompt alone, every target token scored at its last position."""
+    ids, start = encode_with_target(tok, prompt, target)
+    targets = ids[start:]
+    if teacher_forced:
+        return ids[:-1], list(range(start - 1, len(ids) - 1)), targets
+    return ids[:start], [start - 1] * len(targets), targets
+
+
 def subject_position(tok, prompt: str, subject: str, fact_token: FactToken) -> tuple[list[int], int]:
     """Token ids of prompt.format(subject) and the index of the fact token."""
     text = prompt.format(subject)

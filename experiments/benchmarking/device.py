@@ -110,14 +110,15 @@ def bench_editor(lm: LoadedModel, requests, alg: str, hparams_file: str, overrid
     ctx = EditContext(**ctx_args)
     # statistics, C and null spaces: once per run, not timed; under a budget made in host memory, from
     # where the edit moves them to the device if its plan keeps them there (never the other way round
-    # while the measured peak counts them)
+    # while the measured peak counts them). Editors without a Solver prepare nothing.
     ctx.place(lm, EditPlan(host=ctx.config.max_gpu_memory is not None))
-    for layer in hparams.layers:
-        if alg == "AlphaEdit":  # AlphaEdit solves with U alone
-            ctx.nullspace(lm, layer, hparams, hparams.nullspace_threshold)
-        else:
-            ctx.covariance(lm, layer, hparams)
-    ctx.templates(lm, hparams)
+    if ALGORITHMS[alg].solver is not None:
+        for layer in hparams.layers:
+            if ALGORITHMS[alg].solver.constraint == "nullspace":  # AlphaEdit solves with U alone
+                ctx.nullspace(lm, layer, hparams, hparams.nullspace_threshold)
+            else:
+                ctx.covariance(lm, layer, hparams)
+        ctx.templates(lm, hparams)
     with Measured(input_device(lm.model)) as measured:
         result = ALGORITHMS[alg].apply(lm, requests, hparams, ctx)
     restore(lm.model, result.originals)
@@ -156,8 +157,9 @@ def device_report(lm: LoadedModel, records, algs: list[str], batches: list[int],
         for batch in batches:
             usage = bench_editor(lm, [r.request for r in records[:batch]], alg, hparams_file, overrides, ctx_args)
             print(f"| {alg} batch {batch} | {usage.seconds / batch:.3g} s/edit | {_usage_note(usage, peak)} |", flush=True)
-    if stats_windows:
-        layers = load_algorithm_hparams(algs[0], hparams_file, overrides).layers
+    solving = [alg for alg in algs if ALGORITHMS[alg].solver is not None]  # the editors that read key statistics
+    if stats_windows and solving:
+        layers = load_algorithm_hparams(solving[0], hparams_file, overrides).layers
         config = lm.model.config
         # per token, the matmuls of the layers run (2 FLOPs per weight) and each layer's Gram update
         depth = max(layers) + 1

@@ -59,6 +59,9 @@ def plan_rows(lm: LoadedModel, requests: list[EditRequest], algs: list[str], bat
     weights = sum(t.numel() * t.element_size() for t in [*lm.model.parameters(), *lm.model.buffers()])  # on 'meta': its shapes
     rows = []
     for alg in algs:
+        if ALGORITHMS[alg].solver is None:  # util/memory.py plans value optimisation and solves
+            rows.append(PlanRow(alg, 0, "-", 0, 0, None, "not planned: util/memory.py plans the closed-form editors' edits"))
+            continue
         hparams = load_algorithm_hparams(alg, hparams_file, overrides)
         sizes = sorted({1} if alg in ("ROME", "R-ROME") else set(batches))
         layout = build_batch(lm, requests[:sizes[-1]], filler_templates(lm, hparams), hparams)  # each batch: its first requests
@@ -69,7 +72,7 @@ def plan_rows(lm: LoadedModel, requests: list[EditRequest], algs: list[str], bat
             try:
                 keys, values = plan.used_chunks(batch)
             except MemoryBudgetError as err:
-                rows.append(PlanRow(alg, batch, placement, 0, 0, None, str(err)))
+                rows.append(PlanRow(alg, batch, placement, 0, 0, None, f"does not fit: {err}"))
                 continue
             peak = plan.resident + max(keys * plan.key_request, plan.value_fixed + values * plan.value_request, plan.solve)
             rows.append(PlanRow(alg, batch, placement, keys, values, peak / GIB))
@@ -80,6 +83,6 @@ def plan_table(rows: list[PlanRow], budget_gib: float) -> str:
     lines = [f"| editor | batch | solver matrices | requests per key forward / value batch | estimated peak (budget {budget_gib:g} GiB) |",
              "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.alg} | {r.batch} | {r.placement} | " +
-                     (f"does not fit: {r.error} | |" if r.error else f"{r.key_chunk} / {r.value_chunk} | {r.peak_gib:.3g} GiB |"))
+        lines.append(f"| {r.alg} | {r.batch or '-'} | {r.placement} | " +
+                     (f"{r.error} | |" if r.error else f"{r.key_chunk} / {r.value_chunk} | {r.peak_gib:.3g} GiB |"))
     return "\n".join(lines)

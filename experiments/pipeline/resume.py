@@ -18,7 +18,6 @@ from typing import Any
 from experiments.pipeline.checkpoint import Checkpoint, RunFolder
 from experiments.pipeline.run_config import RunOptions
 from experiments.pipeline.session import Session, begin, context_state, prepare
-from rome.hparams import EditHyperParams
 from util.deltas import restore
 from util.errors import RunError
 from util.models import LoadedModel
@@ -47,7 +46,7 @@ def continued_options(now: RunOptions, given: set[str]) -> RunOptions:
     return dataclasses.replace(stored, **{name: getattr(now, name) for name in set(THIS_INVOCATION) | given})
 
 
-def continue_session(options: RunOptions, lm: LoadedModel | None = None, hparams: EditHyperParams | None = None) -> Session:
+def continue_session(options: RunOptions, lm: LoadedModel | None = None, hparams: Any = None) -> Session:
     """The run named by options.continue_from_run at its last checkpoint, locked for this process."""
     options.validate()
     folder = RunFolder.existing(options.results_dir, options.alg_name, options.continue_from_run)

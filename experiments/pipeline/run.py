@@ -29,8 +29,8 @@ from experiments.pipeline.session import Session, new_session
 from experiments.reporting.plots import write_plots
 from experiments.reporting.summary import write_summary
 from rome.editor import EditResult
-from rome.hparams import EditHyperParams
 from util.deltas import restore
+from util.errors import RunError
 from util.models import LoadedModel
 from util.progress import progress
 
@@ -46,7 +46,7 @@ class BatchOutcome:
     delta_norm: float
 
 
-def run(options: RunOptions, lm: LoadedModel | None = None, hparams: EditHyperParams | None = None) -> Path:
+def run(options: RunOptions, lm: LoadedModel | None = None, hparams: Any = None) -> Path:
     """Run (or continue) one evaluation and return its folder. `lm`/`hparams` given replace
     loading them from options.model_name / the hparams file."""
     session = (continue_session if options.continue_from_run else new_session)(options, lm, hparams)
@@ -146,6 +146,15 @@ def apply_edits(s: Session, records: list[CaseRecord]) -> EditResult:
     return s.algorithm.apply(s.lm, [r.request for r in records], s.hparams, s.ctx)
 
 
+def check_declared(s: Session, result: EditResult) -> None:
+    """An edit may change only the parameters its editor declares (Editor.edits): those are the ones
+    restored, checkpointed, measured and exported."""
+    undeclared = [name for name in result.deltas if name not in s.weights0]
+    if undeclared:
+        raise RunError(f"{s.algorithm.name} changed {undeclared[0]}, which it does not declare among the parameters it "
+                       f"edits ({', '.join(s.weights0)}): fix its Editor.edits (rome/declaration.py)")
+
+
 def crossed(before: int, after: int, interval: int) -> bool:
     return interval > 0 and after // interval > before // interval
 
@@ -156,6 +165,7 @@ def process_batch(s: Session) -> BatchOutcome:
     torch.manual_seed(options.seed * 1_000_003 + index)  # nothing should draw from it; if it does, per position
     start = time.perf_counter()
     result = apply_edits(s, records)
+    check_declared(s, result)
     edit_seconds = time.perf_counter() - start
     health = s.health.measure(s.lm.model, result.deltas, s.weights0)
     start = time.perf_counter()

@@ -22,13 +22,13 @@ import transformers
 
 from data.cases import NO_OP, case_file, dataset_for, select_cases
 from data.records import CaseRecord
-from editors import Algorithm, algorithm, hparams_path, load_algorithm_hparams
+from editors import algorithm, hparams_path, load_algorithm_hparams
 from experiments.pipeline.checkpoint import Checkpoint, RunFolder
 from experiments.pipeline.evals import EvalSuite
 from experiments.pipeline.health import UpdateHealth
 from experiments.pipeline.run_config import RunOptions, git_commit
+from rome.declaration import Editor
 from rome.editor import EditContext
-from rome.hparams import EditHyperParams
 from util.corpus import local_corpus
 from util.deltas import digest, restore, snapshot
 from util.errors import RunError
@@ -45,14 +45,16 @@ log = logging.getLogger(__name__)
 class Session:
     options: RunOptions
     lm: LoadedModel
-    hparams: EditHyperParams
-    algorithm: Algorithm
+    hparams: Any  # the editor's hparams class
+    algorithm: Editor
     cases: list[CaseRecord]
     folder: RunFolder
     suite: EvalSuite
     ctx: EditContext
     health: UpdateHealth
-    weights0: dict[str, torch.Tensor]  # W0 of the edited matrices: drift is measured from it, batched runs return to it
+    # W0 of the parameters the editor edits (Editor.edited_params): drift is measured from it,
+    # batched runs and rollbacks return to it, checkpoints and exports hold these parameters
+    weights0: dict[str, torch.Tensor]
     retention_ids: frozenset | None = None  # the case ids of the retention sample (None: every fact in the model)
     position: int = 0  # batches done
     n_edits: int = 0
@@ -122,7 +124,7 @@ def context_state(ckpt: Checkpoint) -> dict[str, Any]:
     return state_from_tensors(ckpt.context, ckpt.state["context_values"])
 
 
-def build_config(options: RunOptions, hparams: EditHyperParams, lm: LoadedModel, weights0: dict[str, torch.Tensor],
+def build_config(options: RunOptions, hparams: Any, lm: LoadedModel, weights0: dict[str, torch.Tensor],
                  files: dict[str, str], n_cases: int) -> dict[str, Any]:
     corpus = options.corpus  # $KEDIT_CORPUS too: the command line put it there
     return {
@@ -137,14 +139,16 @@ def build_config(options: RunOptions, hparams: EditHyperParams, lm: LoadedModel,
     }
 
 
-def resolve_hparams(options: RunOptions, hparams: EditHyperParams | None, stored: dict[str, Any] | None, where: Path | None) -> EditHyperParams:
+def resolve_hparams(options: RunOptions, hparams: Any, stored: dict[str, Any] | None, where: Path | None) -> Any:
     alg = algorithm(options.alg_name)
     if stored is not None:  # the stored values, not the file, which may have changed since
-        hparams = build_hparams(alg.hparams_class, stored["hparams"], f"{where}/config.json")
+        hparams = build_hparams(alg.hparams_class, stored["hparams"], f"{where}/config.json", alg.fixed)
     elif hparams is None:
         hparams = load_algorithm_hparams(options.alg_name, options.hparams_file, options.overrides)
-    if not isinstance(hparams, alg.hparams_class):
-        raise RunError(f"{options.alg_name} takes {alg.hparams_class.__name__}, got {type(hparams).__name__}")
+    if not alg.takes(hparams):  # the class, and the values the editor fixes (ROME's original_implementation)
+        wanted = alg.hparams_class.__name__ + "".join(f" with {k}={v!r}" for k, v in alg.fixed.items())
+        got = type(hparams).__name__ + "".join(f" with {k}={getattr(hparams, k, None)!r}" for k in alg.fixed)
+        raise RunError(f"{options.alg_name} takes {wanted}, got {got}")
     return hparams
 
 
@@ -152,7 +156,7 @@ def resolve_hparams(options: RunOptions, hparams: EditHyperParams | None, stored
 class Prepared:
     """A run's inputs, loaded and checked, before any file of the run folder is touched."""
 
-    hparams: EditHyperParams
+    hparams: Any
     cases: list[CaseRecord]
     lm: LoadedModel
     suite: EvalSuite
@@ -179,19 +183,20 @@ def retention_sample(cases: list[CaseRecord], options: RunOptions) -> frozenset 
     return frozenset(cases[i].case_id for i in chosen)
 
 
-def prepare(options: RunOptions, lm: LoadedModel | None, hparams: EditHyperParams | None,
+def prepare(options: RunOptions, lm: LoadedModel | None, hparams: Any,
             stored: dict[str, Any] | None = None, where: Path | None = None) -> Prepared:
     """Load and check what the options name; `stored` (a continued run's config.json at `where`)
-    supplies the hparams. The model's edited matrices are read (W0) before anything edits them."""
+    supplies the hparams. The parameters the editor edits are read (W0) before anything edits them."""
     given = hparams is not None
     hparams = resolve_hparams(options, hparams, stored, where)
+    alg = algorithm(options.alg_name)
     selection = select_cases(options.ds_name, options.data_dir, options.dataset_size_limit, options.custom_path, options.environment)
     lm = lm or load_model(options.model_name, options.dtype, options.device, model_cache=options.environment.caches.models)
     source = (f"{where}/config.json" if stored is not None else "hparams" if given
               else str(hparams_path(options.alg_name, options.hparams_file)))
     hparams.check_model(lm.model.config.num_hidden_layers, f"{source} (used with {lm.name})")
     suite = EvalSuite(lm, options, [case.request.subject for case in selection.cases])
-    weights0 = snapshot(lm.model, [lm.arch.weight_name(layer) for layer in hparams.layers])
+    weights0 = snapshot(lm.model, alg.edited_params(lm, hparams))
     files = {"cases": str(case_file(options.ds_name, options.data_dir, options.custom_path, options.environment)),
              **suite.data_files()}
     config = build_config(options, hparams, lm, weights0, files, len(selection.cases))
@@ -204,7 +209,7 @@ def prepare(options: RunOptions, lm: LoadedModel | None, hparams: EditHyperParam
     }
     config["known_facts"] = suite.known_config()
     config["dataset"] = {"name": options.ds_name, "measures": dataset_for(options.ds_name).measures}
-    ctx = prepared_context(options, lm, hparams)
+    ctx = prepared_context(options, lm, hparams, alg)
     health = UpdateHealth(list(weights0), options.health)
     return Prepared(hparams, selection.cases, lm, suite, health, weights0, ctx, config, sample)
 
@@ -216,7 +221,7 @@ def begin(session: Session) -> Session:
     return session
 
 
-def new_session(options: RunOptions, lm: LoadedModel | None = None, hparams: EditHyperParams | None = None) -> Session:
+def new_session(options: RunOptions, lm: LoadedModel | None = None, hparams: Any = None) -> Session:
     """A new numbered run folder with its config.json. `lm`/`hparams` given (tests, notebooks)
     replace loading them."""
     prepared = prepare(options.validate(), lm, hparams)
@@ -231,13 +236,13 @@ def new_session(options: RunOptions, lm: LoadedModel | None = None, hparams: Edi
     return begin(prepared.session(options, folder))
 
 
-def prepared_context(options: RunOptions, lm: LoadedModel, hparams: EditHyperParams) -> EditContext:
-    """An EditContext whose templates and key statistics come from the unedited model: computed
-    lazily at the first edit they would be, but a continued run restores edited weights first."""
+def prepared_context(options: RunOptions, lm: LoadedModel, hparams: Any, alg: Editor) -> EditContext:
+    """An EditContext holding what the editor needs from the unedited model (Editor.prepare: the
+    templates and key statistics of the closed-form editors): computed lazily at the first edit
+    they would be, but a continued run restores edited weights first."""
     env = options.environment
     ctx = EditContext(env.caches, seed=options.seed, corpus_path=options.corpus, offline=env.offline, value_dtype=options.value_dtype,
                       value_compile=options.value_compile, max_gpu_memory=options.max_gpu_memory)
-    ctx.templates(lm, hparams)
-    if hparams.mom2_adjustment:
-        ctx.moments(lm, hparams)  # C0 (host); its device copies follow at the first edit, only where solved with
+    if alg.prepare is not None:
+        alg.prepare(lm, hparams, ctx)
     return ctx

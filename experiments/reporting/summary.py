@@ -88,7 +88,7 @@ def build_summary(path: Path, status: str) -> dict[str, Any]:
                  for e in edits if e["disabling"]]
     return {
         "run": path.name, "alg_name": config["alg_name"], "model": config["model"], "mode": config["mode"],
-        "batch_size": config["batch_size"], "layers": config["hparams"]["layers"], "seed": config["seed"],
+        "batch_size": config["batch_size"], "layers": config["hparams"].get("layers"), "seed": config["seed"],
         "git_commit": config["git_commit"],
         "status": status, "n_edits": n_edits, "n_cases": config["n_cases"], "protocol": name,
         "setup": run_setup(config.get("options", {})),

@@ -321,8 +321,10 @@ def device_main(args) -> int:
     lm = load_model(args.model_name, args.dtype, args.device, model_cache=caches.models)
     batches = [int(b) for b in args.batches.split(",")]
     records = load_cases("cf", args.data_dir, limit=max(batches))
-    hparams = load_algorithm_hparams(args.algs.split(",")[0], args.hparams, args.overrides)
-    print(replay_path(lm, records[0].request, hparams, args.value_dtype, args.value_compile))
+    valued = [alg for alg in args.algs.split(",") if ALGORITHMS[alg].solver is not None]  # editors that optimise values
+    if valued:
+        hparams = load_algorithm_hparams(valued[0], args.hparams, args.overrides)
+        print(replay_path(lm, records[0].request, hparams, args.value_dtype, args.value_compile))
     ctx_args = {"caches": caches, "corpus_path": str(Path(args.data_dir) / "wiki"), "value_dtype": args.value_dtype, "value_compile": args.value_compile,
                 "key_chunk_size": args.key_chunk_size, "value_chunk_size": args.value_chunk_size, "max_gpu_memory": args.max_gpu_memory,
                 "replay": ReplayRuntime()}

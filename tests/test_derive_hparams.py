@@ -10,13 +10,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import experiments.derive_hparams as derive_hparams
-from editors import ALGORITHMS, load_algorithm_hparams
+from editors import ALGORITHMS, hparams_path, load_algorithm_hparams
 from experiments.evaluate import main as evaluate_main
 from experiments.layer_sweep import sweep
 from experiments.tiny_model import tiny_config, write_tiny_model
 from tests.helpers import write_corpus, write_run_data
 from tests.test_arch import LISTED
 from util.arch import arch_for
+from util.errors import HparamsError
 from util.models import LoadedModel, shape_model
 from util.paths import PROJECT_ROOT
 
@@ -36,10 +37,14 @@ def tiny_folder(tmp_path, tokenizer):
 
 def test_relative_depth_maps_the_references_onto_themselves_and_scales():
     for alg in ALGORITHMS:
-        for reference in ("gpt2-xl", "EleutherAI_gpt-j-6B", "Llama-3-8B"):
+        for reference, n in derive_hparams.REFERENCE_DEPTH.items():
+            if not hparams_path(alg, reference).is_file():
+                continue
             hp = load_algorithm_hparams(alg, reference)
-            n = hp.v_loss_layer + 1
-            assert derive_hparams.scaled_layers(hp.layers, n, n) == hp.layers
+            if hasattr(hp, "v_loss_layer"):
+                assert hp.v_loss_layer == n - 1  # every shipped file reads the loss at its last layer
+            for layers in [hp.layers] if hasattr(hp, "layers") else hp.modules.values():
+                assert derive_hparams.scaled_layers(layers, n, n) == layers
     assert derive_hparams.scaled_layers([4, 5, 6, 7, 8], 32, 16) == [2, 3, 4]
     assert derive_hparams.scaled_layers([4, 5, 6, 7, 8], 32, 64) == list(range(8, 17))
     assert derive_hparams.scaled_layers([17], 48, 12) == [4] and derive_hparams.scaled_layers([5], 32, 4) == [1]
@@ -52,16 +57,25 @@ def test_arch_derived_hparams_are_complete_for_every_family(model_type, tokenize
         model = AutoModelForCausalLM.from_config(tiny_config(model_type, tokenizer))
     lm = LoadedModel(model, tokenizer, arch_for(model), f"tiny-{model_type}")
     for alg in ALGORITHMS:
+        source = derive_hparams.reference_file(alg, model_type)
+        if alg == "UltraEdit" and model_type == "phi3":  # its reference edits gate projections, which Phi-3 fuses with up
+            with pytest.raises(HparamsError, match="site 'mlp_gate' is not in the architecture table"):
+                derive_hparams.derive(alg, lm)
+            continue
         derived = derive_hparams.derive(alg, lm)
-        reference = load_algorithm_hparams(alg, derive_hparams.REFERENCES.get(model_type, derive_hparams.DEFAULT_REFERENCE))
+        reference = load_algorithm_hparams(alg, source)
         hp = derived.hparams
         assert type(hp) is ALGORITHMS[alg].hparams_class
-        assert hp.v_loss_layer == 3 and all(0 <= layer <= 3 for layer in hp.layers)
-        assert hp.mom2_sample_tokens <= lm.model.config.max_position_embeddings
-        assert hp.mom2_n_samples * hp.mom2_sample_tokens >= derive_hparams.TOKENS_PER_KEY_DIM * 96  # m = 96
-        same = {"layers", "v_loss_layer", "mom2_n_samples", "mom2_sample_tokens"}
+        for layers in [hp.layers] if hasattr(hp, "layers") else hp.modules.values():
+            assert layers and all(0 <= layer <= 3 for layer in layers)
+        if hasattr(hp, "v_loss_layer"):  # the editors that optimise values and solve with key statistics
+            assert hp.v_loss_layer == 3
+            assert hp.mom2_sample_tokens <= lm.model.config.max_position_embeddings
+            assert hp.mom2_n_samples * hp.mom2_sample_tokens >= derive_hparams.TOKENS_PER_KEY_DIM * 96  # m = 96
+        same = {"layers", "modules", "v_loss_layer", "mom2_n_samples", "mom2_sample_tokens"}
         assert {k: v for k, v in vars(hp).items() if k not in same} == {k: v for k, v in vars(reference).items() if k not in same}
-        assert derived.header.startswith(derive_hparams.DERIVED) and f"hparams/{alg}/" in derived.header
+        assert derived.header.startswith(derive_hparams.DERIVED) and f"hparams/{alg}/{source}.yaml" in derived.header
+        assert ALGORITHMS[alg].edited_params(lm, hp)  # what it would edit exists in the model
 
 
 def test_auto_writes_a_derived_file_once_and_keeps_it(tiny_folder, caches, hparams_dir, monkeypatch):

@@ -33,6 +33,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from experiments.reporting.plots import write_batch_sizes, write_comparison, write_paper_columns
 from experiments.reporting.summary import curve_markdown, markdown_table, milestones_markdown, paper_markdown
 from experiments.summarize import find_summaries, load_summaries
@@ -40,6 +42,7 @@ from experiments.sweep import EVALUATE, run_local
 from util.cli import run_cli
 from util.errors import KeditError
 from util.files import atomic_write_text
+from util.stats import fast_bfloat16
 
 @dataclass(frozen=True)
 class Study:
@@ -159,7 +162,10 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--eval_every", type=int, default=None,
                         help="retention, probes, perplexity, generation every K edits; default 25, alphaedit 500")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (cores are shared out)")
-    parser.add_argument("--value_dtype", default="bfloat16", help="bfloat16 keeps each study near 30 min on CPU; float32 is exact")
+    parser.add_argument("--value_dtype", default="auto",
+                        help="auto: bfloat16 (mixed precision, several times faster) where the CPU has native bfloat16 "
+                             "matmuls (avx512_bf16 or AMX), else float32 (emulated bfloat16 is slower than float32); "
+                             "or float32 / bfloat16 (a run continued on another machine: give the dtype it began with)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--algs", default=None, help="only the runs of these algorithms (comma-separated), e.g. EMMET")
     parser.add_argument("--runs", default=None, help="only these runs of the study (comma-separated labels), e.g. EMMET_batched_16")
@@ -171,6 +177,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     if args.study != "all" and args.study not in STUDIES:
         raise KeditError(f"--study {args.study!r}: choose from {', '.join(STUDIES)} or all")
+    if args.value_dtype == "auto":
+        args.value_dtype = "bfloat16" if fast_bfloat16(torch.device("cpu")) else "float32"
     return args, extra
 
 

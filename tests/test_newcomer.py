@@ -23,7 +23,7 @@ from experiments.pipeline.run import run
 from experiments.pipeline.runlock import RunLock
 from experiments.reporting.summary import build_summary, markdown_table, summary_markdown
 from experiments.summarize import main as summarize_main
-from tests.helpers import REQUESTS, context, tiny_hparams
+from tests.helpers import REQUESTS, context, failing_after, tiny_hparams
 from tests.test_evaluate import case_line, edit_line, probe, write_lines
 from tests.test_evaluate_run import fresh, options  # noqa: F401 (fixtures)
 from util.cli import Terminated, run_cli
@@ -49,15 +49,7 @@ def test_key_statistics_default_to_the_layers_the_shipped_hparams_edit():
 
 def failing_at(call: int, error: type[BaseException]):
     """An apply_edits that raises `error` in its `call`-th call, after editing (as a signal would)."""
-    real_apply, calls = run_module.apply_edits, []
-
-    def apply(session, records):
-        result = real_apply(session, records)
-        calls.append(1)
-        if len(calls) == call:
-            raise error()
-        return result
-    return apply
+    return failing_after(run_module.apply_edits)(call, error)
 
 
 def test_sigterm_says_how_to_continue_and_that_command_continues(options, tokenizer, monkeypatch, caplog):

@@ -90,6 +90,14 @@ def caches(tmp_path_factory, monkeypatch) -> Caches:
     return Caches(root, MODEL_CACHE)
 
 
+@pytest.fixture(scope="session")
+def embedded_caches(tmp_path_factory) -> Caches:
+    """One cache folder for the embedded model's slow tests: its statistics (a minute per layer set
+    on 2 cores) and context templates are computed once per session, not once per test. Those
+    tests pass it to what they call; none of them tests caching itself."""
+    return Caches(tmp_path_factory.mktemp("embedded-cache"), MODEL_CACHE)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run fastest on one thread, and do not stall when other processes load the CPU

@@ -23,9 +23,9 @@ N_RECORDS = int(os.environ.get("KEDIT_BATCH_RECORDS", "16" if fast_bfloat16(torc
 
 @pytest.mark.slow
 @pytest.mark.parametrize("alg", ["MEMIT", "EMMET"])
-def test_one_batch_of_counterfact_edits_is_effective(embedded, shared_data, alg, caches):
+def test_one_batch_of_counterfact_edits_is_effective(embedded, shared_data, alg, embedded_caches):
     hparams = load_algorithm_hparams(alg, "smollm2-135m.yaml")
-    ctx = EditContext(caches, seed=0, corpus_path=str(shared_data / "wiki"), value_dtype="bfloat16" if fast_bfloat16(torch.device("cpu")) else "float32")
+    ctx = EditContext(embedded_caches, seed=0, corpus_path=str(shared_data / "wiki"), value_dtype="bfloat16" if fast_bfloat16(torch.device("cpu")) else "float32")
     records = load_cases("cf", shared_data, limit=N_RECORDS)
     edit = ALGORITHMS[alg].apply(embedded, [r.request for r in records], hparams, ctx)
     try:

@@ -69,7 +69,7 @@ def test_save_model_needs_a_sequential_run(options):
 
 
 @pytest.mark.slow
-def test_embedded_model_export_keeps_an_edited_fact(embedded, shared_data, tmp_path, caches):
+def test_embedded_model_export_keeps_an_edited_fact(embedded, shared_data, tmp_path, embedded_caches):
     """R-ROME makes the embedded model say "Rome" for France's capital; the saved folder does too."""
     from experiments.pipeline.export import save_model_folder
     from rome.editor import EditContext
@@ -80,7 +80,7 @@ def test_embedded_model_export_keeps_an_edited_fact(embedded, shared_data, tmp_p
     hparams = load_algorithm_hparams("R-ROME", "smollm2-135m.yaml")
     assert not evaluate_cases(embedded, records)[0].rewrite[0].argmax
     edit = ALGORITHMS["R-ROME"].apply(embedded, [records[0].request], hparams,
-                                      EditContext(caches, seed=0, corpus_path=str(shared_data / "wiki")))
+                                      EditContext(embedded_caches, seed=0, corpus_path=str(shared_data / "wiki")))
     try:
         folder = save_model_folder(embedded, tmp_path / "model", {"test": True})
     finally:

@@ -9,13 +9,13 @@ from experiments.metrics.counterfact import evaluate_cases, summarize
 from rome.editor import EditContext
 from util.deltas import restore
 
-N_RECORDS = 5
+N_RECORDS = 3
 
 
 @pytest.mark.slow
-def test_r_rome_makes_each_target_the_argmax_of_its_prompt(embedded, shared_data, caches):
+def test_r_rome_makes_each_target_the_argmax_of_its_prompt(embedded, shared_data, embedded_caches):
     hparams = load_algorithm_hparams("R-ROME", "smollm2-135m.yaml")
-    ctx = EditContext(caches, seed=0, corpus_path=str(shared_data / "wiki"))
+    ctx = EditContext(embedded_caches, seed=0, corpus_path=str(shared_data / "wiki"))
     records = load_cases("cf", shared_data, limit=N_RECORDS)
     results = []
     for record in records:

@@ -99,6 +99,9 @@ def build_parser() -> Parser:
                        help="bfloat16: value optimisation in mixed precision (~3x faster on CPUs with avx512_bf16; values close to float32's)")
     where.add_argument("--max_gpu_memory", type=float, default=None, metavar="GiB",
                        help="device memory an edit may hold, weights included: sets the key/value chunk sizes and the statistics batch (util/memory.py)")
+    where.add_argument("--value_cache", action="store_true",
+                       help="reuse target values optimised before on the same model weights, request, templates and value hparams "
+                            "($KEDIT_CACHE/values; equal to recomputed ones up to float rounding): a batched run's batch sizes share them")
     where.add_argument("--value_compile", action="store_true",
                        help="with --value_dtype bfloat16 on Llama models: torch.compile the replayed layers (up to ~1.5 min in the first edits, then faster steps)")
     return p

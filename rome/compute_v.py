@@ -87,6 +87,11 @@ class ValueResult:
     def target(self) -> torch.Tensor:
         return self.reference + self.delta
 
+    def row(self, j: int) -> "ValueResult":
+        """Request j's alone (n = 1)."""
+        return ValueResult(self.delta[j:j + 1], self.reference[j:j + 1], *([getattr(self, name)[j]] for name in
+                                                                              ("steps", "final_loss", "target_prob", "delta_ratio")))
+
     @staticmethod
     def joined(parts: list["ValueResult"]) -> "ValueResult":
         if len(parts) == 1:

@@ -24,6 +24,7 @@ from rome.compute_v import ValueSettings
 from rome.hparams import EditHyperParams
 from rome.templates import context_templates
 from rome.values.layout import Batch, build_batch
+from rome.values.cache import ValueCache
 from rome.values.replay import ReplayRuntime
 from util.arch import edited_weight
 from util.corpus import Corpus, resolve_corpus
@@ -67,6 +68,9 @@ class EditConfig:
     # GiB of device memory an edit may hold, weights included (--max_gpu_memory): the chunk sizes and
     # the statistics batch follow from it by util/memory.py's estimate; explicit chunk sizes win
     max_gpu_memory: float | None = None
+    # reuse target values optimised before for the same weights, request, templates and value
+    # hparams, and keep new ones (caches.values, rome/values/cache.py)
+    value_cache: bool = False
 
     @property
     def autocast(self) -> torch.dtype | None:
@@ -113,6 +117,7 @@ class Computed:
         self.covariances: dict[tuple, Covariance] = {}
         self.nullspaces: dict[tuple, torch.Tensor] = {}
         self.corpus: Corpus | None = None
+        self.values = ValueCache(caches.values)
 
     def keep(self, lm: LoadedModel, placement: EditPlan) -> None:
         """Move `lm`'s C, its factor and null spaces to where `placement` keeps them."""
@@ -178,6 +183,11 @@ class EditContext:
     @property
     def replay(self) -> ReplayRuntime:
         return self.cache.replay
+
+    @property
+    def value_cache(self) -> ValueCache | None:
+        """The values kept on disk, when the configuration asks for them (its hit counts run-long)."""
+        return self.cache.values if self.config.value_cache else None
 
     def close(self) -> None:
         """Give back what the replays registered in transformers (the context stays usable)."""

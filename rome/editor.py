@@ -19,10 +19,11 @@ from typing import Any, Callable
 import torch
 
 from rome.compute_u import KeyResult, compute_keys
-from rome.compute_v import optimise_values
+from rome.compute_v import ValueResult, optimise_values
 from rome.context import EDITED_KEYS, KEY_CHUNK, VALUE_CHUNK, EditContext, EditPlan, plan_edit
 from rome.hparams import EditHyperParams
 from rome.templates import template_groups
+from rome.values.cache import values_through_cache
 from rome.values.layout import build_batch
 from util.arch import edited_weight, to_stored
 from util.deltas import Deltas, apply_deltas, snapshot
@@ -61,6 +62,10 @@ class Solver:
     def matrices(self, hparams: EditHyperParams) -> tuple[int, int]:
         """The m x m float64 matrices it keeps per edited layer and needs while solving one."""
         return solver_matrices(self.constraint, hparams.mom2_adjustment, self.remember_keys)
+
+    def constants(self) -> tuple[str, ...]:
+        """The hparams keys only the solve reads (the value cache's key leaves them out)."""
+        return tuple(name for name in (self.mu, self.threshold) if name is not None)
 
     def keywords(self, hparams: EditHyperParams, n_requests: int) -> dict[str, Any]:
         """What edit_layers solves with for `n_requests` requests under `hparams`."""
@@ -131,7 +136,15 @@ def edit_layers(lm: LoadedModel, requests: list[EditRequest], hparams: EditHyper
     batch = build_batch(lm, requests, ctx.templates(lm, hparams), hparams, settings.kinds)
     placement = ctx.plan(lm, requests, hparams, solver.matrices(hparams), batch)
     ctx.place(lm, placement)
-    values = optimise_values(lm, batch, layers[-1], hparams, site, replace(settings, chunk_size=placement.value_chunk), ctx.replay)
+    settings = replace(settings, chunk_size=placement.value_chunk)
+    templates = ctx.templates(lm, hparams)
+
+    def optimise(indices: list[int]) -> ValueResult:
+        part = batch if len(indices) == len(requests) else build_batch(lm, [requests[i] for i in indices], templates, hparams, settings.kinds)
+        return optimise_values(lm, part, layers[-1], hparams, site, settings, ctx.replay)
+
+    values, cached = values_through_cache(ctx.value_cache, lm, requests, layers[-1], site, templates, hparams, settings, optimise,
+                                          solver.constants())
     site_module = lm.arch.site(layers[-1], site)
     edit = _Edit(lm, requests, hparams, ctx, solver, mu, site_module, bare_key_residual, nullspace_threshold, residual_from,
                  values.target, placement.key_chunk)
@@ -148,7 +161,7 @@ def edit_layers(lm: LoadedModel, requests: list[EditRequest], hparams: EditHyper
             ctx.remember_keys(lm, layer, keys)
     request_records = [
         {"case_id": r.case_id, "v_steps": values.steps[j], "v_loss": values.final_loss[j],
-         "v_target_prob": values.target_prob[j], "delta_ratio": values.delta_ratio[j]}
+         "v_target_prob": values.target_prob[j], "delta_ratio": values.delta_ratio[j], **({"v_cached": True} if cached[j] else {})}
         for j, r in enumerate(requests)
     ]
     return EditResult(deltas, originals, request_records, layer_records, values.delta,

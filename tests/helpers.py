@@ -65,7 +65,7 @@ def context(tmp_path: Path, **kw) -> EditContext:
     caches under tmp_path/cache."""
     from tests.conftest import MODEL_CACHE
 
-    return EditContext(Caches(tmp_path / "cache", MODEL_CACHE), seed=0, corpus_path=str(write_corpus(tmp_path)), **kw)
+    return EditContext(Caches(tmp_path / "cache", MODEL_CACHE), corpus_path=str(write_corpus(tmp_path)), **{"seed": 0, **kw})
 
 
 def float64_context(lm: LoadedModel, tmp_path: Path, **kw) -> EditContext:

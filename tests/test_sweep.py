@@ -52,6 +52,7 @@ def test_reproduce_studies_run_the_same_edits_with_the_same_probes():
         assert command[command.index("--dataset_size_limit") + 1] == "4096" and command[command.index("--ds_name") + 1] == "flat_cf_train"
         assert command[command.index("--downstream_eval_steps") + 1] == "1024"
         assert command[command.index("--data_dir") + 1] == "D" and command[-2:] == ["--number_of_tests", "9"]
+        assert "--value_cache" in command  # each fact's value optimised once per editor, shared by the batch sizes
     args, extra = reproduce.parse_args(["--study", "batch", "--algs", "EMMET", "--runs", "EMMET_batched_16,MEMIT_batched_16"])
     assert list(dict(reproduce.commands("batch", args, extra))) == ["EMMET_batched_16"]
     args, extra = reproduce.parse_args(["--study", "batch", "--runs", "EMMET_batched_17"])

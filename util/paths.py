@@ -31,6 +31,11 @@ class Caches:
         return self.root / "templates"
 
     @property
+    def values(self) -> Path:
+        """Optimised target values by model weights, request and hparams (rome/values/cache.py)."""
+        return self.root / "values"
+
+    @property
     def corpora(self) -> Path:
         """Texts sampled from a model when no corpus is given offline (util/corpus.py)."""
         return self.root / "corpora"

@@ -242,7 +242,7 @@ def prepared_context(options: RunOptions, lm: LoadedModel, hparams: Any, alg: Ed
     they would be, but a continued run restores edited weights first."""
     env = options.environment
     ctx = EditContext(env.caches, seed=options.seed, corpus_path=options.corpus, offline=env.offline, value_dtype=options.value_dtype,
-                      value_compile=options.value_compile, max_gpu_memory=options.max_gpu_memory)
+                      value_compile=options.value_compile, max_gpu_memory=options.max_gpu_memory, value_cache=options.value_cache)
     if alg.prepare is not None:
         alg.prepare(lm, hparams, ctx)
     return ctx

@@ -105,6 +105,26 @@ def test_a_torn_entry_is_optimised_again(tokenizer, tmp_path, counted):
     assert edit(lm, REQUESTS[:1], hp, ctx).requests[0]["v_cached"]  # rewritten whole
 
 
+def test_an_interrupted_batch_keeps_the_chunks_it_finished(tokenizer, tmp_path, counted, monkeypatch):
+    lm, hp = fresh_llama(tokenizer), memit_hparams()
+    ctx = context(tmp_path, value_cache=True, value_chunk_size=2)
+    real = rome.editor.optimise_values  # counting (the fixture's)
+
+    def interrupted(lm, batch, *a, **k):
+        if len(counted) == 1:
+            raise KeyboardInterrupt  # what a SIGTERM raises (util.cli.Terminated)
+        return real(lm, batch, *a, **k)
+    monkeypatch.setattr(rome.editor, "optimise_values", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        edit(lm, REQUESTS, hp, ctx)
+    monkeypatch.setattr(rome.editor, "optimise_values", real)  # counting again
+    counted.clear()
+    again = edit(lm, REQUESTS, hp, ctx)
+    assert counted == [1] and [r.get("v_cached", False) for r in again.requests] == [True, True, False]
+    whole = edit(lm, REQUESTS, hp, context(tmp_path, value_chunk_size=2))  # no cache: chunks of 2 as well
+    assert torch.equal(again.value_deltas, whole.value_deltas)
+
+
 def test_each_solvers_own_constant_is_left_out_of_the_key(tokenizer, tmp_path, counted):
     lm = fresh_llama(tokenizer)
     hp = tiny_hparams(EMMETHyperParams, **EXTRA["EMMET"])

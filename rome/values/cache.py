@@ -102,8 +102,10 @@ def values_through_cache(cache: ValueCache | None, lm: LoadedModel, requests: li
                          templates: list[str], hparams: EditHyperParams, settings: ValueSettings,
                          optimise: Callable[[list[int]], ValueResult], solver_only: tuple[str, ...] = ()) -> tuple[ValueResult, list[bool]]:
     """The values of `requests`: those `cache` holds read from it, the others from `optimise(indices)`
-    (the values of requests[i] for i in indices, in that order) and written to it. Returns the
-    values in request order and, per request, whether it came from the cache."""
+    (the values of requests[i] for i in indices, in that order), a chunk of settings.chunk_size at
+    a time, each written to it as soon as it is done: a large batch interrupted (a SIGTERM rolls
+    the edit back) and run again optimises only the chunks it had not finished. Returns the values
+    in request order and, per request, whether it came from the cache."""
     if cache is None:
         return optimise(list(range(len(requests)))), [False] * len(requests)
     weights = cache.weights_digest(lm.model)
@@ -111,9 +113,10 @@ def values_through_cache(cache: ValueCache | None, lm: LoadedModel, requests: li
     found = [cache.read(weights, key) for key in keys]
     missing = [i for i, value in enumerate(found) if value is None]
     cache.hits, cache.misses = cache.hits + len(requests) - len(missing), cache.misses + len(missing)
-    if missing:
-        computed = optimise(missing)
-        for j, i in enumerate(missing):
+    for start in range(0, len(missing), settings.chunk_size):  # the chunks optimise_values would take, each kept once done
+        part = missing[start:start + settings.chunk_size]
+        computed = optimise(part)
+        for j, i in enumerate(part):
             found[i] = computed.row(j)
             cache.write(weights, keys[i], found[i])
     return ValueResult.joined(found), [i not in missing for i in range(len(requests))]

@@ -45,6 +45,7 @@ def test_reproduce_studies_run_the_same_edits_with_the_same_probes():
     sizes = (16, 64, 256, 1024, 4096)
     assert set(commands) == ({f"{a}_batched_{n}" for a in ("EMMET", "MEMIT") for n in sizes}
                              | {f"{a}_seq-batched_{n}" for a in ("EMMET", "MEMIT") for n in sizes[:-1]})
+    assert list(commands)[:4] == ["EMMET_batched_16", "MEMIT_batched_16", "EMMET_batched_64", "MEMIT_batched_64"]
     one = commands["EMMET_batched_4096"]
     assert one[one.index("--num_edits") + 1] == "4096" and "--sequential" not in one
     assert "--sequential" in commands["MEMIT_seq-batched_1024"]

@@ -34,10 +34,10 @@ demo: install
 	$(PY) experiments/demo.py $(DEMO_DATA) $(if $(CONTINUE),--continue_from_run $(CONTINUE))
 
 test: install
-	KEDIT_SHARED_DATA=$(SHARED_DATA) $(PY) -m pytest -q
+	KEDIT_SHARED_DATA=$(SHARED_DATA) $(PY) -m pytest -q --durations=15
 
 test-fast: install
-	KEDIT_SHARED_DATA=$(SHARED_DATA) $(PY) -m pytest -q -m "not slow"
+	KEDIT_SHARED_DATA=$(SHARED_DATA) $(PY) -m pytest -q -m "not slow" --durations=15
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -163,3 +163,19 @@ def test_a_batched_run_reads_the_values_of_another_batch_size(tokenizer, tmp_pat
     cached = lambda path: [r.get("v_cached", False) for e in read_jsonl(path / "edits.jsonl") for r in e["requests"]]  # noqa: E731
     assert cached(by_two) == [False] * 4 and cached(by_four) == [True] * 4
     assert json.loads((by_four / "config.json").read_text())["options"]["value_cache"] is True
+
+
+def test_a_batch_of_several_chunks_is_optimised_and_logged_chunk_by_chunk(tokenizer, tmp_path, counted, caplog):
+    """Without the cache as with it: the chunks optimise_values takes, equal to its values bitwise."""
+    from rome.compute_v import optimise_values
+    from rome.values.layout import build_batch
+
+    lm, hp = fresh_llama(tokenizer), memit_hparams()
+    ctx = context(tmp_path, value_chunk_size=2)
+    with caplog.at_level("INFO", logger="rome.values.cache"):
+        result = edit(lm, REQUESTS, hp, ctx)
+    assert counted == [2, 1]
+    assert "values: 2 of 3 requests optimised (chunk 1 of 2" in caplog.text and "chunk 2 of 2" in caplog.text
+    whole = optimise_values(lm, build_batch(lm, REQUESTS, ctx.templates(lm, hp), hp), hp.layers[-1], hp, "layer",
+                            ctx.config.value_settings(2), ctx.replay)
+    assert torch.equal(result.value_deltas, whole.delta)

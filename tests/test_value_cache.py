@@ -151,6 +151,8 @@ def test_the_weights_digest_rehashes_only_changed_parameters(tokenizer, tmp_path
     assert changed != start and cache.weights_digest(lm.model) == start
     assert hashed == [weight.numel() * weight.element_size()] * 2  # that matrix's bytes, twice, nothing else
     assert ValueCache(tmp_path).weights_digest(lm.model) == start  # as another process computes it
+    lm.model.config.rope_theta = 500.0  # the same weights in another architecture
+    assert cache.weights_digest(lm.model) != start
 
 
 def test_a_batched_run_reads_the_values_of_another_batch_size(tokenizer, tmp_path):

@@ -54,8 +54,11 @@ class ValueCache:
 
     @torch.no_grad()
     def weights_digest(self, model: torch.nn.Module) -> str:
-        """SHA-256 over every parameter's name, dtype, shape and bytes."""
-        total = hashlib.sha256()
+        """SHA-256 over the model's configuration and every parameter's name, dtype, shape and bytes."""
+        config = model.config.to_dict() if hasattr(model, "config") else {}
+        for volatile in ("transformers_version", "_name_or_path"):
+            config.pop(volatile, None)
+        total = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
         for name, param in model.named_parameters():
             stamp = (param.data_ptr(), param._version, tuple(param.shape), param.dtype, param.device)
             known = self._digests.get(name)

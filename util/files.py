@@ -27,8 +27,10 @@ def writing(path: Path, consequence: str) -> Iterator[None]:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Temporary name, fsync, rename, fsync of the folder: `path` is the old file or the new one,
-    never a part; on failure the temporary file is removed and the OSError re-raised."""
-    tmp = path.with_name(path.name + ".partial")
+    never a part; on failure the temporary file is removed and the OSError re-raised. The
+    temporary name is the process's own: two processes writing the same file (two runs filling one
+    value cache) each rename a whole file of their own."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
     try:
         with tmp.open("wb") as handle:
             handle.write(data)

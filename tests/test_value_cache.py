@@ -165,6 +165,9 @@ def test_a_batched_run_reads_the_values_of_another_batch_size(tokenizer, tmp_pat
     cached = lambda path: [r.get("v_cached", False) for e in read_jsonl(path / "edits.jsonl") for r in e["requests"]]  # noqa: E731
     assert cached(by_two) == [False] * 4 and cached(by_four) == [True] * 4
     assert json.loads((by_four / "config.json").read_text())["options"]["value_cache"] is True
+    assert json.loads((by_four / "summary.json").read_text())["values_from_cache"] == 4
+    assert "read from the value cache (--value_cache, optimised before on the same weights): 4 of 4 requests" in (by_four / "summary.md").read_text()
+    assert json.loads((by_two / "summary.json").read_text())["values_from_cache"] == 0
 
 
 def test_a_batch_of_several_chunks_is_optimised_and_logged_chunk_by_chunk(tokenizer, tmp_path, counted, caplog):

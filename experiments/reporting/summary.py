@@ -113,6 +113,8 @@ def build_summary(path: Path, status: str) -> dict[str, Any]:
         "seconds": seconds, "edits_per_second": n_edits / seconds["edit"] if seconds["edit"] else None,
         "evaluation_share": (seconds["evaluate"] + seconds["periodic"]) / total if total else None,
         "seconds_per_edit_all_in": total / n_edits if n_edits else None,
+        # requests whose target value was read from the value cache (--value_cache), not optimised
+        "values_from_cache": sum(bool(r.get("v_cached")) for e in edits for r in e.get("requests") or []),
     }
 
 
@@ -354,6 +356,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         lines += ["", f"Collapse ({collapse['rule']}): {'at the evaluation after ' + str(at) + ' edits' if at is not None else 'not reached'}"]
     if summary.get("n_skipped"):
         lines += ["", f"Records skipped because target_new equals target_true: {summary['n_skipped']}"]
+    if summary.get("values_from_cache"):
+        lines += ["", f"Target values read from the value cache (--value_cache, optimised before on the same weights): "
+                      f"{summary['values_from_cache']} of {summary['n_edits']} requests"]
     sec = summary["seconds"]
     lines += ["", f"Time: editing {sec['edit']:.0f} s, per-edit evaluation {sec['evaluate']:.0f} s, periodic evaluation "
               f"{sec['periodic']:.0f} s; git {summary['git_commit'][:12]}, seed {summary['seed']}", ""]

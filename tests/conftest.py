@@ -98,14 +98,18 @@ def embedded_caches(tmp_path_factory) -> Caches:
     return Caches(tmp_path_factory.mktemp("embedded-cache"), MODEL_CACHE)
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and do not stall when other processes load the CPU
-    (`pytestmark = pytest.mark.usefixtures("one_thread")` in a module)."""
-    threads = torch.get_num_threads()
+@pytest.fixture(autouse=True)
+def threads(request):
+    """Every test on one thread but the embedded model's and the slow ones (all cores). Tiny models
+    run fastest on one thread, and OpenMP's threads spin-wait: with other processes on the 2 cores
+    a tiny float64 conformance test took 149 s on two threads and 5 s on one."""
+    if "embedded" in request.fixturenames or request.node.get_closest_marker("slow"):
+        yield
+        return
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(before)
 
 
 def fresh_llama(tokenizer) -> LoadedModel:

@@ -32,6 +32,7 @@ from util.deltas import restore
 from util.requests import make_request
 from util.tokens import encode_with_target, subject_position
 
+
 # Two generated groups of unequal size: group-weighted and plain means differ.
 CONFORMANCE = dict(context_template_length_params=[[5, 2], [4, 3]], v_num_grad_steps=5, kl_factor=0.5)
 TOLERANCE = 1e-6

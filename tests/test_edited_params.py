@@ -27,7 +27,6 @@ from util.errors import RunError
 from util.files import read_jsonl
 from util.hparams import build_hparams
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 MLP = ["model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight"]
 

@@ -19,7 +19,6 @@ from util.files import read_jsonl
 from util.models import LoadedModel
 from rome.editor import EditContext
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 fresh = fresh_llama
 
 

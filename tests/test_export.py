@@ -21,7 +21,6 @@ from util.errors import RunError
 from util.models import LoadedModel
 from util.paths import PROJECT_ROOT
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def loaded(folder) -> LoadedModel:

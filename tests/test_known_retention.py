@@ -22,7 +22,6 @@ from util.files import read_jsonl
 from util.models import LoadedModel
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 fresh = fresh_llama
 
 

@@ -31,7 +31,6 @@ from util.files import read_jsonl
 from util.models import load_model
 from util.paths import PROJECT_ROOT, slug
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 README = (PROJECT_ROOT / "README.md").read_text()
 

@@ -26,7 +26,6 @@ from tests.helpers import tiny_hparams
 from tests.test_evaluate_run import fresh, options  # noqa: F401 (fixtures)
 from util.errors import RunError
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def score(nll_new, nll_true, argmax=False, token_acc=None) -> PromptScore:

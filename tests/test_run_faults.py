@@ -23,7 +23,6 @@ from util.errors import RunError
 from util.files import JsonlStream, read_jsonl
 from util.paths import PROJECT_ROOT
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

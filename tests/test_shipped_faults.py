@@ -31,7 +31,6 @@ from util.stats import StatsCache
 from util.stats_share import MANIFEST, TENSORS, StatsShareError, import_stats
 from util.paths import sha256_file
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # 1. reproduce.py --report_only with no runs (a wrong or empty results folder) rewrote the shipped

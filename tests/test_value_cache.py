@@ -20,7 +20,6 @@ from util.deltas import restore
 from util.files import read_jsonl
 from util.requests import EditRequest
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 REQUESTS = [EditRequest("{} is located in", "Eiffel Tower", "Rome", "Paris", case_id=1),
             EditRequest("{} plays the", "Miles Davis", "violin", "trumpet", case_id=2),

@@ -24,7 +24,7 @@ from rome.compute_v import ValueSettings
 from rome.hparams import EditHyperParams
 from rome.templates import context_templates
 from rome.values.layout import Batch, build_batch
-from rome.values.cache import ValueCache
+from rome.value_cache import ValueCache
 from rome.values.replay import ReplayRuntime
 from util.arch import edited_weight
 from util.corpus import Corpus, resolve_corpus
@@ -69,7 +69,7 @@ class EditConfig:
     # the statistics batch follow from it by util/memory.py's estimate; explicit chunk sizes win
     max_gpu_memory: float | None = None
     # reuse target values optimised before for the same weights, request, templates and value
-    # hparams, and keep new ones (caches.values, rome/values/cache.py)
+    # hparams, and keep new ones (caches.values, rome/value_cache.py)
     value_cache: bool = False
 
     @property

@@ -23,7 +23,7 @@ from rome.compute_v import ValueResult, optimise_values
 from rome.context import EDITED_KEYS, KEY_CHUNK, VALUE_CHUNK, EditContext, EditPlan, plan_edit
 from rome.hparams import EditHyperParams
 from rome.templates import template_groups
-from rome.values.cache import values_through_cache
+from rome.value_cache import values_through_cache
 from rome.values.layout import build_batch
 from util.arch import edited_weight, to_stored
 from util.deltas import Deltas, apply_deltas, snapshot

@@ -1,4 +1,4 @@
-"""Target values kept on disk (rome/values/cache.py): read back only for the same weights, request,
+"""Target values kept on disk (rome/value_cache.py): read back only for the same weights, request,
 templates and value hparams, equal to recomputed ones, and shared by the batch sizes of a batched run."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from editors import ALGORITHMS
 from emmet.emmet_main import EMMETHyperParams
 from experiments.pipeline.run import run
 from memit.memit_main import MEMITHyperParams
-from rome.values.cache import ValueCache
+from rome.value_cache import ValueCache
 from tests.conftest import fresh_llama
 from tests.helpers import EXTRA, context, run_options, tiny_hparams
 from util.deltas import restore
@@ -176,7 +176,7 @@ def test_a_batch_of_several_chunks_is_optimised_and_logged_chunk_by_chunk(tokeni
 
     lm, hp = fresh_llama(tokenizer), memit_hparams()
     ctx = context(tmp_path, value_chunk_size=2)
-    with caplog.at_level("INFO", logger="rome.values.cache"):
+    with caplog.at_level("INFO", logger="rome.value_cache"):
         result = edit(lm, REQUESTS, hp, ctx)
     assert counted == [2, 1]
     assert "values: 2 of 3 requests optimised (chunk 1 of 2" in caplog.text and "chunk 2 of 2" in caplog.text

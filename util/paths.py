@@ -32,7 +32,7 @@ class Caches:
 
     @property
     def values(self) -> Path:
-        """Optimised target values by model weights, request and hparams (rome/values/cache.py)."""
+        """Optimised target values by model weights, request and hparams (rome/value_cache.py)."""
         return self.root / "values"
 
     @property

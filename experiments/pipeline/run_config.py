@@ -72,7 +72,7 @@ class RunOptions:
     value_dtype: str = "float32"  # "bfloat16": mixed-precision value optimisation (rome/compute_v.py)
     value_compile: bool = False  # torch.compile the replayed Llama layers (mixed-precision values only)
     # reuse target values optimised before on the same weights, request, templates and value hparams
-    # (rome/values/cache.py): the batches of a batched study share them across batch sizes
+    # (rome/value_cache.py): the batches of a batched study share them across batch sizes
     value_cache: bool = False
     protocol: str = "kedit"  # how the numbers are defined (experiments/metrics/protocols.py)
     health: HealthThresholds = field(default_factory=HealthThresholds)

@@ -59,7 +59,10 @@ def test_sigterm_and_ctrl_c_end_with_the_shell_exit_codes():
     checkpoint in a run)."""
     codes = {}
     for signal_name in ("SIGTERM", "SIGINT"):
-        script = ("import os, signal, time\nfrom util.cli import run_cli\n\n\ndef main():\n"
+        # Python's own Ctrl-C handler, as in a foreground shell: a command started in the background
+        # without job control (`cmd &` in a script, as CI may run the suite) inherits SIGINT
+        # ignored, and Python then keeps it ignored
+        script = ("import os, signal, time\nfrom util.cli import run_cli\n\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n\n\ndef main():\n"
                   f"    os.kill(os.getpid(), signal.{signal_name})\n    time.sleep(30)\n\n\nrun_cli(main)\n")
         result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                                 cwd=PROJECT_ROOT, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})

@@ -148,7 +148,8 @@ def report(study: str, args: argparse.Namespace) -> None:
     marks = milestones_markdown(runs)
     atomic_write_text(docs / f"results_{study}.md", f"### {spec.title}\n\n{paper}{table}\nCourse of each run (retention "
                                                      f"scores over the facts scored after each evaluation):\n\n{course}\n"
-                                                     f"Milestones (\"-\": not reached):\n\n{marks}")
+                                                     f"Milestones (\"-\": not reached; \"below half\": of the unedited model's "
+                                                     f"score for known facts, of the first evaluation's for S):\n\n{marks}")
     write_comparison(runs, docs / f"results_{study}.png", spec.title)
     if study == "batch":
         write_batch_sizes(summaries, docs / "results_batch_sizes.png", spec.title)

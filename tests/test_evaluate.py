@@ -254,12 +254,14 @@ def test_milestones_of_a_run(hand_made_run):
     assert "| ROME | 3 | complete | 3 | - | - | - | 0.57 | 771 |" in milestones_markdown({"ROME": hand_made_run})
 
 
-def test_below_half_reads_the_first_value_after_editing():
-    curve = [{"edits": 0, "S": None, "known": 1.0}, {"edits": 50, "S": 0.9, "known": 0.9}, {"edits": 100, "S": 0.5, "known": 0.6},
+def test_below_half_starts_from_the_unedited_model_where_it_was_measured():
+    curve = [{"edits": 0, "S": None, "known": 1.0}, {"edits": 50, "S": 0.9, "known": 0.9}, {"edits": 100, "S": 0.5, "known": 0.49},
              {"edits": 150, "S": 0.44, "known": 0.4}]
-    assert below_half(curve, "S") == 150  # 0.44 < 0.45; 0.5 is not below half of 0.9
-    assert below_half(curve, "known") == 150 and below_half(curve, "ppl") is None
-    assert below_half(curve[:3], "S") is None
+    assert below_half(curve, "S") == 150  # retention has no pre-edit value: 0.44 < 0.45; 0.5 is not below half of 0.9
+    assert below_half(curve, "known") == 100  # half of the unedited 1.0, not of 0.9 at the first point
+    assert below_half(curve, "ppl") is None and below_half(curve[:3], "S") is None and below_half(curve[:1], "known") is None
+    # evaluated only every 500 edits and already below half at the first point: 500, not "never"
+    assert below_half([{"edits": 0, "S": None, "known": 1.0}, {"edits": 500, "S": 0.8, "known": 0.4}], "known") == 500
 
 
 def test_batch_size_points_and_plot(tmp_path):

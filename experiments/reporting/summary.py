@@ -267,19 +267,22 @@ def curve_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def below_half(curve: list[dict[str, Any]], key: str) -> int | None:
-    """The first evaluation (edits) where `key` fell below half its value at the first evaluation
-    that measured it after an edit (None: never, or never measured)."""
-    measured = [row for row in curve if row["edits"] > 0 and row.get(key) is not None]
-    if not measured:
+    """The first evaluation (edits) after an edit where `key` fell below half its starting value:
+    the unedited model's where it was measured (the known-facts probe), else the first value after
+    editing (retention has none before). None: never, or never measured. Starting from the unedited
+    model keeps the answer independent of --downstream_eval_steps: a run evaluated every 500 edits
+    that is already below half at its first point says 500, not "never"."""
+    measured = [row for row in curve if row.get(key) is not None]
+    if not any(row["edits"] > 0 for row in measured):
         return None
     start = measured[0][key]
-    return next((row["edits"] for row in measured if row[key] < start / 2), None)
+    return next((row["edits"] for row in measured if row["edits"] > 0 and row[key] < start / 2), None)
 
 
 def milestones(path: Path) -> dict[str, Any]:
     """Where a run crossed the lines the studies report: its first disabling edit, collapse (the
-    perplexity rule of its summary), retention S and the known-facts probe below half their first
-    value after editing, and the share of its wall time spent evaluating."""
+    perplexity rule of its summary), retention S and the known-facts probe below half their starting
+    value (below_half), and the share of its wall time spent evaluating."""
     summary = json.loads((path / "summary.json").read_text())
     curve = curve_rows(path)
     return {"edits": summary["n_edits"], "status": summary["status"],

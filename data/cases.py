@@ -1,4 +1,5 @@
-"""Edit-evaluation datasets as `CaseRecord`s: CounterFact (original and flattened), zsRE, custom.
+"""Edit-evaluation datasets as `CaseRecord`s: CounterFact (original and flattened, and the two in turn:
+cf_flat), zsRE, custom.
 
     load_cases("cf", data_dir="../shared/data", limit=100)
     load_cases("custom", custom_path="data/demo_edits.yaml")
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from data.download import NO_ENVIRONMENT, ROME_DATA, DataFile, locate
 from data.fields import get_obj, get_str, get_str_list, read_record_list, reject_unknown
@@ -116,6 +117,9 @@ class Dataset:
     parse: Parser
     ids_required: bool  # the schema carries case ids; otherwise the record index is the id
     measures: str = ""  # what its records let a run measure (recorded in each run's config and summary)
+    # A composite: the records of these datasets in turn, a case id already read (the same
+    # CounterFact fact in another layout) passed over; a later file is read only when needed.
+    parts: tuple[str, ...] = ()
 
 
 ORIGINAL_CF = ("efficacy ES (rewrite prompt), paraphrase PS (2 paraphrases), neighbourhood NS (10 prompts about other "
@@ -143,6 +147,12 @@ DATASETS: dict[str, Dataset] = {
                 "efficacy (question -> new answer), paraphrase (1 rephrased question), neighbourhood (1 Natural Questions "
                 "item, its answer's argmax accuracy); no generation or attribute prompts"),
         Dataset("custom", None, parse_custom, False, "efficacy, and paraphrase / neighbourhood where the records give prompts"),
+        # AlphaEdit's Table 1 edits CounterFact's first 2,000 records; the shared copy of the original
+        # schema holds 1,225, so the flat layout's other facts follow (with the full file, none do).
+        Dataset("cf_flat", None, parse_counterfact, True,
+                f"the original-schema CounterFact records first ({ORIGINAL_CF}), then the flat CounterFact (train) records of "
+                f"other facts ({FLAT_CF_MEASURES.split('; ')[0]}); fluency and consistency from the original-schema records' "
+                "generation and attribute prompts only", parts=("cf", "flat_cf_train")),
     )
 }
 
@@ -182,6 +192,22 @@ NO_OP = "target_new equals target_true"
 class CaseSelection:
     cases: list[CaseRecord]
     skipped: list[str | int]  # case ids of records passed over because the edit would change nothing (NO_OP)
+    files: dict[str, Path]  # the files read ("cases", then "cases:<dataset>" for a composite's later parts)
+
+
+def _records(ds_name: str, data_dir: str | Path | None, custom_path: str | Path | None, env: Environment,
+             files: dict[str, Path]) -> Iterator[CaseRecord]:
+    """The records of `ds_name` in order, a composite's parts in turn (a later file is located only
+    when the records before it are used up); each file read is added to `files`."""
+    dataset = dataset_for(ds_name)
+    seen: set[str | int] = set()
+    for index, part in enumerate(dataset.parts or (ds_name,)):
+        path = case_file(part, data_dir, custom_path, env)
+        files["cases" if index == 0 else f"cases:{part}"] = path
+        for case in read_cases(part, path):
+            if case.case_id not in seen:
+                seen.add(case.case_id)
+                yield case
 
 
 def select_cases(ds_name: str, data_dir: str | Path | None = None, limit: int | None = None,
@@ -195,21 +221,21 @@ def select_cases(ds_name: str, data_dir: str | Path | None = None, limit: int | 
     scored as a success. A file with no usable record is an error, not a run of 0 edits."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise DataError(f"limit must be a positive integer or None, got {limit!r}")
-    path = case_file(ds_name, data_dir, custom_path, env)
-    cases, skipped = [], []
-    for case in read_cases(ds_name, path):
-        if limit is not None and len(cases) == limit:
-            break
+    cases, skipped, files = [], [], {}
+    for case in _records(ds_name, data_dir, custom_path, env, files):
         if case.request.target_true is not None and case.request.target_new == case.request.target_true:
             skipped.append(case.case_id)
         else:
             cases.append(case)
+        if len(cases) == limit:  # stop here: the next record may be in a file not needed yet
+            break
+    where = ", ".join(map(str, files.values()))
     if skipped:
-        log.warning("%s: skipped %d record(s) whose %s (case ids %s)", path, len(skipped), NO_OP,
+        log.warning("%s: skipped %d record(s) whose %s (case ids %s)", where, len(skipped), NO_OP,
                     ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else ""))
     if not cases:
-        raise DataError(f"{path}: no usable records ({len(skipped)} skipped because {NO_OP}): nothing to edit")
-    return CaseSelection(cases, skipped)
+        raise DataError(f"{where}: no usable records ({len(skipped)} skipped because {NO_OP}): nothing to edit")
+    return CaseSelection(cases, skipped, files)
 
 
 def load_cases(ds_name: str, data_dir: str | Path | None = None, limit: int | None = None,
@@ -220,8 +246,10 @@ def load_cases(ds_name: str, data_dir: str | Path | None = None, limit: int | No
 
 def case_file(ds_name: str, data_dir: str | Path | None = None, custom_path: str | Path | None = None,
               env: Environment = NO_ENVIRONMENT) -> Path:
-    """The file `load_cases` reads for these arguments (run configs hash it)."""
+    """The file `load_cases` reads for these arguments (the first, for a composite dataset)."""
     dataset = dataset_for(ds_name)
+    if dataset.parts:
+        return case_file(dataset.parts[0], data_dir, custom_path, env)
     if dataset.file is None:
         if custom_path is None:
             raise DataError(f"dataset '{ds_name}' needs a file: give custom_path (a YAML or JSON list of requests)")

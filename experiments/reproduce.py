@@ -11,9 +11,10 @@
               1,024 edits (a sequential-batched run at 4,096 is the batched one); the batched runs
               of an editor optimise each fact's target value once (--value_cache: all batch sizes
               edit the unedited model with the same values, so they differ only in the solve)
-  lifelong    MEMIT, EMMET, AlphaEdit, ENCORE, RECT and PRUNE over 10,000 flat CounterFact edits in
-              sequential batches of 100, evaluated every 500
-  alphaedit   AlphaEdit's Table 1: 2,000 CounterFact edits in sequential batches of 100 with MEMIT,
+  lifelong    MEMIT, EMMET, AlphaEdit, ENCORE, RECT, PRUNE, FT-L, FT-M and UltraEdit over 10,000 flat
+              CounterFact edits in sequential batches of 100, evaluated every 500
+  alphaedit   AlphaEdit's Table 1: 2,000 CounterFact edits (cf_flat: the original-schema records,
+              then flat records of other facts) in sequential batches of 100 with MEMIT,
               PRUNE, RECT, AlphaEdit, EMMET and ENCORE, scored under --protocol alphaedit; adds the
               table in the paper's columns (+ perplexity, ||W - W0||) and a plot of each column
               against the number of edits (results_alphaedit_columns.png)
@@ -77,9 +78,10 @@ STUDIES = {
     "lifelong": Study("lifelong editing: sequential batches of 100 over 10,000 flat CounterFact edits", [
         (alg, ["--alg_name", alg, "--sequential", "--num_edits", "100", *FLAT]) for alg in LIFELONG_EDITORS],
         edits=10000, eval_every=500),
-    # AlphaEdit's Table 1 on CounterFact: 2,000 edits in sequential batches of 100, scored under its protocol.
+    # AlphaEdit's Table 1 on CounterFact: 2,000 edits in sequential batches of 100, scored under its protocol;
+    # cf_flat: the original-schema records (generation prompts), then flat records of other facts up to 2,000.
     "alphaedit": Study("AlphaEdit's Table 1 protocol: CounterFact, sequential batches of 100", [
-        (alg, ["--alg_name", alg, "--sequential", "--num_edits", "100", "--ds_name", "cf", "--protocol", "alphaedit"])
+        (alg, ["--alg_name", alg, "--sequential", "--num_edits", "100", "--ds_name", "cf_flat", "--protocol", "alphaedit"])
         for alg in ALPHAEDIT_EDITORS], edits=2000, eval_every=500, paper_table=True),
 }
 # Runs a study shows but does not repeat: the same edits, probes and seed already run by another study.

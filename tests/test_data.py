@@ -52,6 +52,29 @@ def test_flat_counterfact_loads_with_templated_prompts(shared_data, ds_name, cou
         assert first.neighborhood == (("BBC Radio, by", "BBC"),)
 
 
+def test_cf_flat_is_the_original_records_then_flat_records_of_other_facts(shared_data):
+    """AlphaEdit's 2,000 CounterFact edits from the shared copy: its 1,225 original-schema records
+    (generation prompts), then flat train records; a fact in both layouts (same case id) once."""
+    original = load_cases("cf", data_dir=shared_data)
+    selection = select_cases("cf_flat", data_dir=shared_data, limit=2000)
+    cases, ids = selection.cases, {c.case_id for c in original}
+    assert len(cases) == 2000 and len({c.case_id for c in cases}) == 2000
+    assert [c.case_id for c in cases[:1225]] == [c.case_id for c in original] and {c.source for c in cases[:1225]} == {"cf"}
+    assert {c.source for c in cases[1225:]} == {"flat_cf_train"} and not ids & {c.case_id for c in cases[1225:]}
+    flat = [c for c in load_cases("flat_cf_train", data_dir=shared_data) if c.case_id not in ids]
+    assert [c.case_id for c in cases[1225:]] == [c.case_id for c in flat[:775]]  # 205 flat records are facts of the 1,225
+    assert set(selection.files) == {"cases", "cases:flat_cf_train"}
+    assert selection.files["cases:flat_cf_train"].name == "counterfact-train.json"
+
+
+def test_cf_flat_reads_the_flat_file_only_when_it_needs_it(tmp_path, env):
+    write_cf(tmp_path, "counterfact/counterfact.json", 7)
+    selection = select_cases("cf_flat", data_dir=tmp_path, limit=1, env=env)  # the flat file is absent
+    assert [c.case_id for c in selection.cases] == [7] and list(selection.files) == ["cases"]
+    with pytest.raises(DataError, match="no download URL.*counterfact/flat/counterfact-train.json"):
+        select_cases("cf_flat", data_dir=tmp_path, limit=2, env=env)
+
+
 def test_zsre_loads_mend_layout(shared_data):
     selection = select_cases("zsre", data_dir=shared_data)
     cases = selection.cases

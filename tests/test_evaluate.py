@@ -292,11 +292,14 @@ def test_generation_prompt_budget_takes_prompts_from_the_first_records():
     def request(i):
         return make_request({"prompt": "{} is in", "subject": f"S{i}", "target_new": "Rome", "case_id": i})
 
-    records = [CaseRecord(request(0), generation_prompts=("a", "b", "c")), CaseRecord(request(1), paraphrase_prompts=("S1 lies in",)),
-               CaseRecord(request(2), generation_prompts=("d",))]
-    chosen = prompt_budget(records, 4)
-    assert [(r.case_id, r.generation_prompts) for r in chosen] == [(0, ("a", "b", "c")), (1, ("S1 is in",))]
-    assert [r.generation_prompts for r in prompt_budget(records[1:], 5)] == [("S1 is in", "S1 lies in"), ("d",)]
+    own = [CaseRecord(request(i), paraphrase_prompts=(f"S{i} lies in",)) for i in range(3)]  # no generation prompts (flat, zsRE)
+    assert [(r.case_id, r.generation_prompts) for r in prompt_budget(own, 3)] == [(0, ("S0 is in", "S0 lies in")), (1, ("S1 is in",))]
+    assert [r.generation_prompts for r in prompt_budget(own[2:], None)] == [("S2 is in", "S2 lies in")]
+    # cf_flat: where some records have generation prompts, only those generate, whatever the budget
+    mixed = [CaseRecord(request(3), generation_prompts=("a", "b", "c")), own[1], CaseRecord(request(4), generation_prompts=("d",))]
+    assert [(r.case_id, r.generation_prompts) for r in prompt_budget(mixed, 4)] == [(3, ("a", "b", "c")), (4, ("d",))]
+    assert [(r.case_id, r.generation_prompts) for r in prompt_budget(mixed[1:], 1)] == [(4, ("d",))]
+    assert [r.case_id for r in prompt_budget(mixed, None)] == [3, 4]
 
 
 def test_offline_environment_keeps_the_statistics_corpus_off_the_network(monkeypatch, caches):

@@ -189,3 +189,33 @@ def test_flat_counterfact_runs_under_both_protocols(tmp_path, tokenizer, protoco
     generation = [r for r in read_jsonl(path / "probes.jsonl") if r["kind"] == "generation"][-1]
     assert generation["fluency"] > 0 and generation["consistency"] is None  # no attribute prompts in the flat layout
     assert "Dataset `flat_cf_train`" in (path / "summary.md").read_text()
+
+
+def test_cf_flat_runs_generate_from_the_original_records_only(tmp_path, tokenizer):
+    """cf_flat (study d): original-schema records, then flat records of other facts; both files are
+    hashed into the config, and every generation row (before, during, the final one over all facts)
+    generates from the original records' generation prompts, never from a flat record's own."""
+    options = run_options(tmp_path)
+    folder = tmp_path / "data" / "counterfact"
+    (folder / "flat").mkdir(parents=True)
+    (folder / "flat" / "counterfact-train.json").write_text(json.dumps(FLAT_RECORDS))
+    original = [{"case_id": case_id, "requested_rewrite": {"prompt": "{} is located in", "subject": subject,
+                 "target_new": {"str": "Spain"}, "target_true": {"str": true}},
+                 "paraphrase_prompts": [f"{subject} lies in", f"The city of {subject} is in"],
+                 "neighborhood_prompts": [f"{other} is located in"], "attribute_prompts": ["Madrid is located in"],
+                 "generation_prompts": [f"{subject} is a city", f"In {subject}, people"]}
+                for case_id, subject, true, other in ((11, "Lyon", "France", "Nice"), (3, "Bern", "Switzerland", "Basel"))]
+    (folder / "counterfact.json").write_text(json.dumps(original))
+    options = dataclasses.replace(options, ds_name="cf_flat", custom_path=None, dataset_size_limit=4, protocol="alphaedit",
+                                  sequential=True, num_edits=2)
+    path = run(options, fresh(tokenizer), tiny_hparams())
+    config = json.loads((path / "config.json").read_text())
+    assert {"cases", "cases:flat_cf_train"} <= set(config["data"])
+    edited = [e["case_ids"] for e in read_jsonl(path / "edits.jsonl")]
+    assert edited == [[11, 3], [10, 12]]  # flat case 11 (Lyon) is the original record's fact: passed over
+    generation = [r for r in read_jsonl(path / "probes.jsonl") if r["kind"] == "generation"]
+    assert len(generation) >= 3 and generation[-1]["scope"] == "all"
+    assert all(sample["case_id"] in (11, 3) for row in generation for sample in row["samples"])
+    assert generation[-1]["consistency"] is not None
+    summary = json.loads((path / "summary.json").read_text())
+    assert summary["dataset"]["name"] == "cf_flat" and "original-schema records' generation" in summary["dataset"]["measures"]

@@ -90,7 +90,7 @@ def test_alphaedit_study_is_the_papers_protocol(alg):
     options = options_from_argv(commands[alg][2:-2])  # the evaluate.py flags, without --results_dir
     assert (options.alg_name, options.protocol, options.mode, options.num_edits) == (alg, "alphaedit", "sequential-batched", 100)
     native = fast_bfloat16(torch.device("cpu"))  # --value_dtype auto: bfloat16 only where the CPU runs it natively
-    assert (options.ds_name, options.dataset_size_limit, options.value_dtype) == ("cf", 2000, "bfloat16" if native else "float32")
+    assert (options.ds_name, options.dataset_size_limit, options.value_dtype) == ("cf_flat", 2000, "bfloat16" if native else "float32")
     assert reproduce.parse_args(["--value_dtype", "bfloat16"])[0].value_dtype == "bfloat16"
     assert (options.number_of_few_shots, options.number_of_tests, len(options.downstream_tasks)) == (0, 100, 6)
     assert options.downstream_eval_steps == 500 and commands[alg][-2] == "--results_dir"

@@ -45,7 +45,11 @@ def with_generation_prompts(record: CaseRecord) -> CaseRecord:
 
 def prompt_budget(records: Sequence[CaseRecord], budget: int | None) -> list[CaseRecord]:
     """The first records of `records` with their generation prompts, `budget` prompts in all
-    (None: every prompt of every record)."""
+    (None: every prompt of every record). Where some records have generation prompts and others
+    not (cf_flat), only those that have them: every point of a run then generates from the same
+    kind of prompt, and a fluency drop is the model's, not a change of prompts."""
+    if any(record.generation_prompts for record in records):
+        records = [record for record in records if record.generation_prompts]
     if budget is None:
         return [with_generation_prompts(record) for record in records]
     chosen = []

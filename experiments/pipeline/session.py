@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import transformers
 
-from data.cases import NO_OP, case_file, dataset_for, select_cases
+from data.cases import NO_OP, dataset_for, select_cases
 from data.records import CaseRecord
 from editors import algorithm, hparams_path, load_algorithm_hparams
 from experiments.pipeline.checkpoint import Checkpoint, RunFolder
@@ -197,8 +197,7 @@ def prepare(options: RunOptions, lm: LoadedModel | None, hparams: Any,
     hparams.check_model(lm.model.config.num_hidden_layers, f"{source} (used with {lm.name})")
     suite = EvalSuite(lm, options, [case.request.subject for case in selection.cases])
     weights0 = snapshot(lm.model, alg.edited_params(lm, hparams))
-    files = {"cases": str(case_file(options.ds_name, options.data_dir, options.custom_path, options.environment)),
-             **suite.data_files()}
+    files = {**{name: str(path) for name, path in selection.files.items()}, **suite.data_files()}
     config = build_config(options, hparams, lm, weights0, files, len(selection.cases))
     config["skipped_cases"] = {"reason": NO_OP, "case_ids": selection.skipped}
     sample = retention_sample(selection.cases, options)

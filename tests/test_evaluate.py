@@ -254,6 +254,24 @@ def test_milestones_of_a_run(hand_made_run):
     assert "| ROME | 3 | complete | 3 | - | - | - | 0.57 | 771 |" in milestones_markdown({"ROME": hand_made_run})
 
 
+def test_batch_study_report_lists_batch_sizes_in_ascending_order(hand_made_run, tmp_path):
+    """The batch study starts its largest batches first (their values serve the smaller ones); its
+    report still reads from the smallest batch up."""
+    import shutil
+
+    from experiments import reproduce
+
+    write_summary(hand_made_run, "complete")
+    results = tmp_path / "study"
+    for label in ("EMMET_batched_4096", "EMMET_batched_16", "MEMIT_seq-batched_16"):
+        shutil.copytree(hand_made_run, results / "reproduce" / "batch" / label / "ROME" / "run_001")
+    args, _ = reproduce.parse_args(["--study", "batch", "--report_only", "--results_dir", str(results), "--docs_dir", str(tmp_path / "docs")])
+    reproduce.report("batch", args)
+    text = (tmp_path / "docs" / "results_batch.md").read_text()
+    course = text.split("Course of each run")[1]
+    assert course.index("| EMMET_batched_16 |") < course.index("| EMMET_batched_4096 |") < course.index("| MEMIT_seq-batched_16 |")
+
+
 def test_below_half_starts_from_the_unedited_model_where_it_was_measured():
     curve = [{"edits": 0, "S": None, "known": 1.0}, {"edits": 50, "S": 0.9, "known": 0.9}, {"edits": 100, "S": 0.5, "known": 0.49},
              {"edits": 150, "S": 0.44, "known": 0.4}]

@@ -64,23 +64,28 @@ LIFELONG_EDITORS = ("MEMIT", "EMMET", "AlphaEdit", "ENCORE", "RECT", "PRUNE", "F
 BATCH_SIZES = (16, 64, 256, 1024, 4096)  # seed 002's batch sizes; 4,096 edits in all
 FLAT = ["--ds_name", "flat_cf_train"]  # 10,000 records: enough for the long studies
 
+def batch_runs(largest_batched_first: bool) -> list[tuple[str, list[str]]]:
+    """The batch study's runs. In this order two jobs at once are two editors' runs (which share no
+    values), and each editor's batched runs after its first read the values that one optimised;
+    started largest first, that is the batch of 4,096, whose values are optimised in chunks of 64
+    (compute_v's chunk_size), the cheapest per request on a CPU (README, Speed): a run at 16 first
+    would pay batch 16's cost for every value. The report lists them from 16 up."""
+    batched = BATCH_SIZES[::-1] if largest_batched_first else BATCH_SIZES
+    return [(f"{alg}_{mode}_{size}", ["--alg_name", alg, "--num_edits", str(size), *flags, *FLAT, "--value_cache"])
+            for mode, flags, sizes in (("batched", [], batched), ("seq-batched", ["--sequential"], BATCH_SIZES))
+            for size in sizes for alg in ("EMMET", "MEMIT")
+            if not (mode == "seq-batched" and size == 4096)]
+
+
 STUDIES = {
     "rome": Study("original ROME vs r-ROME, sequential, until collapse (perplexity 10x the unedited model's)", [
         (alg, ["--alg_name", alg, "--sequential", "--stop_on_perplexity", "10"]) for alg in ("ROME", "R-ROME")],
         edits=1000, eval_every=50),
     "forget": Study("MEMIT and EMMET, sequential, batch 1", [("MEMIT", ["--alg_name", "MEMIT", "--sequential"]),
                                                             ("EMMET", ["--alg_name", "EMMET", "--sequential"])]),
-    "batch": Study("the same 4,096 edits batched and sequential-batched at 16 to 4,096 edits per batch", [
-        (f"{alg}_{mode}_{size}", ["--alg_name", alg, "--num_edits", str(size), *flags, *FLAT, "--value_cache"])
-        # in this order two jobs at once are two editors' runs (which share no values), and each
-        # editor's batched runs after its first read the values that one optimised: the first is the
-        # largest batch, whose values are optimised in chunks of 64 (compute_v's chunk_size), the
-        # cheapest per request on a CPU (README, Speed); the smaller batches would pay more for each
-        for mode, flags, sizes in (("batched", [], BATCH_SIZES[::-1]), ("seq-batched", ["--sequential"], BATCH_SIZES))
-        for size in sizes for alg in ("EMMET", "MEMIT")
-        if not (mode == "seq-batched" and size == 4096)],
-        edits=4096, eval_every=1024,
-        report_order=tuple(f"{alg}_{mode}_{size}" for mode in ("batched", "seq-batched") for size in BATCH_SIZES for alg in ("EMMET", "MEMIT"))),
+    "batch": Study("the same 4,096 edits batched and sequential-batched at 16 to 4,096 edits per batch",
+                   batch_runs(largest_batched_first=True), edits=4096, eval_every=1024,
+                   report_order=tuple(label for label, _ in batch_runs(largest_batched_first=False))),
     "lifelong": Study("lifelong editing: sequential batches of 100 over 10,000 flat CounterFact edits", [
         (alg, ["--alg_name", alg, "--sequential", "--num_edits", "100", *FLAT]) for alg in LIFELONG_EDITORS],
         edits=10000, eval_every=500),

@@ -11,6 +11,8 @@ import torch
 from emmet.emmet_main import EMMETHyperParams
 from experiments.pipeline.run import run
 import experiments.pipeline.run as run_module
+import experiments.pipeline.session as session_module
+from experiments.reporting.summary import code_text, table_row
 from experiments.pipeline.run_config import HealthThresholds, RunOptions
 from tests.conftest import fresh_llama
 from tests.helpers import failing_after, run_options, tiny_hparams
@@ -28,9 +30,10 @@ def options(tmp_path) -> RunOptions:
 
 
 def without_times(value):
-    """Records minus wall-clock fields (and shares of wall time), the only ones allowed to differ between equal runs."""
+    """Records minus wall-clock fields (and shares of wall time), and the sessions a run took (parts),
+    the only ones allowed to differ between equal runs."""
     if isinstance(value, dict):
-        return {k: without_times(v) for k, v in value.items() if "second" not in k and k not in ("run", "evaluation_share")}
+        return {k: without_times(v) for k, v in value.items() if "second" not in k and k not in ("run", "evaluation_share", "parts")}
     if isinstance(value, list):
         return [without_times(v) for v in value]
     return value
@@ -106,13 +109,31 @@ def test_resume_after_crash_and_ctrl_c_equals_uninterrupted_run(options, tokeniz
         run(dataclasses.replace(again, num_edits=2), fresh(tokenizer))
 
 
-def test_stop_after_pauses_and_continues(options, tokenizer):
+def test_stop_after_pauses_and_continues(options, tokenizer, monkeypatch):
     first = run(dataclasses.replace(options, stop_after=3), fresh(tokenizer), tiny_hparams())
-    assert json.loads((first / "summary.json").read_text())["status"] == "paused"
+    paused = json.loads((first / "summary.json").read_text())
+    assert paused["status"] == "paused"
     assert len(read_jsonl(first / "edits.jsonl")) == 3
+    assert [(p["at_edits"], p["git_commit"]) for p in paused["parts"]] == [(0, paused["git_commit"])]
+    # the second part runs other code: the summary names both commits, part by part
+    monkeypatch.setattr(session_module, "git_commit", lambda fallback=None: "f" * 40)
     run(dataclasses.replace(options, continue_from_run=first.name), fresh(tokenizer))
-    assert json.loads((first / "summary.json").read_text())["status"] == "complete"
+    summary = json.loads((first / "summary.json").read_text())
+    assert summary["status"] == "complete"
     assert len(read_jsonl(first / "edits.jsonl")) == 5
+    assert [(p["at_edits"], p["git_commit"], p["device"]) for p in summary["parts"]] == [
+        (0, paused["git_commit"], "cpu"), (3, "f" * 40, "cpu")]
+    assert summary["git_commit"] == paused["git_commit"]  # the config's: the run's first part
+    assert table_row(summary, [])["commit"] == f"{paused['git_commit'][:7]}+fffffff"
+    assert "from 3 edits on cpu, code ffffffffffff" in (first / "summary.md").read_text()
+
+
+def test_code_text_names_each_parts_commit_once_in_order():
+    part = lambda commit: {"at_edits": 0, "device": "cpu", "git_commit": commit}  # noqa: E731
+    assert code_text({"git_commit": "a" * 40}) == "aaaaaaa"  # a summary from before parts were recorded
+    assert code_text({"git_commit": "a" * 40, "parts": [part("a" * 40)]}) == "aaaaaaa"
+    # parts continued before sessions recorded their commit show as "?"; repeats merge
+    assert code_text({"parts": [part("a" * 40), part(None), part(None), part("b" * 40), part("b" * 40)]}) == "aaaaaaa+?+bbbbbbb"
 
 
 def test_batched_modes_and_stop_on_collapse(options, tokenizer):

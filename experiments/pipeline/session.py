@@ -214,9 +214,10 @@ def prepare(options: RunOptions, lm: LoadedModel | None, hparams: Any,
 
 
 def begin(session: Session) -> Session:
-    """Record this process in the run's list of sessions (its streams are open)."""
+    """Record this process in the run's list of sessions (its streams are open), with the commit of
+    its code: a run done in parts may run each part on other code (the summary lists them)."""
     session.sessions.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "at_edits": session.n_edits,
-                             "device": session.options.device})
+                             "device": session.options.device, "git_commit": git_commit(session.options.environment.git_sha)})
     return session
 
 

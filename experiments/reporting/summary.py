@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from experiments.metrics.counterfact import SECTIONS, CaseResult, PromptScore, summarize
 from experiments.metrics.protocols import COLUMNS, Protocol, paper_columns, protocol
+from experiments.pipeline.checkpoint import RunFolder
 from util.files import atomic_write_json, atomic_write_text, read_jsonl
 
 SCORES = ("ES", "PS", "NS", "S")
@@ -68,6 +69,27 @@ def of_kind(rows: list[dict[str, Any]], kind: str, task: str | None = None) -> l
     return [r for r in rows if r["kind"] == kind and (task is None or r.get("task") == task)]
 
 
+def run_parts(path: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The sessions (parts) the run's committed checkpoint records: the edit count each began at,
+    its device and the commit of its code. The first part's code is the config's; sessions from
+    before commits were recorded per session name none (None)."""
+    try:
+        sessions = json.loads((RunFolder(path).checkpoints / "state.json").read_text())["state"]["sessions"]
+    except (OSError, ValueError, KeyError, TypeError):  # no checkpoint yet (a first session killed early)
+        sessions = []
+    parts = [{"at_edits": s["at_edits"], "device": s.get("device"), "git_commit": s.get("git_commit")} for s in sessions]
+    if parts and parts[0]["git_commit"] is None:
+        parts[0]["git_commit"] = config["git_commit"]
+    return parts
+
+
+def code_text(summary: dict[str, Any]) -> str:
+    """The commits of the code that produced a run, part by part ("a+b": parts on two commits; "?":
+    a part whose commit was not recorded); the config's commit for summaries without parts."""
+    commits = [(part["git_commit"] or "?")[:7] for part in summary.get("parts") or []] or [(summary.get("git_commit") or "-")[:7]]
+    return "+".join(c for i, c in enumerate(commits) if i == 0 or c != commits[i - 1])
+
+
 def build_summary(path: Path, status: str) -> dict[str, Any]:
     config = json.loads((path / "config.json").read_text())
     edits = read_jsonl(path / "edits.jsonl")
@@ -89,7 +111,7 @@ def build_summary(path: Path, status: str) -> dict[str, Any]:
     return {
         "run": path.name, "alg_name": config["alg_name"], "model": config["model"], "mode": config["mode"],
         "batch_size": config["batch_size"], "layers": config["hparams"].get("layers"), "seed": config["seed"],
-        "git_commit": config["git_commit"],
+        "git_commit": config["git_commit"], "parts": run_parts(path, config),
         "status": status, "n_edits": n_edits, "n_cases": config["n_cases"], "protocol": name,
         "setup": run_setup(config.get("options", {})),
         "evaluated_at": max((r["n_edits"] for r in periodic), default=None),  # the last evaluation's edit count
@@ -165,7 +187,7 @@ def table_row(summary: dict[str, Any], tasks: Sequence[str]) -> dict[str, str]:
     row["protocol"] = spec.name
     row["status"] = summary["status"]
     row["run"] = summary["run"]
-    row["commit"] = (summary.get("git_commit") or "-")[:7]  # the code that produced the row
+    row["commit"] = code_text(summary)  # the code that produced the row, part by part
     return row
 
 
@@ -365,6 +387,10 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     sec = summary["seconds"]
     lines += ["", f"Time: editing {sec['edit']:.0f} s, per-edit evaluation {sec['evaluate']:.0f} s, periodic evaluation "
               f"{sec['periodic']:.0f} s; git {summary['git_commit'][:12]}, seed {summary['seed']}", ""]
+    if len(summary.get("parts") or []) > 1:
+        lines[-1:] = ["", "Parts (sessions): " + "; ".join(
+            f"from {part['at_edits']} edits on {part['device']}, code {(part['git_commit'] or 'not recorded')[:12]}"
+            for part in summary["parts"]), ""]
     return "\n".join(lines)
 
 

@@ -173,7 +173,7 @@ class Figures:
     def panel(ax) -> dict:
         return {"lines": {line.get_label(): line for line in ax.get_lines()}, "texts": [t.get_text() for t in ax.texts],
                 "xlim": ax.get_xlim(), "yticks": [t.get_text() for t in ax.get_yticklabels() if t.get_text()],
-                "offset": ax.yaxis.get_offset_text().get_text()}
+                "offset": ax.yaxis.get_offset_text().get_text(), "yscale": ax.get_yscale(), "ylabel": ax.get_ylabel()}
 
 
 def plots_after_one_edit(run_folder: Path, monkeypatch, probes: bool) -> dict[str, list[dict]]:
@@ -221,6 +221,20 @@ def test_the_comparison_plot_draws_es_above_s(run_folder, monkeypatch, tmp_path)
     scores = figures.saved["comparison.png"][0]["lines"]
     assert scores["R-ROME ES"].get_zorder() > scores["R-ROME S"].get_zorder()
     assert scores["R-ROME ES"].get_marker() != scores["R-ROME S"].get_marker()
+
+
+@pytest.mark.parametrize("perplexities, scale", [((30.15, 34.1, 38.1), "linear"), ((30.15, 61.5, 423.0, 1.0e5), "log")])
+def test_perplexity_goes_on_a_log_axis_once_it_spans_ten_times(run_folder, monkeypatch, tmp_path, perplexities, scale):
+    """A collapse (30 -> 10^5) must not flatten the gradual rise before it onto the axis."""
+    from experiments.reporting.plots import write_comparison, write_plots
+
+    write_lines(run_folder / "probes.jsonl", [{"kind": "perplexity", "n_edits": 500 * i, "perplexity": p, "seconds": 1.0}
+                                              for i, p in enumerate(perplexities)])
+    figures = Figures(monkeypatch)
+    write_plots(run_folder)
+    write_comparison({"MEMIT": run_folder}, tmp_path / "comparison.png", "t")
+    panels = [panel for name in ("downstream.png", "comparison.png") for panel in figures.saved[name] if "perplexity" in panel["ylabel"]]
+    assert len(panels) == 2 and {panel["yscale"] for panel in panels} == {scale}
 
 
 LOGGED_BAR = """

@@ -30,6 +30,18 @@ def _mark_disabling(ax, disabling: list[int]) -> None:
         ax.axvline(n, color="red", linestyle=":", linewidth=1, label="disabling edit" if i == 0 else None)
 
 
+# Perplexity is drawn on a log axis once its values span this factor: a collapse (30 -> 10^5) would
+# otherwise flatten the gradual phase before it (30 -> 60 -> 400) onto the axis.
+PERPLEXITY_LOG_SPAN = 10
+
+
+def _perplexity_axis(ax) -> None:
+    """Log scale for the perplexity panel `ax` when its plotted values span PERPLEXITY_LOG_SPAN or more."""
+    values = [y for line in ax.get_lines() for y in line.get_ydata() if math.isfinite(y) and y > 0]
+    if values and max(values) >= PERPLEXITY_LOG_SPAN * min(values):
+        ax.set_yscale("log")
+
+
 def _finish(fig, ax_list, path: Path, title: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
@@ -73,6 +85,7 @@ def plot_downstream(plt, rows: list[dict[str, Any]], disabling: list[int], path:
         if ppl:
             ax.plot([r["n_edits"] for r in ppl], [r["perplexity"] for r in ppl], marker="o", color="black", label="WikiText-2")
         ax.set_ylabel("perplexity")
+        _perplexity_axis(ax)
         _mark_disabling(ax, disabling)
         _finish(fig, [ax], path, title + " (no probe tasks)")
         return
@@ -91,6 +104,7 @@ def plot_downstream(plt, rows: list[dict[str, Any]], disabling: list[int], path:
     if ppl:
         ax.plot([r["n_edits"] for r in ppl], [r["perplexity"] for r in ppl], marker="o", color="black", label="WikiText-2")
     ax.set_ylabel("perplexity")
+    _perplexity_axis(ax)
     _mark_disabling(ax, disabling)
     _finish(fig, axes.flat, path, title)
 
@@ -194,6 +208,7 @@ def write_comparison(runs: dict[str, Path], out: Path, title: str) -> Path:
         axes[0, 0].set_ylabel("score over all facts edited so far")
         axes[0, 0].set_ylim(-0.02, 1.02)
         axes[0, 1].set_ylabel("WikiText-2 perplexity")
+        _perplexity_axis(axes[0, 1])
         axes[1, 0].set_ylabel("mean probe accuracy")
         axes[1, 1].set_ylabel("||W - W0|| (Frobenius)")
         axes[1, 1].set_yscale("log")
@@ -228,6 +243,7 @@ def write_paper_columns(runs: dict[str, Path], out: Path, title: str) -> Path:
                 if points:
                     ax.plot(*zip(*points), marker="o", color=f"C{i}", label=label)
             ax.set_ylabel(column)
+        _perplexity_axis(axes.flat[panels.index("perplexity")])
         axes.flat[len(panels) - 1].set_yscale("symlog")  # ||W - W0|| starts at 0 and grows by orders
         axes.flat[len(panels)].axis("off")
         _finish(fig, list(axes.flat)[: len(panels)], out, title)
@@ -268,6 +284,8 @@ def write_batch_sizes(summaries: list[dict[str, Any]], out: Path, title: str) ->
                     ax.plot(*zip(*xy), marker="o", color=f"C{i}", linestyle="-" if mode == "batched" else "--", label=f"{alg} {mode}")
             ax.set_xscale("log", base=2)
             ax.set_ylabel(score if score != "known" else "known facts still completed")
+            if score == "perplexity":
+                _perplexity_axis(ax)
         for ax in axes.flat:
             ax.set_xlabel("edits per batch")
         fig.suptitle(title)

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# A run folder's checkpoint (experiments/pipeline/checkpoint.py writes it; the reports read the
+# run state, e.g. its sessions, from the committed state file).
+CHECKPOINT_FOLDER, CHECKPOINT_STATE = "checkpoint", "state.json"
 
 
 @dataclass(frozen=True)

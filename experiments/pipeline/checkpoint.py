@@ -35,7 +35,7 @@ from experiments.pipeline.runlock import RunLock
 from util.checks import read_tensors
 from util.errors import RunError
 from util.files import JsonlStream, atomic_write_bytes, jsonable, writing
-from util.paths import sha256_file
+from util.paths import CHECKPOINT_FOLDER, CHECKPOINT_STATE, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class Checkpoint:
 class RunFolder:
     def __init__(self, path: Path):
         self.path = path
-        self.checkpoints = path / "checkpoint"
+        self.checkpoints = path / CHECKPOINT_FOLDER
         self.streams: dict[str, JsonlStream] = {}
         self._lock: RunLock | None = None
 
@@ -136,7 +136,7 @@ class RunFolder:
     def save_checkpoint(self, ckpt: Checkpoint) -> None:
         """Write the checkpoint's files, then commit it by replacing state.json. An I/O error ends
         in one line; the previous checkpoint (state.json and the files it names) stays valid."""
-        if (self.checkpoints / "state.json").is_file():
+        if (self.checkpoints / CHECKPOINT_STATE).is_file():
             consequence = f"the previous checkpoint is intact: fix the cause and continue with --continue_from_run {self.path}"
         else:  # the run's first checkpoint: there is nothing to continue from
             consequence = "no checkpoint of this run was written yet, so it cannot be continued: fix the cause and start it again"
@@ -165,8 +165,8 @@ class RunFolder:
                         atomic_write_bytes(path, data)
                     written.append(path)
             text = json.dumps(jsonable(state), indent=2, allow_nan=False) + "\n"
-            with writing(self.checkpoints / "state.json", consequence):
-                atomic_write_bytes(self.checkpoints / "state.json", text.encode("utf-8"))
+            with writing(self.checkpoints / CHECKPOINT_STATE, consequence):
+                atomic_write_bytes(self.checkpoints / CHECKPOINT_STATE, text.encode("utf-8"))
         except RunError:
             for path in written:  # never named by a committed state.json
                 path.unlink(missing_ok=True)
@@ -178,7 +178,7 @@ class RunFolder:
     def _committed_files(self) -> set[str]:
         """The files the current state.json names."""
         try:
-            return set(json.loads((self.checkpoints / "state.json").read_text(encoding="utf-8"))["files"].values())
+            return set(json.loads((self.checkpoints / CHECKPOINT_STATE).read_text(encoding="utf-8"))["files"].values())
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return set()
 
@@ -197,7 +197,7 @@ class RunFolder:
     def committed(self, cannot: str) -> dict[str, Any]:
         """The committed checkpoint's state.json, whole (its files are not checked); one line
         naming it, followed by `cannot`, where it is missing or damaged."""
-        path = self.checkpoints / "state.json"
+        path = self.checkpoints / CHECKPOINT_STATE
         if not path.is_file():
             raise RunError(f"{path} missing: {cannot}")
         try:

@@ -30,7 +30,7 @@ from util.deltas import digest, restore, snapshot
 from util.errors import RunError
 from util.files import atomic_write_json, writing
 from util.models import LoadedModel, load_model
-from util.paths import sha256_file
+from util.paths import CHECKPOINT_STATE, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def checkpoint_weights(run: Path, at: int | None = None) -> tuple[Path, int]:
     checked against the checkpoint's manifest (or, for a file it does not name, the SHA-256
     prefix in the file's name)."""
     folder = RunFolder(run)
-    if not (folder.checkpoints / "state.json").is_file():
+    if not (folder.checkpoints / CHECKPOINT_STATE).is_file():
         raise RunError(f"{run}: no checkpoint ({folder.checkpoints / 'state.json'} does not exist)")
     latest = folder.committed(NOT_EXPORTED)
     if at is None or at == latest["n_edits"]:

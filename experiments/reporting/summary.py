@@ -16,8 +16,8 @@ from typing import Any, Sequence
 
 from experiments.metrics.counterfact import SECTIONS, CaseResult, PromptScore, summarize
 from experiments.metrics.protocols import COLUMNS, Protocol, paper_columns, protocol
-from experiments.pipeline.checkpoint import RunFolder
 from util.files import atomic_write_json, atomic_write_text, read_jsonl
+from util.paths import CHECKPOINT_FOLDER, CHECKPOINT_STATE
 
 SCORES = ("ES", "PS", "NS", "S")
 PROBE_METRICS = ("accuracy", "macro_f1", "weighted_f1", "mcc")
@@ -74,7 +74,7 @@ def run_parts(path: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
     its device and the commit of its code. The first part's code is the config's; sessions from
     before commits were recorded per session name none (None)."""
     try:
-        sessions = json.loads((RunFolder(path).checkpoints / "state.json").read_text())["state"]["sessions"]
+        sessions = json.loads((path / CHECKPOINT_FOLDER / CHECKPOINT_STATE).read_text())["state"]["sessions"]
     except (OSError, ValueError, KeyError, TypeError):  # no checkpoint yet (a first session killed early)
         sessions = []
     parts = [{"at_edits": s["at_edits"], "device": s.get("device"), "git_commit": s.get("git_commit")} for s in sessions]

@@ -45,8 +45,9 @@ def checkpoint_weights(run: Path, at: int | None = None) -> tuple[Path, int]:
     checked against the checkpoint's manifest (or, for a file it does not name, the SHA-256
     prefix in the file's name)."""
     folder = RunFolder(run)
-    if not (folder.checkpoints / CHECKPOINT_STATE).is_file():
-        raise RunError(f"{run}: no checkpoint ({folder.checkpoints / 'state.json'} does not exist)")
+    state = folder.checkpoints / CHECKPOINT_STATE
+    if not state.is_file():
+        raise RunError(f"{run}: no checkpoint ({state} does not exist)")
     latest = folder.committed(NOT_EXPORTED)
     if at is None or at == latest["n_edits"]:
         return folder.verify_file(latest, latest["files"]["weights"], NOT_EXPORTED), latest["n_edits"]

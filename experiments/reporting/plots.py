@@ -77,16 +77,21 @@ def _readable_range(ax) -> None:
         ax.ticklabel_format(axis="y", useOffset=False)
 
 
+def _perplexity_panel(ax, ppl: list[dict[str, Any]], disabling: list[int]) -> None:
+    """A run's perplexity rows against the number of edits, its disabling edits marked."""
+    if ppl:
+        ax.plot([r["n_edits"] for r in ppl], [r["perplexity"] for r in ppl], marker="o", color="black", label="WikiText-2")
+    ax.set_ylabel("perplexity")
+    _perplexity_axis(ax)
+    _mark_disabling(ax, disabling)
+
+
 def plot_downstream(plt, rows: list[dict[str, Any]], disabling: list[int], path: Path, title: str) -> None:
     probes = [r for r in rows if r["kind"] == "probe"]
     ppl = [r for r in rows if r["kind"] == "perplexity"]
     if not probes:  # no probe tasks (--downstream_tasks none): the perplexity panel alone
         fig, ax = plt.subplots(1, 1, figsize=(6, 4))
-        if ppl:
-            ax.plot([r["n_edits"] for r in ppl], [r["perplexity"] for r in ppl], marker="o", color="black", label="WikiText-2")
-        ax.set_ylabel("perplexity")
-        _perplexity_axis(ax)
-        _mark_disabling(ax, disabling)
+        _perplexity_panel(ax, ppl, disabling)
         _finish(fig, [ax], path, title + " (no probe tasks)")
         return
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
@@ -100,12 +105,7 @@ def plot_downstream(plt, rows: list[dict[str, Any]], disabling: list[int], path:
             ax.plot(*zip(*known), marker="s", color="black", label="known facts")
         ax.set_ylabel(metric)
         _mark_disabling(ax, disabling)
-    ax = axes.flat[3]
-    if ppl:
-        ax.plot([r["n_edits"] for r in ppl], [r["perplexity"] for r in ppl], marker="o", color="black", label="WikiText-2")
-    ax.set_ylabel("perplexity")
-    _perplexity_axis(ax)
-    _mark_disabling(ax, disabling)
+    _perplexity_panel(axes.flat[3], ppl, disabling)
     _finish(fig, axes.flat, path, title)
 
 

@@ -386,12 +386,12 @@ def summary_markdown(summary: dict[str, Any]) -> str:
                       f"{summary['values_from_cache']} of {summary['n_edits']} requests"]
     sec = summary["seconds"]
     lines += ["", f"Time: editing {sec['edit']:.0f} s, per-edit evaluation {sec['evaluate']:.0f} s, periodic evaluation "
-              f"{sec['periodic']:.0f} s; git {summary['git_commit'][:12]}, seed {summary['seed']}", ""]
+              f"{sec['periodic']:.0f} s; git {summary['git_commit'][:12]}, seed {summary['seed']}"]
     if len(summary.get("parts") or []) > 1:
-        lines[-1:] = ["", "Parts (sessions): " + "; ".join(
+        lines += ["", "Parts (sessions): " + "; ".join(
             f"from {part['at_edits']} edits on {part['device']}, code {(part['git_commit'] or 'not recorded')[:12]}"
-            for part in summary["parts"]), ""]
-    return "\n".join(lines)
+            for part in summary["parts"])]
+    return "\n".join(lines + [""])
 
 
 def write_summary(path: Path, status: str) -> dict[str, Any]:

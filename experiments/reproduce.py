@@ -25,14 +25,17 @@
 Each run is a normal evaluate.py run folder under <results_dir>/reproduce/<study>/<label>/; the
 study's table (Markdown) and comparison plot are written to <docs_dir>/results_<study>.{md,png}.
 Arguments after "--" go to every run (e.g. -- --number_of_tests 100). A long study runs in parts:
-`-- --stop_after 500` pauses every run after 500 more edits, `-- --continue_from_run run_001`
-continues each (every label's first run is its run_001); `--runs LABEL,...` picks some of a
-study's runs. Retention is scored on a seeded sample of each run's facts (evaluate.py
+`--part 500` runs each of the study's runs for at most 500 more edits: it continues the label's
+first run (its run_001) from its checkpoint where it exists, starts it where not, and leaves runs
+that ended (complete, or collapsed under --stop_on_perplexity); the same command, repeated, runs
+a long study to its end part by part (by hand: `-- --stop_after 500`, then
+`-- --continue_from_run run_001 --stop_after 500`). `--runs LABEL,...` picks some of a study's runs. Retention is scored on a seeded sample of each run's facts (evaluate.py
 --retention_sample), so an evaluation point costs the same at 100 and at 10,000 edits.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +49,7 @@ from experiments.sweep import EVALUATE, run_local
 from util.cli import run_cli
 from util.errors import KeditError
 from util.files import atomic_write_text
+from util.paths import CHECKPOINT_FOLDER, CHECKPOINT_STATE
 from util.stats import fast_bfloat16
 
 @dataclass(frozen=True)
@@ -120,6 +124,29 @@ def for_study(study: str, args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), "edits": args.edits or spec.edits, "eval_every": args.eval_every or spec.eval_every})
 
 
+def first_run_status(folder: Path) -> str | None:
+    """The status (paused, interrupted, running, complete, collapsed) in the committed checkpoint of
+    a label's first run, `folder` (<label>/<ALG>/run_001); None where the run was never started.
+    A folder without a checkpoint cannot be continued: one line naming it."""
+    if not folder.exists():
+        return None
+    try:
+        return json.loads((folder / CHECKPOINT_FOLDER / CHECKPOINT_STATE).read_text(encoding="utf-8"))["state"]["status"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise KeditError(f"{folder} has no readable checkpoint ({CHECKPOINT_FOLDER}/{CHECKPOINT_STATE}), so --part cannot "
+                         f"continue it: move the folder away to start the run over") from None
+
+
+def part_flags(label: str, folder: Path, part: int) -> list[str] | None:
+    """evaluate.py's flags for the next part of at most `part` edits of a label's run: continue its
+    run_001, or start it; None (printed) where that run has ended."""
+    status = first_run_status(folder)
+    if status in ("complete", "collapsed"):
+        print(f"{label}: {folder} is {status}; left as it is", flush=True)
+        return None
+    return (["--continue_from_run", folder.name] if status else []) + ["--stop_after", str(part)]
+
+
 def commands(study: str, args: argparse.Namespace, extra: list[str]) -> list[tuple[str, list[str]]]:
     args = for_study(study, args)
     root = Path(args.results_dir) / "reproduce" / study
@@ -128,9 +155,14 @@ def commands(study: str, args: argparse.Namespace, extra: list[str]) -> list[tup
     for flag, value in (("--data_dir", args.data_dir), ("--corpus", args.corpus)):
         if value:
             common += [flag, value]
-    return [(_fill(label, args), [sys.executable, EVALUATE, *[_fill(f, args) for f in flags], *common,
-                                  "--results_dir", str(root / _fill(label, args)), *extra])
-            for label, flags in chosen(study, args)]
+    runs = []
+    for label, flags in chosen(study, args):
+        label, results = _fill(label, args), root / _fill(label, args)
+        part = [] if args.part is None else part_flags(label, results / flags[1] / "run_001", args.part)
+        if part is not None:
+            runs.append((label, [sys.executable, EVALUATE, *[_fill(f, args) for f in flags], *common,
+                                 "--results_dir", str(results), *part, *extra]))
+    return runs
 
 
 def report(study: str, args: argparse.Namespace) -> None:
@@ -193,9 +225,14 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--results_dir", default="results")
     parser.add_argument("--docs_dir", default="docs")
     parser.add_argument("--report_only", action="store_true", help="only redraw tables and plots from existing runs")
+    parser.add_argument("--part", type=int, default=None, metavar="N",
+                        help="run the study in parts of at most N edits per run: each run's run_001 is continued where it "
+                             "exists and started where not; runs that ended (complete or collapsed) are left as they are")
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     if args.study != "all" and args.study not in STUDIES:
         raise KeditError(f"--study {args.study!r}: choose from {', '.join(STUDIES)} or all")
+    if args.part is not None and (args.part < 1 or {"--stop_after", "--continue_from_run"} & set(extra)):
+        raise KeditError("--part N (N >= 1) continues or starts each run itself: give it without -- --stop_after / --continue_from_run")
     if args.value_dtype == "auto":
         args.value_dtype = "bfloat16" if fast_bfloat16(torch.device("cpu")) else "float32"
     return args, extra
@@ -207,7 +244,10 @@ def main(argv=None) -> int:
     failed, unreported = 0, []
     for study in studies:
         if not args.report_only:
-            codes = run_local(commands(study, args, extra), Path(args.results_dir) / "reproduce" / study, args.jobs)
+            runs = commands(study, args, extra)
+            if not runs:
+                print(f"study {study}: every chosen run has ended; redrawing its report", flush=True)
+            codes = run_local(runs, Path(args.results_dir) / "reproduce" / study, args.jobs)
             failed += sum(code != 0 for code in codes)
         try:
             report(study, args)

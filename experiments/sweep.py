@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import shlex
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +74,7 @@ def grid(args: argparse.Namespace) -> list[Point]:
 
 
 def run_local(jobs_list: list[tuple[str, list[str]]], results_dir: Path, jobs: int) -> list[int]:
-    """Run (label, command) pairs, `jobs` processes at a time, each logging to
+    """Run (label, command) pairs, `jobs` processes at a time, each appending its log to
     <results_dir>/<label>/sweep.log. The cores are shared out so that processes do not
     oversubscribe them (OpenMP threads spinning against each other slow torch down badly)."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -82,7 +84,9 @@ def run_local(jobs_list: list[tuple[str, list[str]]], results_dir: Path, jobs: i
         label, command = item
         folder = results_dir / label
         folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / "sweep.log", "w") as log:
+        with open(folder / "sweep.log", "a") as log:  # appended: a run done in parts keeps every part's log
+            log.write(f"=== {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {shlex.join(command)}\n")
+            log.flush()
             code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         print(f"{'done' if code == 0 else f'FAILED ({code})'}: {label}  (log: {folder / 'sweep.log'})", flush=True)
         return code

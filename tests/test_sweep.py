@@ -1,3 +1,4 @@
+import json
 import sys
 
 import pytest
@@ -37,6 +38,10 @@ def test_local_runner_shares_cores_and_logs(tmp_path):
     assert codes == [3, 0]
     threads = max(1, (sweep.os.cpu_count() or 1) // 2)
     assert f"threads {threads}" in (tmp_path / "a" / "sweep.log").read_text()
+    sweep.run_local([("a", probe)], tmp_path, jobs=1)  # a second part of the run: its log follows the first's
+    log = (tmp_path / "a" / "sweep.log").read_text()
+    first, second = log.split("=== ")[1:]
+    assert f"\nthreads {threads}\n" in first and f"\nthreads {max(1, sweep.os.cpu_count() or 1)}\n" in second
 
 
 def test_reproduce_studies_run_the_same_edits_with_the_same_probes():
@@ -99,3 +104,31 @@ def test_alphaedit_study_is_the_papers_protocol(alg):
     args, extra = reproduce.parse_args(["--study", "alphaedit", "--edits", "2", "--eval_every", "1"])
     small = dict(reproduce.commands("alphaedit", args, extra))[alg]
     assert small[small.index("--dataset_size_limit") + 1] == "2" and small[small.index("--downstream_eval_steps") + 1] == "1"
+
+
+def test_part_continues_started_runs_starts_the_others_and_leaves_ended_ones(tmp_path, capsys):
+    root = tmp_path / "reproduce" / "lifelong"
+
+    def state(label: str, status: str) -> None:
+        checkpoint = root / label / label / "run_001" / "checkpoint"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "state.json").write_text(json.dumps({"state": {"status": status}, "files": {}, "sizes": {}}))
+
+    state("MEMIT", "paused")
+    state("EMMET", "complete")
+    state("AlphaEdit", "interrupted")
+    args, extra = reproduce.parse_args(["--study", "lifelong", "--runs", "MEMIT,EMMET,AlphaEdit,ENCORE",
+                                        "--results_dir", str(tmp_path), "--part", "500", "--", "--number_of_tests", "9"])
+    commands = dict(reproduce.commands("lifelong", args, extra))
+    assert list(commands) == ["MEMIT", "AlphaEdit", "ENCORE"]  # EMMET has ended
+    assert "EMMET" in capsys.readouterr().out
+    for label in ("MEMIT", "AlphaEdit"):
+        command = commands[label]
+        assert command[command.index("--continue_from_run") + 1] == "run_001" and command[command.index("--stop_after") + 1] == "500"
+        assert command[command.index("--results_dir") + 1] == str(root / label) and command[-2:] == ["--number_of_tests", "9"]
+    assert "--continue_from_run" not in commands["ENCORE"] and commands["ENCORE"][commands["ENCORE"].index("--stop_after") + 1] == "500"
+    (root / "ENCORE" / "ENCORE" / "run_001").mkdir(parents=True)  # started, killed before its first checkpoint
+    with pytest.raises(KeditError, match="ENCORE/run_001 has no readable checkpoint"):
+        reproduce.commands("lifelong", args, extra)
+    with pytest.raises(KeditError, match="--part N"):
+        reproduce.parse_args(["--study", "lifelong", "--part", "500", "--", "--stop_after", "100"])

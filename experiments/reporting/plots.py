@@ -1,7 +1,7 @@
 """PNG plots of a run folder (matplotlib, Agg backend), drawn from its JSONL files:
 
     downstream.png  probe accuracy / macro F1 / MCC per task and perplexity vs number of edits
-    retention.png   ES/PS/NS/S over all facts edited so far, and right after each edit
+    retention.png   ES/PS/NS/S over the edited facts scored (all, or the retention sample), and right after each edit
     norms.png       ||Delta|| per batch, ||W - W0|| and ||W|| per edited matrix
 
 Disabling edits are marked by red dotted vertical lines in every panel. A panel with a single
@@ -120,7 +120,7 @@ def plot_retention(plt, rows, edits, disabling: list[int], path: Path, title: st
         points = [(e["n_edits"], e["current"][key]) for e in edits if e["current"].get(key) is not None]
         if points:
             axes[1].plot(*zip(*points), label=key, **{**style, "markersize": 4})
-    axes[0].set_ylabel("score over all facts edited so far")
+    axes[0].set_ylabel("retention: score over the edited facts scored")
     axes[1].set_ylabel("score of the batch just edited")
     for ax in axes:
         ax.set_ylim(-0.02, 1.02)
@@ -205,7 +205,7 @@ def write_comparison(runs: dict[str, Path], out: Path, title: str) -> Path:
             marks = [(e["n_edits"], e["health"]["drift_norm"]) for e in edits if e["disabling"]]
             if marks:
                 axes[1, 1].plot(*zip(*marks), "x", color=color, markersize=9, label=f"{label} disabling")
-        axes[0, 0].set_ylabel("score over all facts edited so far")
+        axes[0, 0].set_ylabel("retention: score over the edited facts scored")
         axes[0, 0].set_ylim(-0.02, 1.02)
         axes[0, 1].set_ylabel("WikiText-2 perplexity")
         _perplexity_axis(axes[0, 1])

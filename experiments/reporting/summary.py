@@ -270,7 +270,7 @@ def mean_probe_accuracy(rows: list[dict[str, Any]]) -> list[tuple[int, float]]:
 
 
 def curve_rows(path: Path) -> list[dict[str, Any]]:
-    """A run's course, one row per evaluation step: scores over all facts edited so far,
+    """A run's course, one row per evaluation step: retention scores over the edited facts scored,
     perplexity, mean probe accuracy, ||W - W0||, disabling edits so far and editing minutes."""
     edits, rows = read_jsonl(path / "edits.jsonl"), read_jsonl(path / "probes.jsonl")
     retained = {r["n_edits"]: r for r in of_kind(rows, "retention")}

@@ -2,7 +2,8 @@
 
     python experiments/benchmark.py --data_dir ../shared/data            # all phases (~1-2 h)
     python experiments/benchmark.py --phases rome,stats --batches 16     # a subset
-    (phases: rome, values8 (8 requests batched vs separate), batch, stats, eval)
+    (phases: rome, values8 (8 requests batched vs separate), batch, stats, eval;
+     compiled: EMMET's values of 16 requests eager vs --value_compile, not in the default set)
     python experiments/benchmark.py --device cuda --model_name random:llama-3-8b --dtype bfloat16 --hparams Llama-3-8B.yaml
     (on a device or a random:<shape> model: s/edit per editor and batch, statistics tokens/s, peak
     memory and GPU utilisation against the bf16 matmul peak; see experiments/benchmarking/device.py)
@@ -163,6 +164,22 @@ def bench_values_batched(lm: LoadedModel, records, ctx_args: dict, n: int = 8) -
     return {"batched": batched / n, "separate": separate / n, "error": error}
 
 
+def bench_compiled(lm: LoadedModel, records, ctx_args: dict, n: int = 16, rounds: int = 2) -> dict:
+    """EMMET's value optimisation of n requests, eager and with the replayed layers compiled (the
+    runtime's compiled function, warmed up by the caller), alternately `rounds` times: the mean
+    seconds per request of each and the steps per request (the same for both)."""
+    hparams = load_algorithm_hparams("EMMET", "smollm2-135m.yaml")
+    templates = EditContext(**ctx_args).templates(lm, hparams)
+    requests, seconds, steps = [r.request for r in records[:n]], {False: [], True: []}, set()
+    for _ in range(rounds):
+        for compiled in (False, True):
+            result, taken = timed(compute_values, lm, requests, hparams.layers[-1], templates, hparams,
+                                  settings=_settings(ctx_args, compiled), runtime=ctx_args["replay"])
+            seconds[compiled].append(taken / n)
+            steps.add(sum(result.steps) / n)
+    return {"eager": sum(seconds[False]) / rounds, "compiled": sum(seconds[True]) / rounds, "steps": sorted(steps)}
+
+
 def naive_statistics(lm: LoadedModel, layer: int, texts, n_tokens: int, max_len: int = 512, batch: int = 8) -> float:
     """Tokens/s of the straightforward statistics pass: padded articles through the whole model."""
     module = lm.model.get_submodule(lm.arch.down_proj(layer))
@@ -233,7 +250,7 @@ def main() -> int:
     parser.add_argument("--naive_requests", type=int, default=2, help="requests timed on the straightforward batch path")
     parser.add_argument("--stats_windows", type=int, default=32)
     parser.add_argument("--value_dtype", default="float32", help="dtype of the fast value optimisation (bfloat16: mixed precision)")
-    parser.add_argument("--value_compile", action="store_true", help="torch.compile the replayed layers (with --value_dtype bfloat16)")
+    parser.add_argument("--value_compile", action="store_true", help="torch.compile the replayed Llama layers")
     parser.add_argument("--model_name", default="smollm2-135m", help="a model name, or random:<shape> (util/models.py RANDOM_SHAPES)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", help="the model's dtype (device report)")
@@ -252,8 +269,6 @@ def main() -> int:
         return plan_main(args)
     if args.device != "cpu" or args.model_name != "smollm2-135m":
         return device_main(args)
-    if args.value_compile and args.value_dtype == "float32":
-        parser.error("--value_compile applies to mixed-precision values: add --value_dtype bfloat16")
     phases = set(args.phases.split(","))
     caches = Environment.read().caches
     lm = load_model("smollm2-135m", model_cache=caches.models)
@@ -262,7 +277,7 @@ def main() -> int:
     ctx_args = {"caches": caches, "corpus_path": corpus, "value_dtype": args.value_dtype, "value_compile": args.value_compile,
                 "replay": ReplayRuntime()}
     batches = [int(b) for b in args.batches.split(",")]
-    records = load_cases("cf", args.data_dir, limit=max(batches + [args.rome_edits, 8]))
+    records = load_cases("cf", args.data_dir, limit=max(batches + [args.rome_edits, 16]))
     # bfloat16's peak only where it is native or asked for: emulated (AVX2 alone), the 2048^3 products take minutes
     bf16 = fast_bfloat16(torch.device("cpu")) or args.value_dtype == "bfloat16"
     peaks = {"float32": matmul_peak(), **({"bfloat16": matmul_peak(torch.bfloat16)} if bf16 else {})}
@@ -272,7 +287,7 @@ def main() -> int:
           + ("" if bf16 else " (bfloat16 not native here: not measured)"))
     print(replay_path(lm, records[0].request, load_algorithm_hparams("R-ROME", "smollm2-135m.yaml"), args.value_dtype,
                       args.value_compile) + "\n")
-    if args.value_compile:  # compiled once per process: not part of any edit's time
+    if args.value_compile or "compiled" in phases:  # compiled once per process: not part of any edit's time
         print(f"torch.compile of the replayed layers: {compile_warm_up(lm, records, ctx_args):.0f} s\n")
     print("| phase | fast | straightforward | ratio | note |\n|---|---|---|---|---|")
     if "rome" in phases:
@@ -285,6 +300,10 @@ def main() -> int:
         v = bench_values_batched(lm, records, ctx_args)
         print(row("r-ROME values, 8 requests batched vs separate", v["batched"], v["separate"], "s/request",
                   f"max relative difference of v* {v['error']:.1e}"), flush=True)
+    if "compiled" in phases:
+        c = bench_compiled(lm, records, ctx_args)
+        print(row("EMMET values of 16 requests, compiled vs eager replay", c["compiled"], c["eager"], "s/request",
+                  f"{args.value_dtype}; steps/request {', '.join(f'{s:.1f}' for s in c['steps'])}"), flush=True)
     if "batch" in phases:
         for alg in args.batch_algs.split(","):
             single = bench_batch(lm, records, alg, 1, ctx_args, 1)

@@ -54,8 +54,8 @@ class EditConfig:
     # "bfloat16": value optimisation's replayed layers in mixed precision (several times faster on
     # CPUs with avx512_bf16/AMX and on GPUs; values close to, not equal to, float32 ones)
     value_dtype: str = "float32"
-    # with a mixed-precision value_dtype on Llama models: torch.compile the replayed layers
-    # (rome.values.llama_layer.llama_layer; compiled in the first calls of a runtime, up to ~1.5 min on a 2-core CPU)
+    # on plain Llama models: torch.compile the replayed layers (rome.values.llama_layer.llama_layer;
+    # compiled in the first calls of a runtime, ~1-1.5 min on a 2-core CPU)
     value_compile: bool = False
     # value steps between the host's reads of which requests still run (rome/compute_v.py); None:
     # every step on a CPU, compute_v.SYNC_EVERY on an accelerator. The values do not depend on it

@@ -174,6 +174,22 @@ def test_llama_layer_function_replays_exactly_what_transformers_layers_compute(t
     assert torch.equal(ours.delta, theirs.delta) and ours.final_loss == theirs.final_loss and ours.steps == theirs.steps
 
 
+def test_float32_values_replay_the_function_only_to_compile_it(tiny_llama, monkeypatch, caches):
+    # --value_compile with float32 values: the Llama layer function on the model's own weights,
+    # equal to the modules to the bit uncompiled (here the runtime hands out the plain function).
+    hp = tiny_hparams(v_num_grad_steps=6)
+    templates = EditContext(caches).templates(tiny_llama, hp)
+    batch = batch_layout.build_batch(tiny_llama, requests(), templates, hp)
+    runtime = replay.ReplayRuntime()
+    assert isinstance(replay.make_replay(tiny_llama, batch, 1, hp.v_loss_layer, runtime=runtime), replay.ModuleReplay)
+    monkeypatch.setattr(replay.ReplayRuntime, "layer_function", lambda self, compiled: llama_layer.llama_layer)
+    functional = replay.make_replay(tiny_llama, batch, 1, hp.v_loss_layer, runtime=runtime, compiled=True)
+    assert isinstance(functional, replay.LlamaReplay) and not functional.upper.copied
+    theirs = compute_values(tiny_llama, requests(), 1, templates, hp, settings=ValueSettings())
+    ours = compute_values(tiny_llama, requests(), 1, templates, hp, settings=ValueSettings(compiled=True))
+    assert torch.equal(ours.delta, theirs.delta) and ours.final_loss == theirs.final_loss and ours.steps == theirs.steps
+
+
 def test_unpadded_length_group_replays_as_the_modules_do(tiny_llama, monkeypatch, caches):
     # Every distinct suffix length its own group: one request's groups hold one row each, which
     # transformers runs without a mask (plain causal); the function builds that mask itself.
@@ -223,6 +239,12 @@ def test_compiled_llama_layers_reach_the_same_loss(tiny_llama, caches):
     eager, compiled = _mixed_values(tiny_llama, caches), _mixed_values(tiny_llama, caches, compiled=True)
     # fused kernels round differently in bfloat16: close, not equal
     torch.testing.assert_close(torch.tensor(compiled.final_loss), torch.tensor(eager.final_loss), rtol=1e-2, atol=0)
+    assert compiled.steps == eager.steps
+    # and in float32, where the function runs on the model's own weights
+    hp = tiny_hparams(v_num_grad_steps=6)
+    templates = EditContext(caches).templates(tiny_llama, hp)
+    eager, compiled = (compute_values(tiny_llama, requests(), 1, templates, hp, settings=ValueSettings(compiled=flag)) for flag in (False, True))
+    torch.testing.assert_close(compiled.delta, eager.delta, rtol=1e-4, atol=1e-5)
     assert compiled.steps == eager.steps
 
 

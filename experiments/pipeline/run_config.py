@@ -70,7 +70,7 @@ class RunOptions:
     stop_on_perplexity: float = 0.0  # end the run at an evaluation whose perplexity is this multiple of the pre-edit one (0: never)
     dtype: str = "float32"
     value_dtype: str = "float32"  # "bfloat16": mixed-precision value optimisation (rome/compute_v.py)
-    value_compile: bool = False  # torch.compile the replayed Llama layers (mixed-precision values only)
+    value_compile: bool = False  # torch.compile the replayed Llama layers (plain Llama models; other architectures replay modules)
     # reuse target values optimised before on the same weights, request, templates and value hparams
     # (rome/value_cache.py): the batches of a batched study share them across batch sizes
     value_cache: bool = False
@@ -119,8 +119,6 @@ class RunOptions:
             raise RunError("--custom_path goes with --ds_name custom, and --ds_name custom needs --custom_path")
         if self.value_dtype not in ("float32", "bfloat16", "float16"):
             raise RunError(f"--value_dtype must be float32, bfloat16 or float16, got {self.value_dtype!r}")
-        if self.value_compile and self.value_dtype == "float32":
-            raise RunError("--value_compile applies to mixed-precision values: add --value_dtype bfloat16")
         if self.save_model and not self.sequential:
             raise RunError("--save_model needs --sequential: a batched run undoes every batch, leaving no edited model")
         if self.protocol not in PROTOCOLS:

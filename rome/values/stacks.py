@@ -38,7 +38,8 @@ class UpperModules:
     def __init__(self, lm: LoadedModel, layer: int, loss_layer: int, autocast: torch.dtype | None):
         self.originals = [lm.model.get_submodule(lm.arch.layer(j)) for j in range(layer + 1, loss_layer + 1)]
         modules = [*self.originals, lm.model.get_submodule(lm.arch.final_norm), lm.model.get_submodule(lm.arch.unembed)]
-        self.mixed = autocast is not None and not any(hasattr(m, "_hf_hook") for m in modules)
+        self.hooked = any(hasattr(m, "_hf_hook") for m in modules)
+        self.mixed = autocast is not None and not self.hooked
         self.copied = self.mixed and bool(matrices_to_copy(modules, autocast))
         if self.copied:
             modules = [copy.deepcopy(m) for m in modules]

@@ -103,7 +103,7 @@ def build_parser() -> Parser:
                        help="reuse target values optimised before on the same model weights, request, templates and value hparams "
                             "($KEDIT_CACHE/values; equal to recomputed ones up to float rounding): a batched run's batch sizes share them")
     where.add_argument("--value_compile", action="store_true",
-                       help="on Llama models: torch.compile the replayed layers (~1 min in the first edits, then faster steps: 16%% in float32 on an AVX2 CPU)")
+                       help="on Llama models: torch.compile the replayed layers (~1 min in the first edits, then faster steps: 14-16%% in float32 on an AVX2 CPU)")
     return p
 
 

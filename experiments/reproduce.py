@@ -35,7 +35,6 @@ a long study to its end part by part (by hand: `-- --stop_after 500`, then
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ from pathlib import Path
 import torch
 
 from experiments.reporting.plots import write_batch_sizes, write_comparison, write_paper_columns
-from experiments.reporting.summary import curve_markdown, markdown_table, milestones_markdown, paper_markdown
+from experiments.reporting.summary import checkpoint_state, curve_markdown, markdown_table, milestones_markdown, paper_markdown
 from experiments.summarize import find_summaries, load_summaries
 from experiments.sweep import EVALUATE, run_local
 from util.cli import run_cli
@@ -130,11 +129,11 @@ def first_run_status(folder: Path) -> str | None:
     A folder without a checkpoint cannot be continued: one line naming it."""
     if not folder.exists():
         return None
-    try:
-        return json.loads((folder / CHECKPOINT_FOLDER / CHECKPOINT_STATE).read_text(encoding="utf-8"))["state"]["status"]
-    except (OSError, ValueError, KeyError, TypeError):
+    state = checkpoint_state(folder)
+    if state is None or "status" not in state:
         raise KeditError(f"{folder} has no readable checkpoint ({CHECKPOINT_FOLDER}/{CHECKPOINT_STATE}), so --part cannot "
-                         f"continue it: move the folder away to start the run over") from None
+                         f"continue it: move the folder away to start the run over")
+    return state["status"]
 
 
 def part_flags(label: str, folder: Path, part: int) -> list[str] | None:
@@ -245,7 +244,7 @@ def main(argv=None) -> int:
     for study in studies:
         if not args.report_only:
             runs = commands(study, args, extra)
-            if not runs:
+            if not runs and args.part is not None:
                 print(f"study {study}: every chosen run has ended; redrawing its report", flush=True)
             codes = run_local(runs, Path(args.results_dir) / "reproduce" / study, args.jobs)
             failed += sum(code != 0 for code in codes)

@@ -69,14 +69,21 @@ def of_kind(rows: list[dict[str, Any]], kind: str, task: str | None = None) -> l
     return [r for r in rows if r["kind"] == kind and (task is None or r.get("task") == task)]
 
 
+def checkpoint_state(path: Path) -> dict[str, Any] | None:
+    """The run state in the run folder's committed checkpoint (status, sessions, ...); None where
+    there is none or it cannot be read (a first session killed before its first checkpoint)."""
+    try:
+        state = json.loads((path / CHECKPOINT_FOLDER / CHECKPOINT_STATE).read_text(encoding="utf-8"))["state"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
 def run_parts(path: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
     """The sessions (parts) the run's committed checkpoint records: the edit count each began at,
     its device and the commit of its code. The first part's code is the config's; sessions from
     before commits were recorded per session name none (None)."""
-    try:
-        sessions = json.loads((path / CHECKPOINT_FOLDER / CHECKPOINT_STATE).read_text())["state"]["sessions"]
-    except (OSError, ValueError, KeyError, TypeError):  # no checkpoint yet (a first session killed early)
-        sessions = []
+    sessions = (checkpoint_state(path) or {}).get("sessions", [])
     parts = [{"at_edits": s["at_edits"], "device": s.get("device"), "git_commit": s.get("git_commit")} for s in sessions]
     if parts and parts[0]["git_commit"] is None:
         parts[0]["git_commit"] = config["git_commit"]

@@ -23,7 +23,11 @@
     python experiments/reproduce.py --study rome --jobs 2 --data_dir ../shared/data --corpus ../shared/data/wiki
 
 Each run is a normal evaluate.py run folder under <results_dir>/reproduce/<study>/<label>/; the
-study's table (Markdown) and comparison plot are written to <docs_dir>/results_<study>.{md,png}.
+study's table (Markdown) and comparison plot are written to <docs_dir>/results_<study>.{md,png},
+and the part of each run folder they were drawn from (its config, summary, edit and probe
+records: no per-fact scores, no checkpoint) to <docs_dir>/runs/<study>/<label>/, so a report is
+redrawn from those records where a run folder is absent (a clone, a lost results folder) or
+behind its record.
 Arguments after "--" go to every run (e.g. -- --number_of_tests 100). A long study runs in parts:
 `--part 500` runs each of the study's runs for at most 500 more edits: it continues the label's
 first run (its run_001) from its checkpoint where it exists, starts it where not, and leaves runs
@@ -35,6 +39,7 @@ a long study to its end part by part (by hand: `-- --stop_after 500`, then
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +70,10 @@ class Study:
 ALPHAEDIT_EDITORS = ("MEMIT", "PRUNE", "RECT", "AlphaEdit", "EMMET", "ENCORE")
 LIFELONG_EDITORS = ("MEMIT", "EMMET", "AlphaEdit", "ENCORE", "RECT", "PRUNE", "FT-L", "FT-M", "UltraEdit")
 BATCH_SIZES = (16, 64, 256, 1024, 4096)  # seed 002's batch sizes; 4,096 edits in all
+RECORDS = "runs"  # <docs_dir>/runs/<study>/<label>/: each reported run's record (keep_record)
+# What a report reads from a run folder: everything but the per-fact scores (cases.jsonl, several MB
+# in a long run) and the checkpoint (edited weights; tens of MB).
+RECORD_FILES = ("config.json", "summary.json", "summary.md", "edits.jsonl", "probes.jsonl")
 FLAT = ["--ds_name", "flat_cf_train"]  # 10,000 records: enough for the long studies
 
 def batch_runs(largest_batched_first: bool) -> list[tuple[str, list[str]]]:
@@ -164,23 +173,58 @@ def commands(study: str, args: argparse.Namespace, extra: list[str]) -> list[tup
     return runs
 
 
+def n_edits(run: Path) -> int:
+    return json.loads((run / "summary.json").read_text(encoding="utf-8"))["n_edits"]
+
+
+def reported_run(folder: Path | None, record: Path) -> Path | None:
+    """What the report shows for one label: its run folder under --results_dir, or its record in
+    the docs (RECORDS) where there is no run folder or the record holds more edits (a study
+    restarted on another machine does not shrink the report until its new run is further on)."""
+    kept = record if (record / "summary.json").exists() else None
+    if folder is not None and kept is not None and n_edits(kept) > n_edits(folder):
+        print(f"warning: {record} ({n_edits(kept)} edits) is further on than {folder} ({n_edits(folder)}); "
+              f"the report shows the record", file=sys.stderr)
+        return kept
+    if folder is None and kept is not None:
+        print(f"{record.name}: no run folder; reported from its record {record}", file=sys.stderr)
+    return folder or kept
+
+
+def keep_record(run: Path, record: Path) -> None:
+    """Copy what a study's report reads from a run folder (RECORD_FILES) into `record`, beside the
+    docs it backs, so the report can be redrawn without the run folder (a clone, another machine,
+    a results folder lost)."""
+    record.mkdir(parents=True, exist_ok=True)
+    for name in RECORD_FILES:
+        if (run / name).exists():
+            atomic_write_text(record / name, (run / name).read_text(encoding="utf-8"))
+
+
 def report(study: str, args: argparse.Namespace) -> None:
     args, spec = for_study(study, args), STUDIES[study]
     base = Path(args.results_dir) / "reproduce"
     labels = [(source, label) for source, label in REUSED.get(study, [])]
     order = {label: index for index, label in enumerate(spec.report_order)}
     labels += sorted(((study, _fill(label, args)) for label, _ in spec.runs), key=lambda pair: order.get(pair[1], len(order)))
-    runs = {label: sorted((base / source / label).rglob("summary.json"))[-1].parent
-            for source, label in labels if list((base / source / label).rglob("summary.json"))}
     docs = Path(args.docs_dir)
+    runs = {}
+    for source, label in labels:
+        found = sorted((base / source / label).rglob("summary.json"))
+        run = reported_run(found[-1].parent if found else None, docs / RECORDS / source / label)
+        if run is not None:
+            runs[label] = run
     if not runs:  # never replace a shipped table and plot with an empty one
         raise KeditError(f"no runs of study '{study}' under {base / study} (no summary.json of "
-                         f"{', '.join(label for _, label in labels)}): {docs / f'results_{study}.md'} and .png left as they are; "
-                         f"check --results_dir, or run the study first")
+                         f"{', '.join(label for _, label in labels)}) and no records of them in {docs / RECORDS}: "
+                         f"{docs / f'results_{study}.md'} and .png left as they are; check --results_dir, or run the study first")
     missing = [label for _, label in labels if label not in runs]
     if missing:
         print(f"warning: study '{study}': no runs of {', '.join(missing)} under {base}; the table shows the others", file=sys.stderr)
     docs.mkdir(parents=True, exist_ok=True)
+    for source, label in labels:
+        if label in runs and runs[label] != docs / RECORDS / source / label:
+            keep_record(runs[label], docs / RECORDS / source / label)
     summaries = load_summaries(find_summaries([str(p) for p in runs.values()]))
     table = markdown_table(summaries)
     course = curve_markdown(runs)

@@ -272,6 +272,40 @@ def test_batch_study_report_lists_batch_sizes_in_ascending_order(hand_made_run, 
     assert course.index("| EMMET_batched_16 |") < course.index("| EMMET_batched_4096 |") < course.index("| MEMIT_seq-batched_16 |")
 
 
+def test_study_report_keeps_each_runs_record_and_redraws_from_it(hand_made_run, tmp_path, capsys):
+    """A report copies what it read from each run folder into <docs>/runs/<study>/<label>: with the
+    run folders gone it redraws the same table, and a shorter new run does not replace a record
+    that is further on."""
+    import shutil
+
+    from experiments import reproduce
+
+    write_summary(hand_made_run, "paused")
+    results, docs = tmp_path / "study", tmp_path / "docs"
+    for label in ("MEMIT", "EMMET"):
+        shutil.copytree(hand_made_run, results / "reproduce" / "lifelong" / label / "ROME" / "run_001")
+    args, _ = reproduce.parse_args(["--study", "lifelong", "--report_only", "--results_dir", str(results), "--docs_dir", str(docs)])
+    reproduce.report("lifelong", args)
+    table = (docs / "results_lifelong.md").read_text()
+    record = docs / "runs" / "lifelong" / "MEMIT"
+    assert sorted(p.name for p in record.iterdir()) == sorted(reproduce.RECORD_FILES)  # no cases.jsonl, no checkpoint
+    shutil.rmtree(results)
+    (docs / "results_lifelong.md").unlink()
+    reproduce.report("lifelong", args)
+    assert (docs / "results_lifelong.md").read_text() == table
+    assert "reported from its record" in capsys.readouterr().err
+    restarted = results / "reproduce" / "lifelong" / "MEMIT" / "ROME" / "run_001"
+    shutil.copytree(hand_made_run, restarted)
+    summary = json.loads((restarted / "summary.json").read_text())
+    (restarted / "summary.json").write_text(json.dumps({**summary, "n_edits": 1}))
+    reproduce.report("lifelong", args)
+    assert (docs / "results_lifelong.md").read_text() == table and json.loads((record / "summary.json").read_text())["n_edits"] == 3
+    assert "further on than" in capsys.readouterr().err
+    (restarted / "summary.json").write_text(json.dumps({**summary, "n_edits": 5}))
+    reproduce.report("lifelong", args)
+    assert json.loads((record / "summary.json").read_text())["n_edits"] == 5
+
+
 def test_below_half_starts_from_the_unedited_model_where_it_was_measured():
     curve = [{"edits": 0, "S": None, "known": 1.0}, {"edits": 50, "S": 0.9, "known": 0.9}, {"edits": 100, "S": 0.5, "known": 0.49},
              {"edits": 150, "S": 0.44, "known": 0.4}]

@@ -1,24 +1,26 @@
 """Reproduce the findings behind this project on the embedded model, on CPU:
 
-  a  rome     sequential original ROME vs r-ROME over the same 1,000 CounterFact edits, each run
-              ended early once the model has collapsed (perplexity 10x the unedited model's):
-              disabling edits, ||W - W0|| growth, perplexity, known facts, retention
-  b  forget   sequential MEMIT and EMMET (batch 1) over the same edits: gradual, then catastrophic
-              forgetting; retention of earlier edits
-  c  batch    the batch-size study ("Is bigger edit batch size always better?"): the same 4,096
-              flat CounterFact edits with EMMET and MEMIT, batched (independent batches) and
-              sequential-batched at 16, 64, 256, 1,024 and 4,096 edits per batch, evaluated every
-              1,024 edits (a sequential-batched run at 4,096 is the batched one); the batched runs
-              of an editor optimise each fact's target value once (--value_cache: all batch sizes
-              edit the unedited model with the same values, so they differ only in the solve),
-              in the run at 4,096, which starts first: its values are optimised in chunks of 64
-  lifelong    MEMIT, EMMET, AlphaEdit, ENCORE, RECT, PRUNE, FT-L, FT-M and UltraEdit over 10,000 flat
-              CounterFact edits in sequential batches of 100, evaluated every 500
-  alphaedit   AlphaEdit's Table 1: 2,000 CounterFact edits (cf_flat: the original-schema records,
-              then flat records of other facts) in sequential batches of 100 with MEMIT,
-              PRUNE, RECT, AlphaEdit, EMMET and ENCORE, scored under --protocol alphaedit; adds the
-              table in the paper's columns (+ perplexity, ||W - W0||) and a plot of each column
-              against the number of edits (results_alphaedit_columns.png)
+  a  rome       sequential original ROME vs r-ROME over the same 1,000 CounterFact edits, each run
+                ended early once the model has collapsed (perplexity 10x the unedited model's):
+                disabling edits, ||W - W0|| growth, perplexity, known facts, retention
+  b  batch      the batch-size study ("Is bigger edit batch size always better?"): the same 4,096
+                flat CounterFact edits with EMMET and MEMIT, batched (independent batches) and
+                sequential-batched at 16, 64, 256, 1,024 and 4,096 edits per batch, evaluated every
+                1,024 edits (a sequential-batched run at 4,096 is the batched one); the batched runs
+                of an editor optimise each fact's target value once (--value_cache: all batch sizes
+                edit the unedited model with the same values, so they differ only in the solve),
+                in the run at 4,096, which starts first: its values are optimised in chunks of 64
+  c  lifelong   MEMIT, EMMET, AlphaEdit, ENCORE, RECT, PRUNE, FT-L, FT-M and UltraEdit over 10,000 flat
+                CounterFact edits in sequential batches of 100, evaluated every 500
+  d  alphaedit  AlphaEdit's Table 1: 2,000 CounterFact edits (cf_flat: the original-schema records,
+                then flat records of other facts) in sequential batches of 100 with MEMIT,
+                PRUNE, RECT, AlphaEdit, EMMET and ENCORE, scored under --protocol alphaedit; adds the
+                table in the paper's columns (+ perplexity, ||W - W0||) and a plot of each column
+                against the number of edits (results_alphaedit_columns.png)
+     forget     sequential MEMIT and EMMET (batch 1) over the same edits: gradual, then catastrophic
+                forgetting; retention of earlier edits (an earlier, shorter study)
+
+The letters are those of docs/results.md's long studies.
 
     python experiments/reproduce.py --study rome --jobs 2 --data_dir ../shared/data --corpus ../shared/data/wiki
 
@@ -33,8 +35,9 @@ Arguments after "--" go to every run (e.g. -- --number_of_tests 100). A long stu
 first run (its run_001) from its checkpoint where it exists, starts it where not, and leaves runs
 that ended (complete, or collapsed under --stop_on_perplexity); the same command, repeated, runs
 a long study to its end part by part (by hand: `-- --stop_after 500`, then
-`-- --continue_from_run run_001 --stop_after 500`). `--runs LABEL,...` picks some of a study's runs. Retention is scored on a seeded sample of each run's facts (evaluate.py
---retention_sample), so an evaluation point costs the same at 100 and at 10,000 edits.
+`-- --continue_from_run run_001 --stop_after 500`). `--runs LABEL,...` picks some of a study's
+runs. Retention is scored on a seeded sample of each run's facts (evaluate.py --retention_sample),
+so an evaluation point costs the same at 100 and at 10,000 edits.
 """
 from __future__ import annotations
 
@@ -182,10 +185,12 @@ def reported_run(folder: Path | None, record: Path) -> Path | None:
     the docs (RECORDS) where there is no run folder or the record holds more edits (a study
     restarted on another machine does not shrink the report until its new run is further on)."""
     kept = record if (record / "summary.json").exists() else None
-    if folder is not None and kept is not None and n_edits(kept) > n_edits(folder):
-        print(f"warning: {record} ({n_edits(kept)} edits) is further on than {folder} ({n_edits(folder)}); "
-              f"the report shows the record", file=sys.stderr)
-        return kept
+    if folder is not None and kept is not None:
+        kept_edits, folder_edits = n_edits(kept), n_edits(folder)
+        if kept_edits > folder_edits:
+            print(f"warning: {record} ({kept_edits} edits) is further on than {folder} ({folder_edits}); "
+                  f"the report shows the record", file=sys.stderr)
+            return kept
     if folder is None and kept is not None:
         print(f"{record.name}: no run folder; reported from its record {record}", file=sys.stderr)
     return folder or kept

@@ -15,7 +15,7 @@ from experiments.pipeline.checkpoint import Checkpoint, RunFolder
 from experiments.pipeline.evals import prompt_budget
 from experiments.pipeline.health import UpdateHealth, disabling_reasons
 from experiments.pipeline.run_config import HealthThresholds, RunOptions
-from experiments.reporting.plots import batch_size_points, write_batch_sizes
+from experiments.reporting.plots import batch_size_lines, batch_size_points, write_batch_sizes
 from experiments.reporting.summary import (below_half, build_summary, curve_markdown, curve_rows, milestones, milestones_markdown,
                                           summary_markdown, write_summary)
 from experiments.summarize import main as summarize_main
@@ -323,7 +323,15 @@ def test_batch_size_points_and_plot(tmp_path):
            "known": None}
     assert batch_size_points(batched) == {"ES": 0.9, "PS": 0.8, "NS": 0.7, "S": 0.8, "known": 0.95, "perplexity": 31.0}
     assert batch_size_points(seq)["ES"] == 0.6 and batch_size_points(seq)["known"] is None
-    out = write_batch_sizes([batched, seq], tmp_path / "b.png", "t")
+    # the batched run in one batch of all its edits ends the sequential-batched line (it is that run at its size)
+    whole = {**batched, "batch_size": 4096, "n_edits": 4096, "current": {"ES": 0.3, "PS": 0.3, "NS": 0.3, "S": 0.3}}
+    batched, seq = {**batched, "n_edits": 4096}, {**seq, "n_edits": 4096}
+    lines = batch_size_lines([whole, seq, batched])
+    assert [size for size, _ in lines[("EMMET", "batched")]] == [16, 4096]
+    assert [(size, points["ES"]) for size, points in lines[("EMMET", "sequential-batched")]] == [(64, 0.6), (4096, 0.3)]
+    assert list(batch_size_lines([whole, batched])) == [("EMMET", "batched")]  # no sequential-batched line drawn from it alone
+    assert [size for size, _ in batch_size_lines([{**batched, "batch_size": 1024}, seq])[("EMMET", "sequential-batched")]] == [64]
+    out = write_batch_sizes([whole, batched, seq], tmp_path / "b.png", "t")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

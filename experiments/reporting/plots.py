@@ -265,6 +265,21 @@ def batch_size_points(summary: dict[str, Any]) -> dict[str, float | None]:
             "perplexity": last(summary.get("perplexity"), "perplexity")}
 
 
+def batch_size_lines(summaries: list[dict[str, Any]]) -> dict[tuple[str, str], list[tuple[int, dict[str, float | None]]]]:
+    """(editor, mode) -> [(batch size, scores)], sorted by batch size. A batched run whose one batch
+    holds all its edits is also the sequential-batched run at that size (one batch, nothing before it),
+    so it ends that editor's sequential-batched line too, where the editor has one."""
+    lines: dict[tuple[str, str], list[tuple[int, dict[str, float | None]]]] = {}
+    for summary in summaries:
+        lines.setdefault((summary["alg_name"], summary["mode"]), []).append((summary["batch_size"], batch_size_points(summary)))
+    for summary in summaries:
+        sequential = lines.get((summary["alg_name"], "sequential-batched"))
+        if (summary["mode"] == "batched" and summary["batch_size"] >= summary["n_edits"] and sequential is not None
+                and summary["batch_size"] not in [size for size, _ in sequential]):
+            sequential.append((summary["batch_size"], batch_size_points(summary)))
+    return {key: sorted(points, key=lambda point: point[0]) for key, points in lines.items()}
+
+
 def write_batch_sizes(summaries: list[dict[str, Any]], out: Path, title: str) -> Path:
     """One panel per score against the batch size (log scale), one line per editor and mode."""
     import matplotlib
@@ -272,14 +287,12 @@ def write_batch_sizes(summaries: list[dict[str, Any]], out: Path, title: str) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines: dict[tuple[str, str], list[tuple[int, dict[str, float | None]]]] = {}
-    for summary in summaries:
-        lines.setdefault((summary["alg_name"], summary["mode"]), []).append((summary["batch_size"], batch_size_points(summary)))
+    lines = batch_size_lines(summaries)
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     try:
         for ax, score in zip(axes.flat, BATCH_SCORES):
             for i, ((alg, mode), points) in enumerate(sorted(lines.items())):
-                xy = sorted((size, values[score]) for size, values in points if values[score] is not None)
+                xy = [(size, values[score]) for size, values in points if values[score] is not None]
                 if xy:
                     ax.plot(*zip(*xy), marker="o", color=f"C{i}", linestyle="-" if mode == "batched" else "--", label=f"{alg} {mode}")
             ax.set_xscale("log", base=2)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,6 +19,7 @@ from data.download import NO_ENVIRONMENT, DataFile, find_local, missing_error
 from data.fields import get_int, get_str, get_str_list, read_jsonl
 from util.environment import Environment, online
 from util.errors import DataError
+from util.sampling import seeded_sample
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +140,8 @@ def read_probe(task: str, path: str | Path, limit: int | None = None, seed: int 
     if len(examples) <= FEW_SHOT_POOL:
         raise DataError(f"{path}: {len(examples)} items; need more than the {FEW_SHOT_POOL} of the few-shot pool")
     test = examples[FEW_SHOT_POOL:]
-    if limit is not None and limit < len(test):
-        keep = sorted(random.Random(seed).sample(range(len(test)), limit))
-        test = [test[i] for i in keep]
+    if limit is not None:
+        test = seeded_sample(test, limit, seed)
     return ProbeSet(spec, tuple(examples[:FEW_SHOT_POOL]), tuple(test), str(path))
 
 

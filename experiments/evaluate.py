@@ -76,6 +76,10 @@ def build_parser() -> Parser:
     evals.add_argument("--retention_all_at_end", action="store_true", help="the last evaluation scores every edited fact")
     evals.add_argument("--known_facts", type=int, default=DEFAULTS.known_facts, metavar="N",
                        help="known-facts probe: at most N facts the unedited model completes, none about an edited subject (0: off)")
+    evals.add_argument("--final_generation_sample", type=int, default=DEFAULTS.final_generation_sample, metavar="N",
+                       help="protocols that generate from every edited fact at the end (alphaedit): a seeded sample of N of "
+                            "them instead (0: all; ~10 prompts of 100 tokens each, hours on a CPU at 2,000 facts); a run "
+                            "continued before its end may set it")
     evals.add_argument("--perplexity_tokens", type=int, default=DEFAULTS.perplexity_tokens, help="WikiText-2 test tokens scored")
     evals.add_argument("--entropy_ratio", type=float, default=HEALTH.entropy_ratio,
                        help="disabling edit: fluency below this fraction of the pre-edit fluency")

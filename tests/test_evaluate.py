@@ -83,6 +83,9 @@ def test_continued_run_keeps_stored_options_and_takes_session_flags(tmp_path):
     assert options.differences(stored) == []
     changed = options_from_argv(["--continue_from_run", "run_001", "--results_dir", str(tmp_path), "--num_edits", "4"])
     assert changed.differences(stored) == ["num_edits"]
+    # the last evaluation's sample may be set anew before the run ends (it defines nothing measured so far)
+    final = options_from_argv(["--continue_from_run", "run_001", "--results_dir", str(tmp_path), "--final_generation_sample", "3"])
+    assert final.final_generation_sample == 3 and final.differences(stored) == []
     with pytest.raises(RunError, match="run_009"):
         options_from_argv(["--continue_from_run", "run_009", "--results_dir", str(tmp_path)])
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from tests.helpers import run_options, tiny_hparams
 from util.errors import DataError
 from util.files import read_jsonl
 from util.models import LoadedModel
+from util.sampling import seeded_sample
 
 
 fresh = fresh_llama
@@ -69,6 +71,14 @@ def test_probe_excludes_edited_subjects_and_samples_with_the_seed():
     sample = probe_facts(facts, [], 3, seed=1)
     assert len(sample) == 3 and sample == probe_facts(facts, [], 3, seed=1)
     assert [f.known_id for f in sample] == sorted(f.known_id for f in sample)  # file order kept
+
+
+def test_seeded_sample_keeps_order_and_is_the_draw_of_its_seed():
+    items = list("abcdefghij")
+    drawn = seeded_sample(items, 4, seed=7)
+    assert drawn == [items[i] for i in sorted(random.Random(7).sample(range(10), 4))]  # the draw the runs recorded before
+    assert drawn == seeded_sample(items, 4, seed=7) != seeded_sample(items, 4, seed=8)
+    assert seeded_sample(items, 10, 0) == items == seeded_sample(items, 99, 0) and seeded_sample((), 3, 0) == []
 
 
 def test_known_facts_of_a_model_are_found_once_and_scored(tokenizer, caches, tmp_path, monkeypatch):

@@ -25,6 +25,8 @@ from experiments.summarize import csv_text
 from tests.helpers import tiny_hparams
 from tests.test_evaluate_run import fresh, options  # noqa: F401 (fixtures)
 from util.errors import RunError
+from util.files import read_jsonl
+from util.sampling import seeded_sample
 
 
 
@@ -140,3 +142,10 @@ def test_every_number_of_an_alphaedit_run_names_its_protocol(options, tokenizer,
     curve = paper_curve(path)
     assert [c["edits"] for c in curve] == [0, 2, 4, 5] and curve[-1]["Efficacy"] == pytest.approx(summary["paper"]["Efficacy"])
     assert write_paper_columns({"R-ROME": path}, tmp_path / "columns.png", "t").read_bytes()[:4] == b"\x89PNG"
+    # --final_generation_sample: the last generation over a seeded sample of the edited facts, said so
+    sampled = run(dataclasses.replace(options, final_generation_sample=2), fresh(tokenizer), tiny_hparams())
+    last = [r for r in read_jsonl(sampled / "probes.jsonl") if r["kind"] == "generation"][-1]
+    every = [s["case_id"] for s in final["samples"]]
+    assert (last["scope"], last["facts"]) == ("sample", 2)
+    assert [s["case_id"] for s in last["samples"]] == seeded_sample(every, 2, options.seed)
+    assert json.loads((sampled / "summary.json").read_text())["generation"]["last"]["facts"] == 2

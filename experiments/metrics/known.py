@@ -8,7 +8,6 @@ NLL of the attributes. Chance is a random guess completing the attribute: one in
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -16,6 +15,7 @@ from data.known import KnownFact
 from experiments.metrics.formulas import mean
 from experiments.metrics.scoring import score_continuations
 from util.models import LoadedModel
+from util.sampling import seeded_sample
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,4 @@ def probe_facts(known: Sequence[KnownFact], edited_subjects: Iterable[str], limi
     case-insensitively), at most `limit` of them (a seeded sample, in file order)."""
     edited = {s.strip().casefold() for s in edited_subjects}
     kept = [f for f in known if f.subject.strip().casefold() not in edited]
-    if len(kept) > limit:
-        chosen = set(random.Random(seed).sample(range(len(kept)), limit))
-        kept = [f for i, f in enumerate(kept) if i in chosen]
-    return kept
+    return seeded_sample(kept, limit, seed)

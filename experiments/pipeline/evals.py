@@ -26,6 +26,7 @@ from experiments.metrics.protocols import protocol
 from experiments.pipeline.run_config import RunOptions
 from util.corpus import local_corpus
 from util.errors import DataError
+from util.sampling import seeded_sample
 from util.files import atomic_write_json
 from util.models import LoadedModel
 from util.paths import Caches, sha256_file, slug
@@ -178,15 +179,20 @@ class EvalSuite:
 
     def generation_row(self, records: Sequence[CaseRecord], n_edits: int, every_prompt: bool = False) -> dict[str, Any]:
         """Fluency and consistency of continuations of generation prompts of the first records
-        (options.generation_prompts in all, or all of them with every_prompt); the sampling seed
-        follows the position, so a resumed run draws the same texts."""
+        (options.generation_prompts in all), or with every_prompt of every record, or of a seeded
+        sample of options.final_generation_sample records; the sampling seed follows the position,
+        so a resumed run draws the same texts."""
         start = time.perf_counter()
         records = prompt_budget(records, None if every_prompt else self.options.generation_prompts)
+        sample = every_prompt and 0 < self.options.final_generation_sample < len(records)
+        if sample:
+            records = seeded_sample(records, self.options.final_generation_sample, self.options.seed)
         results = evaluate_generation(
             self.lm, records, self.tfidf, max_new_tokens=self.options.generation_tokens, seed=self.options.seed + n_edits,
             total_length=self.protocol.generation_length, clean=self.protocol.clean_text,
         )
         summary = summarize_generation(results)
         samples = [{"case_id": r.case_id, "texts": list(r.texts), "fluency": r.fluency, "consistency": r.consistency} for r in results]
-        return {"kind": "generation", "protocol": self.protocol.name, "n_edits": n_edits, "scope": "all" if every_prompt else "latest",
+        return {"kind": "generation", "protocol": self.protocol.name, "n_edits": n_edits,
+                "scope": "sample" if sample else "all" if every_prompt else "latest", "facts": len(records),
                 **summary, "samples": samples, "seconds": time.perf_counter() - start}

@@ -19,6 +19,8 @@ from util.errors import RunError
 from util.paths import PROJECT_ROOT
 
 MODES = ("batched", "sequential", "sequential-batched")
+# Fields that define only the last evaluation: a continued run that has not ended may change them.
+FINAL_FIELDS = ("final_generation_sample",)
 SESSION_FIELDS = ("continue_from_run", "results_dir", "device", "data_dir", "stop_after", "save_model", "environment",
                   "max_gpu_memory")
 
@@ -63,6 +65,10 @@ class RunOptions:
     retention_sample: int = 200
     retention_all_at_end: bool = False  # the last evaluation scores every edited fact
     known_facts: int = 500  # known-facts probe: at most this many facts the unedited model completes (0: off)
+    # Under a protocol that generates from every edited fact at the end (alphaedit): a seeded sample of
+    # this many of them (0: all). It defines the last evaluation only, so a run continued before its
+    # end may set it anew (FINAL_FIELDS); its generation record says what was scored.
+    final_generation_sample: int = 0
     seed: int = 0
     corpus: str | None = None
     overrides: tuple[str, ...] = ()  # --set key=value for the hparams
@@ -107,7 +113,8 @@ class RunOptions:
         for name in positive:
             if getattr(self, name) < 1:
                 raise RunError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("downstream_eval_steps", "generation_test_interval", "number_of_few_shots", "retention_sample", "known_facts"):
+        for name in ("downstream_eval_steps", "generation_test_interval", "number_of_few_shots", "retention_sample", "known_facts",
+                     "final_generation_sample"):
             if getattr(self, name) < 0:
                 raise RunError(f"--{name} must not be negative, got {getattr(self, name)}")
         if self.number_of_few_shots > FEW_SHOT_POOL:
@@ -150,7 +157,7 @@ class RunOptions:
         """Result-defining fields where self differs from a stored run's options."""
         return [
             f.name for f in dataclasses.fields(self)
-            if f.name not in SESSION_FIELDS and getattr(self, f.name) != getattr(stored, f.name)
+            if f.name not in SESSION_FIELDS + FINAL_FIELDS and getattr(self, f.name) != getattr(stored, f.name)
         ]
 
 

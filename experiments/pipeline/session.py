@@ -11,7 +11,6 @@ import copy
 import logging
 import math
 import platform
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from rome.declaration import Editor
 from rome.editor import EditContext
 from util.corpus import local_corpus
 from util.deltas import digest, restore, snapshot
+from util.sampling import seeded_sample
 from util.errors import RunError
 from util.files import atomic_write_json
 from util.hparams import build_hparams, to_dict
@@ -179,8 +179,7 @@ def retention_sample(cases: list[CaseRecord], options: RunOptions) -> frozenset 
     n = options.retention_sample
     if not options.sequential or n == 0 or n >= len(cases):
         return None
-    chosen = random.Random(options.seed).sample(range(len(cases)), n)
-    return frozenset(cases[i].case_id for i in chosen)
+    return frozenset(case.case_id for case in seeded_sample(cases, n, options.seed))
 
 
 def prepare(options: RunOptions, lm: LoadedModel | None, hparams: Any,

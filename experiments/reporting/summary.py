@@ -130,7 +130,7 @@ def build_summary(path: Path, status: str) -> dict[str, Any]:
         "known": first_last(of_kind(rows, "known"), ("accuracy", "nll", "n_items", "chance"), name),
         "retention": config.get("retention") and {k: v for k, v in config["retention"].items() if k != "case_ids"},
         "perplexity": first_last(ppl, ("perplexity",), name),
-        "generation": first_last(generation, ("fluency", "consistency", "scope"), name),
+        "generation": first_last(generation, ("fluency", "consistency", "scope", "facts"), name),
         "paper": {"protocol": name, "n_edits": n_edits,
                   **paper_columns(name, retention[-1] if retention else None, generation[-1] if generation else None),
                   "perplexity": ppl[-1]["perplexity"] if ppl and (ppl[-1]["n_edits"] or not n_edits) else None,

@@ -78,8 +78,8 @@ RECORDS = "runs"  # <docs_dir>/runs/<study>/<label>/: each reported run's record
 # What a report reads from a run folder: everything but the per-fact scores (cases.jsonl, several MB
 # in a long run) and the checkpoint (edited weights; tens of MB).
 RECORD_FILES = ("config.json", "summary.json", "summary.md", "edits.jsonl", "probes.jsonl")
-FLAT = ["--ds_name", "flat_cf_train"]
-ALPHAEDIT_GENERATION_SAMPLE = 100  # study d's facts generated from at the end (evaluate.py --final_generation_sample)  # 10,000 records: enough for the long studies
+FLAT = ["--ds_name", "flat_cf_train"]  # 10,000 records: enough for the long studies
+ALPHAEDIT_GENERATION_SAMPLE = 100  # study d's facts generated from at the end (evaluate.py --final_generation_sample)
 
 def batch_runs(largest_batched_first: bool) -> list[tuple[str, list[str]]]:
     """The batch study's runs. In this order two jobs at once are two editors' runs (which share no

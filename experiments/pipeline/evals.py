@@ -26,10 +26,10 @@ from experiments.metrics.protocols import protocol
 from experiments.pipeline.run_config import RunOptions
 from util.corpus import local_corpus
 from util.errors import DataError
-from util.sampling import seeded_sample
 from util.files import atomic_write_json
 from util.models import LoadedModel
 from util.paths import Caches, sha256_file, slug
+from util.sampling import seeded_sample
 from util.stats_share import fingerprint
 
 log = logging.getLogger(__name__)

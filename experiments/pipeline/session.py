@@ -30,12 +30,12 @@ from rome.declaration import Editor
 from rome.editor import EditContext
 from util.corpus import local_corpus
 from util.deltas import digest, restore, snapshot
-from util.sampling import seeded_sample
 from util.errors import RunError
 from util.files import atomic_write_json
 from util.hparams import build_hparams, to_dict
 from util.models import LoadedModel, load_model
 from util.paths import sha256_file
+from util.sampling import seeded_sample
 from util.state import state_from_tensors, state_to_tensors
 
 log = logging.getLogger(__name__)

@@ -51,12 +51,13 @@ from pathlib import Path
 import torch
 
 from experiments.reporting.plots import write_batch_sizes, write_comparison, write_paper_columns
-from experiments.reporting.summary import checkpoint_state, curve_markdown, markdown_table, milestones_markdown, paper_markdown
+from experiments.reporting.summary import (checkpoint_state, current_summary, curve_markdown, markdown_table, milestones_markdown,
+                                          paper_markdown, run_rows, summary_markdown)
 from experiments.summarize import find_summaries, load_summaries
 from experiments.sweep import EVALUATE, run_local
 from util.cli import run_cli
 from util.errors import KeditError
-from util.files import atomic_write_text
+from util.files import atomic_write_json, atomic_write_text, jsonable
 from util.paths import CHECKPOINT_FOLDER, CHECKPOINT_STATE
 from util.stats import fast_bfloat16
 
@@ -209,6 +210,12 @@ def keep_record(run: Path, record: Path) -> None:
     for name in RECORD_FILES:
         if (run / name).exists():
             atomic_write_text(record / name, (run / name).read_text(encoding="utf-8"))
+    # the retention rows and summary as the report shows them (run_rows: estimated from the
+    # per-fact scores, which the record does not keep)
+    atomic_write_text(record / "probes.jsonl", "".join(json.dumps(jsonable(row)) + "\n" for row in run_rows(run)))
+    summary = current_summary(run)
+    atomic_write_json(record / "summary.json", summary)
+    atomic_write_text(record / "summary.md", summary_markdown(summary))
 
 
 def report(study: str, args: argparse.Namespace) -> None:
@@ -246,7 +253,7 @@ def report(study: str, args: argparse.Namespace) -> None:
         write_paper_columns(runs, docs / f"results_{study}_columns.png", spec.title)
     marks = milestones_markdown(runs)
     atomic_write_text(docs / f"results_{study}.md", f"### {spec.title}\n\n{paper}{table}\nCourse of each run (retention "
-                                                     f"scores over the facts scored after each evaluation):\n\n{course}\n"
+                                                     f"scores over the facts edited so far, estimated from those scored after each evaluation):\n\n{course}\n"
                                                      f"Milestones (\"-\": not reached; \"below half\": of the unedited model's "
                                                      f"score for known facts, of the first evaluation's for S):\n\n{marks}")
     write_comparison(runs, docs / f"results_{study}.png", spec.title)

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 from experiments.pipeline.checkpoint import RUN_NAME
 from experiments.pipeline.runlock import holder
-from experiments.reporting.summary import all_tasks, build_summary, csv_row, markdown_table
+from experiments.reporting.summary import all_tasks, build_summary, csv_row, current_summary, markdown_table
 from util.cli import run_cli
 from util.errors import RunError
 
@@ -85,7 +85,7 @@ def load_summaries(files: Sequence[Path]) -> list[dict[str, Any]]:
     summaries = []
     for file in files:
         try:
-            summaries.append(json.loads(file.read_text()))
+            summaries.append(current_summary(file.parent))
         except (OSError, json.JSONDecodeError) as err:
             raise RunError(f"{file}: cannot read ({err})") from None
     return summaries

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 import math
+from itertools import combinations
 
 import pytest
 import torch
 
 from data.records import CaseRecord
-from experiments.metrics.counterfact import CaseResult, PromptScore, evaluate_cases, summarize
+from experiments.metrics.counterfact import CaseResult, PromptScore, evaluate_cases, retention_summary, stratified_weights, summarize
 from util.requests import EditRequest
 from util.tokens import encode_with_target
 
@@ -112,3 +113,24 @@ def test_embedded_model_prefers_true_facts(embedded, shared_data):
     assert first.nll_new == pytest.approx(reference_nll(embedded, records[0].request.text, records[0].request.target_new)[0], abs=1e-4)
     summary = summarize(results)
     assert summary["ES"] < 0.5 and summary["NS"] > 0.5  # before editing, target_true is usually more likely
+
+
+def test_stratified_weights_estimate_the_mean_over_every_fact_without_bias():
+    """Retention scores every fact of the latest batch and a sample of the earlier ones: weighted
+    by stratified_weights, the mean over the scored facts, averaged over every possible sample,
+    is the mean over all facts in the model (a plain mean is not: it overweights the latest batch)."""
+    scores = {0: 0.0, 1: 1.0, 2: 0.0, 3: 0.0, 4: 1.0, 5: 0.0, 6: 1.0, 7: 1.0}  # 6, 7: the latest batch
+    latest, everything = {6, 7}, sum(scores.values()) / len(scores)
+    estimates, plain = [], []
+    for sample in combinations(range(6), 2):
+        ids = [*sample, 6, 7]
+        weights = stratified_weights(ids, latest, len(scores))
+        assert weights == [3.0, 3.0, 1.0, 1.0]  # each sampled earlier fact stands for 6 / 2 of them
+        estimates.append(retention_summary([{"rewrite_success": scores[c]} for c in ids], ids, latest, len(scores))["rewrite_success"])
+        plain.append(sum(scores[c] for c in ids) / len(ids))
+    assert sum(estimates) / len(estimates) == pytest.approx(everything)
+    assert sum(plain) / len(plain) > everything + 0.1
+    assert stratified_weights(list(scores), latest, len(scores)) is None  # every fact scored: a plain mean
+    assert stratified_weights([6, 7], latest, len(scores)) is None  # no earlier fact sampled yet
+    summary = retention_summary([{"rewrite_success": 1.0}, {"rewrite_success": 0.0}], [0, 6], latest, 3)
+    assert summary["estimate"] == "stratified" and summary["latest_facts"] == 1

@@ -16,6 +16,7 @@ from data.known import KnownFact, read_known_facts
 from experiments.metrics.known import probe_facts, score_known
 from experiments.pipeline.evals import known_to_model
 from experiments.pipeline.run import run
+from experiments.reporting.summary import current_summary, run_rows
 from tests.conftest import fresh_llama
 from tests.helpers import run_options, tiny_hparams
 from util.errors import DataError
@@ -127,6 +128,29 @@ def test_run_scores_known_facts_and_a_retention_sample(tmp_path, tokenizer):
         assert ids == [c for c in range(n) if c in sample or c == n - 1], n
     retention = [r for r in rows if r["kind"] == "retention"]
     assert [(r["n_cases"], r["facts_in_model"], r["scope"]) for r in retention][-1] == (len(scored[5]), 5, "sample")
+    # the scores estimate the mean over every fact in the model: the latest edit counts once, each
+    # sampled earlier fact for its share of the earlier facts
+    facts = {(c["n_edits"], c["case_id"]): c["metrics"] for c in read_jsonl(path / "cases.jsonl")}
+    differs = False
+    for row in retention:
+        n, earlier = row["n_edits"], [c for c in scored[row["n_edits"]] if c != row["n_edits"] - 1]
+        if not earlier:
+            assert row["estimate"] == "mean"
+            continue
+        assert row["estimate"] == "stratified"
+        for score, section in (("ES", "rewrite"), ("NS", "neighborhood")):
+            value = {c: facts[n, c][f"{section}_success"] for c in scored[n]}
+            expected = (value[n - 1] + (n - 1) / len(earlier) * sum(value[c] for c in earlier)) / n
+            assert row[score] == pytest.approx(expected), (n, score)
+            assert row["unweighted"][score] == pytest.approx(sum(value.values()) / len(value))
+            differs |= row[score] != pytest.approx(row["unweighted"][score])
+    assert differs  # the weights change a score here
+    # a run written before the estimate (plain means in its rows) is reported with it
+    old_rows = [{k: v for k, v in r.items() if k not in ("estimate", "latest_facts", "unweighted")} | (
+        {"ES": r["unweighted"]["ES"]} if r["kind"] == "retention" and "unweighted" in r else {}) for r in rows]
+    (path / "probes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old_rows))
+    assert [r.get("ES") for r in run_rows(path)] == pytest.approx([r.get("ES") for r in rows])
+    assert current_summary(path)["retained"]["ES"] == pytest.approx(retention[-1]["ES"])
     summary = json.loads((path / "summary.json").read_text())
     assert summary["known"]["first"]["accuracy"] == 1.0 and summary["retention"]["sample_size"] == 2
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 from data.records import CaseRecord
 from experiments.metrics.formulas import harmonic_mean, mean, prefers, prob_gap
@@ -103,19 +103,55 @@ def evaluate_cases(lm: LoadedModel, records: Sequence[CaseRecord], batch_size: i
     return results
 
 
-def summarize(results: Sequence[CaseResult]) -> dict[str, float | int | None]:
+def summarize(results: Sequence[CaseResult], weights: Sequence[float] | None = None) -> dict[str, float | int | None]:
     """Run-level scores: means over cases of the per-case metrics, ES/PS/NS and their magnitudes
-    EM/PM/NM, and S = harmonic mean of ES, PS, NS (None when undefined, e.g. no true answers)."""
-    per_case = [r.metrics() for r in results]
+    EM/PM/NM, and S = harmonic mean of ES, PS, NS (None when undefined, e.g. no true answers);
+    weighted by `weights` (one per case) where given."""
+    return summarize_metrics([r.metrics() for r in results], weights)
+
+
+def summarize_metrics(per_case: Sequence[Mapping[str, float | None]], weights: Sequence[float] | None = None) -> dict[str, float | int | None]:
+    """`summarize` from the per-case metrics (CaseResult.metrics(), or their JSON form with None
+    for NaN, as cases.jsonl keeps them)."""
     summary: dict[str, float] = {}
     for key in per_case[0] if per_case else ():
-        summary[key] = mean([m[key] for m in per_case])
+        summary[key] = mean([math.nan if m[key] is None else m[key] for m in per_case], weights)
     es, ps, ns = (summary.get(f"{s}_success", math.nan) for s in SECTIONS)
     named = {
         "ES": es, "PS": ps, "NS": ns, "S": harmonic_mean([es, ps, ns]),
         **{name: summary.get(f"{s}_magnitude", math.nan) for name, s in zip(("EM", "PM", "NM"), SECTIONS)},
     }
-    return {"n_cases": len(results), **{k: _finite(v) for k, v in {**named, **summary}.items()}}
+    return {"n_cases": len(per_case), **{k: _finite(v) for k, v in {**named, **summary}.items()}}
+
+
+def stratified_weights(case_ids: Sequence[int], latest: Collection[int], facts_in_model: int) -> list[float] | None:
+    """Weights that make a mean over the facts scored for retention (every fact of the latest
+    batch, plus a sample of the earlier ones) estimate the mean over all `facts_in_model`: a fact
+    of the latest batch stands for itself, a sampled earlier fact for its share of the earlier
+    facts (stratified sampling). A plain mean would give the latest batch, scored right after its
+    edit, the weight of 100 of 293 facts where it is 100 of 2,000. None (a plain mean) where the
+    scored facts are all the facts in the model, or no earlier fact was sampled."""
+    earlier = [c for c in case_ids if c not in latest]
+    n_latest = len(case_ids) - len(earlier)
+    if len(case_ids) >= facts_in_model or not earlier:
+        return None
+    share = (facts_in_model - n_latest) / len(earlier)
+    return [1.0 if c in latest else share for c in case_ids]
+
+
+def retention_summary(per_case: Sequence[Mapping[str, float | None]], case_ids: Sequence[int], latest: Collection[int],
+                      facts_in_model: int) -> dict[str, Any]:
+    """The retention scores after a batch (`latest`, its case ids) over the facts scored
+    (`case_ids`, with their metrics `per_case`), estimating the mean over all facts in the model
+    (`stratified_weights`); with a stratified estimate, the plain means over the scored facts too."""
+    latest = set(latest)
+    weights = stratified_weights(case_ids, latest, facts_in_model)
+    summary = summarize_metrics(per_case, weights)
+    if weights is None:
+        return {**summary, "estimate": "mean"}
+    plain = summarize_metrics(per_case)
+    return {**summary, "estimate": "stratified", "latest_facts": sum(c in latest for c in case_ids),
+            "unweighted": {k: plain[k] for k in ("ES", "PS", "NS", "S")}}
 
 
 def _finite(value: float) -> float | None:

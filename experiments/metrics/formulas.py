@@ -27,10 +27,14 @@ def prob_gap(nll_a: Sequence[float], nll_b: Sequence[float]) -> float:
     return float(np.mean(np.exp(-a) - np.exp(-b))) if a.size else math.nan
 
 
-def mean(values: Sequence[float]) -> float:
-    """Mean ignoring NaN (a case without prompts of a kind); NaN when nothing is left."""
-    kept = [v for v in values if not math.isnan(v)]
-    return float(np.mean(kept)) if kept else math.nan
+def mean(values: Sequence[float], weights: Sequence[float] | None = None) -> float:
+    """Mean ignoring NaN (a case without prompts of a kind), weighted by `weights` where given;
+    NaN when nothing is left."""
+    weights = [1.0] * len(values) if weights is None else weights
+    if len(weights) != len(values):
+        raise ValueError(f"{len(weights)} weights for {len(values)} values")
+    kept = [(v, w) for v, w in zip(values, weights) if not math.isnan(v)]
+    return float(np.average([v for v, _ in kept], weights=[w for _, w in kept])) if kept else math.nan
 
 
 def harmonic_mean(values: Sequence[float]) -> float:

@@ -22,6 +22,7 @@ import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data.records import CaseRecord
+from experiments.metrics.counterfact import retention_summary
 from experiments.pipeline.export import save_run_model
 from experiments.pipeline.run_config import RunOptions
 from experiments.pipeline.resume import continue_session
@@ -219,6 +220,9 @@ def write_periodic(s: Session, n_edits: int, retention: int | None, final: bool 
         for result_case in results:
             s.folder.streams["cases"].write({"phase": "retention", "n_edits": n_edits, "case_id": result_case.case_id,
                                              "metrics": result_case.to_dict()["metrics"]})
+        latest = [r.case_id for r in s.batch(retention)]
+        summary = {"protocol": summary["protocol"], **retention_summary(
+            [r.metrics() for r in results], [r.case_id for r in results], latest, in_model)}
         probes.write({"kind": "retention", "n_edits": n_edits, "scope": scope, "facts_in_model": in_model, **summary,
                       "seconds": time.perf_counter() - start})
     perplexity = s.suite.perplexity_row(n_edits)

@@ -1,7 +1,7 @@
 """PNG plots of a run folder (matplotlib, Agg backend), drawn from its JSONL files:
 
     downstream.png  probe accuracy / macro F1 / MCC per task and perplexity vs number of edits
-    retention.png   ES/PS/NS/S over the edited facts scored (all, or the retention sample), and right after each edit
+    retention.png   ES/PS/NS/S over the edited facts (all scored, or estimated from the retention sample), and right after each edit
     norms.png       ||Delta|| per batch, ||W - W0|| and ||W|| per edited matrix
 
 Disabling edits are marked by red dotted vertical lines in every panel. A panel with a single
@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from experiments.reporting.summary import mean_probe_accuracy
+from experiments.reporting.summary import mean_probe_accuracy, run_rows
 from util.files import read_jsonl, writing
 
 SCORES = ("ES", "PS", "NS", "S")
@@ -120,7 +120,7 @@ def plot_retention(plt, rows, edits, disabling: list[int], path: Path, title: st
         points = [(e["n_edits"], e["current"][key]) for e in edits if e["current"].get(key) is not None]
         if points:
             axes[1].plot(*zip(*points), label=key, **{**style, "markersize": 4})
-    axes[0].set_ylabel("retention: score over the edited facts scored")
+    axes[0].set_ylabel("retention: score over the edited facts")
     axes[1].set_ylabel("score of the batch just edited")
     for ax in axes:
         ax.set_ylim(-0.02, 1.02)
@@ -153,7 +153,7 @@ def write_plots(path: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     edits = read_jsonl(path / "edits.jsonl")
-    rows = read_jsonl(path / "probes.jsonl")
+    rows = run_rows(path)
     disabling = [e["n_edits"] for e in edits if e["disabling"]]
     title = path.parent.name + " " + path.name
     written = [path / "downstream.png", path / "retention.png", path / "norms.png"]
@@ -168,9 +168,9 @@ def write_plots(path: Path) -> list[Path]:
 
 def write_comparison(runs: dict[str, Path], out: Path, title: str) -> Path:
     """One figure comparing runs (label -> run folder): efficacy and S, and the neighbourhood
-    score, over the facts scored for retention; perplexity, the known-facts probe, mean probe
-    accuracy and ||W - W0|| against the number of edits; each run's disabling edits are marked
-    with crosses on its ||W - W0|| curve."""
+    score, over the edited facts (estimated from those scored for retention); perplexity, the
+    known-facts probe, mean probe accuracy and ||W - W0|| against the number of edits; each run's
+    disabling edits are marked with crosses on its ||W - W0|| curve."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,7 +181,7 @@ def write_comparison(runs: dict[str, Path], out: Path, title: str) -> Path:
     try:
         for i, (label, path) in enumerate(runs.items()):
             color = f"C{i}"
-            edits, rows = read_jsonl(path / "edits.jsonl"), read_jsonl(path / "probes.jsonl")
+            edits, rows = read_jsonl(path / "edits.jsonl"), run_rows(path)
             retention = [(r["n_edits"], r["S"], r["ES"]) for r in rows if r["kind"] == "retention" and r.get("ES") is not None]
             if retention:
                 x, s, es = zip(*retention)
@@ -205,7 +205,7 @@ def write_comparison(runs: dict[str, Path], out: Path, title: str) -> Path:
             marks = [(e["n_edits"], e["health"]["drift_norm"]) for e in edits if e["disabling"]]
             if marks:
                 axes[1, 1].plot(*zip(*marks), "x", color=color, markersize=9, label=f"{label} disabling")
-        axes[0, 0].set_ylabel("retention: score over the edited facts scored")
+        axes[0, 0].set_ylabel("retention: score over the edited facts")
         axes[0, 0].set_ylim(-0.02, 1.02)
         axes[0, 1].set_ylabel("WikiText-2 perplexity")
         _perplexity_axis(axes[0, 1])

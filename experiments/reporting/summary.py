@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from experiments.metrics.counterfact import SECTIONS, CaseResult, PromptScore, summarize
+from experiments.metrics.counterfact import SECTIONS, CaseResult, PromptScore, retention_summary, summarize
 from experiments.metrics.protocols import COLUMNS, Protocol, paper_columns, protocol
 from util.files import atomic_write_json, atomic_write_text, read_jsonl
 from util.paths import CHECKPOINT_FOLDER, CHECKPOINT_STATE
@@ -97,10 +97,49 @@ def code_text(summary: dict[str, Any]) -> str:
     return "+".join(c for i, c in enumerate(commits) if i == 0 or c != commits[i - 1])
 
 
+def unestimated(row: dict[str, Any]) -> bool:
+    """A retention row over a sample, written before retention_summary's stratified estimate: its
+    scores are plain means over the sample and the latest batch."""
+    return row["kind"] == "retention" and row.get("scope") == "sample" and "estimate" not in row
+
+
+def run_rows(path: Path) -> list[dict[str, Any]]:
+    """A run's probes.jsonl rows, those `unestimated` given retention_summary's estimate from the
+    per-fact scores in cases.jsonl (where the folder has them; a record in the docs holds the
+    rows as its report showed them)."""
+    rows = read_jsonl(path / "probes.jsonl")
+    if not any(unestimated(r) for r in rows) or not (path / "cases.jsonl").exists():
+        return rows
+    per_fact: dict[int, list[dict[str, Any]]] = {}
+    for fact in read_jsonl(path / "cases.jsonl"):
+        if fact["phase"] == "retention":
+            per_fact.setdefault(fact["n_edits"], []).append(fact)
+    latest = {e["n_edits"]: e["case_ids"] for e in read_jsonl(path / "edits.jsonl")}
+    out = []
+    for row in rows:
+        facts = per_fact.get(row["n_edits"], [])
+        if unestimated(row) and row["n_edits"] in latest and len(facts) == row["n_cases"]:
+            row = {**row, **retention_summary([f["metrics"] for f in facts], [f["case_id"] for f in facts],
+                                              latest[row["n_edits"]], row["facts_in_model"])}
+        out.append(row)
+    return out
+
+
+def current_summary(path: Path) -> dict[str, Any]:
+    """A run's summary.json, with what it drew from the retention rows ("retained" and the paper
+    columns) drawn again where run_rows estimates rows it summarised as plain means."""
+    summary = json.loads((path / "summary.json").read_text())
+    rows = read_jsonl(path / "probes.jsonl")
+    if any(unestimated(r) for r in rows) and (path / "cases.jsonl").exists():
+        rebuilt = build_summary(path, summary["status"])
+        return {**summary, "retained": rebuilt["retained"], "paper": rebuilt["paper"]}
+    return summary
+
+
 def build_summary(path: Path, status: str) -> dict[str, Any]:
     config = json.loads((path / "config.json").read_text())
     edits = read_jsonl(path / "edits.jsonl")
-    rows = read_jsonl(path / "probes.jsonl")
+    rows = run_rows(path)
     current_rows = [row for row in read_jsonl(path / "cases.jsonl") if row["phase"] == "current"]
     retention = of_kind(rows, "retention")
     tasks = dict.fromkeys(r["task"] for r in of_kind(rows, "probe"))
@@ -256,7 +295,7 @@ def paper_curve(path: Path) -> list[dict[str, Any]]:
     """A run's paper columns at each evaluation step (retention, generation and perplexity rows of
     that step; ||W - W0|| after it), under the run's protocol."""
     name = run_protocol(json.loads((path / "config.json").read_text()))
-    edits, rows = read_jsonl(path / "edits.jsonl"), read_jsonl(path / "probes.jsonl")
+    edits, rows = read_jsonl(path / "edits.jsonl"), run_rows(path)
     by_step = {kind: {r["n_edits"]: r for r in of_kind(rows, kind)} for kind in ("retention", "generation", "perplexity")}
     curve = []
     for n in sorted(set().union(*by_step.values())):
@@ -277,9 +316,9 @@ def mean_probe_accuracy(rows: list[dict[str, Any]]) -> list[tuple[int, float]]:
 
 
 def curve_rows(path: Path) -> list[dict[str, Any]]:
-    """A run's course, one row per evaluation step: retention scores over the edited facts scored,
+    """A run's course, one row per evaluation step: retention scores over the edited facts (run_rows),
     perplexity, mean probe accuracy, ||W - W0||, disabling edits so far and editing minutes."""
-    edits, rows = read_jsonl(path / "edits.jsonl"), read_jsonl(path / "probes.jsonl")
+    edits, rows = read_jsonl(path / "edits.jsonl"), run_rows(path)
     retained = {r["n_edits"]: r for r in of_kind(rows, "retention")}
     perplexity = {r["n_edits"]: r["perplexity"] for r in of_kind(rows, "perplexity")}
     known = {r["n_edits"]: r["accuracy"] for r in of_kind(rows, "known")}
@@ -312,7 +351,7 @@ def milestones(path: Path) -> dict[str, Any]:
     """Where a run crossed the lines the studies report: its first disabling edit, collapse (the
     perplexity rule of its summary), retention S and the known-facts probe below half their starting
     value (below_half), and the share of its wall time spent evaluating."""
-    summary = json.loads((path / "summary.json").read_text())
+    summary = current_summary(path)
     curve = curve_rows(path)
     return {"edits": summary["n_edits"], "status": summary["status"],
             "first disabling": summary["disabling"][0]["n_edits"] if summary["disabling"] else None,

@@ -145,6 +145,7 @@ def test_run_scores_known_facts_and_a_retention_sample(tmp_path, tokenizer):
             assert row["unweighted"][score] == pytest.approx(sum(value.values()) / len(value))
             differs |= row[score] != pytest.approx(row["unweighted"][score])
     assert differs  # the weights change a score here
+    assert "5 facts in the model, the scores estimated over all of them" in (path / "summary.md").read_text()
     # a run written before the estimate (plain means in its rows) is reported with it
     old_rows = [{k: v for k, v in r.items() if k not in ("estimate", "latest_facts", "unweighted")} | (
         {"ES": r["unweighted"]["ES"]} if r["kind"] == "retention" and "unweighted" in r else {}) for r in rows]

@@ -411,7 +411,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         lines += ["", f"Retention (\"ret\" columns): a seeded sample of {retention['sample_size']} of the run's facts, each "
                   f"scored at every evaluation once edited, plus the latest batch"
                   f"{'; the last evaluation scores every edited fact' if retention.get('all_at_end') else ''}; "
-                  f"last evaluation: {fmt(retained.get('n_cases'))} of {fmt(retained.get('facts_in_model'))} facts in the model."]
+                  f"last evaluation: {fmt(retained.get('n_cases'))} of {fmt(retained.get('facts_in_model'))} facts in the model"
+                  f"{', the scores estimated over all of them' if retained.get('estimate') == 'stratified' else ''}."]
     known = summary.get("known")
     if known:
         lines += ["", f"Known facts (the unedited model completes them; none about an edited subject): "

@@ -207,11 +207,12 @@ def keep_record(run: Path, record: Path) -> None:
     docs it backs, so the report can be redrawn without the run folder (a clone, another machine,
     a results folder lost)."""
     record.mkdir(parents=True, exist_ok=True)
-    for name in RECORD_FILES:
-        if (run / name).exists():
-            atomic_write_text(record / name, (run / name).read_text(encoding="utf-8"))
     # the retention rows and summary as the report shows them (run_rows: estimated from the
-    # per-fact scores, which the record does not keep)
+    # per-fact scores, which the record does not keep); the other files as they are
+    derived = ("probes.jsonl", "summary.json", "summary.md")
+    for name in RECORD_FILES:
+        if name not in derived and (run / name).exists():
+            atomic_write_text(record / name, (run / name).read_text(encoding="utf-8"))
     atomic_write_text(record / "probes.jsonl", "".join(json.dumps(jsonable(row)) + "\n" for row in run_rows(run)))
     summary = current_summary(run)
     atomic_write_json(record / "summary.json", summary)

@@ -34,7 +34,12 @@ from util.stats import StatsCache
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-TOLERANCE = 1e-8
+TOLERANCE = 1e-8  # where the two devices' float64 forwards agree to float64 rounding (GPT-2)
+# transformers computes rotary cos/sin (and Llama-style RMSNorm) in float32 whatever the model's
+# dtype, and CUDA's float32 rounds otherwise than the CPU's: on those families the unedited
+# forwards already differ by ~1e-7 (measured on an H200), and solves amplify it (up to 2.4e-6 there)
+FLOAT32_INSIDE_TOLERANCE = 1e-5
+_FORWARD_GAPS: dict[str, float] = {}
 BUILD = {"gpt2": tiny_gpt2_model, "llama": tiny_llama_model}
 # every editor on GPT-2 and Llama; on the other families one editor per kind of solve
 ARCH_ALGS = [(alg, arch) for arch in LISTED for alg in (SOLVING if arch in BUILD else ("AlphaEdit", "MEMIT", "R-ROME"))]
@@ -43,6 +48,24 @@ ARCH_ALGS = [(alg, arch) for arch in LISTED for alg in (SOLVING if arch in BUILD
 def tiny_on(arch: str, tok, device: str) -> LoadedModel:
     model = (BUILD[arch](len(tok)) if arch in BUILD else tiny_model(arch, tok)).double().to(device)
     return LoadedModel(model, tok, arch_for(model), f"tiny-{arch}")
+
+
+def forward_gap(arch: str, tok) -> float:
+    """||logits(CUDA) - logits(CPU)|| / ||logits(CPU)|| of the unedited float64 model of `arch` on
+    one prompt: how far apart the devices are before any edit."""
+    if arch not in _FORWARD_GAPS:
+        ids = tok("The Eiffel Tower is in the city of", return_tensors="pt").input_ids
+        logits = {device: tiny_on(arch, tok, device).model(ids.to(device)).logits.cpu() for device in ("cpu", "cuda")}
+        _FORWARD_GAPS[arch] = rel(logits["cuda"], logits["cpu"])
+    return _FORWARD_GAPS[arch]
+
+
+def tolerance(arch: str, tok) -> float:
+    """How closely the devices' edits must agree on `arch`, from how closely their forwards do;
+    never more than float32 rounding apart (a different computation is caught either way)."""
+    gap = forward_gap(arch, tok)
+    assert gap <= 1e-6, f"{arch}: CPU and CUDA forwards differ by {gap:.2g}, more than float32 rounding"
+    return TOLERANCE if gap <= 1e-13 else FLOAT32_INSIDE_TOLERANCE
 
 
 @pytest.mark.parametrize("alg, arch", ARCH_ALGS)
@@ -65,11 +88,12 @@ def test_arch_cuda_update_equals_cpu_update(alg, arch, tokenizer, tmp_path):
         for name in first.deltas:
             assert lm.model.get_parameter(name).device.type == device
         results[device] = (first.deltas, second.deltas)
+    allowed = tolerance(arch, tokenizer)
     for (cpu, gpu) in zip(results["cpu"], results["cuda"]):
         assert cpu.keys() == gpu.keys()
         for name in cpu:
             assert gpu[name].device.type == "cpu"  # results are handed back on the host
-            assert rel(gpu[name], cpu[name]) <= TOLERANCE, (name, rel(gpu[name], cpu[name]))
+            assert rel(gpu[name], cpu[name]) <= allowed, (name, rel(gpu[name], cpu[name]), allowed)
 
 
 @pytest.mark.parametrize("arch", LISTED)
@@ -80,8 +104,12 @@ def test_arch_templates_and_statistics_agree_across_devices(arch, tokenizer, tmp
     assert templates["cpu"] == templates["cuda"]
     moments = {d: StatsCache(tmp_path / d).second_moments(lm, [1, 2], corpus, 8, 64, "float64", progress=False)
                for d, lm in models.items()}
+    exact = tolerance(arch, tokenizer) == TOLERANCE
     for layer in (1, 2):
-        torch.testing.assert_close(moments["cuda"][layer].mom2, moments["cpu"][layer].mom2, rtol=1e-10, atol=1e-12)
+        if exact:
+            torch.testing.assert_close(moments["cuda"][layer].mom2, moments["cpu"][layer].mom2, rtol=1e-10, atol=1e-12)
+        else:  # keys computed through float32 rotary embeddings or norms
+            assert rel(moments["cuda"][layer].mom2, moments["cpu"][layer].mom2) <= FLOAT32_INSIDE_TOLERANCE
 
 
 def test_alphaedit_null_space_is_computed_on_the_gpu(tokenizer, tmp_path):
@@ -94,10 +122,16 @@ def test_alphaedit_null_space_is_computed_on_the_gpu(tokenizer, tmp_path):
 
 def test_an_edit_under_max_gpu_memory_stays_within_it(tokenizer, tmp_path):
     """The budget's estimate (util/memory.py) bounds what torch allocates on the GPU: a budget with
-    room for one and a half requests' value optimisation chunks the batch and is not exceeded."""
+    room for one and a half requests' value optimisation chunks the batch and is not exceeded.
+    Counted from what was allocated before this test's model (earlier tests' tensors that a failure
+    report still holds are not this edit's)."""
+    import gc
+
     from tests.helpers import layout
     from util.memory import GIB, HEADROOM, ModelShape, plan, solver_matrices
 
+    gc.collect()
+    before = torch.cuda.memory_allocated()
     lm = tiny_on("llama", tokenizer, "cuda")
     hp = tiny_hparams(ALGORITHMS["EMMET"].hparams_class, **EXTRA["EMMET"])
     requests = [make_request(r) for r in REQUESTS]
@@ -111,7 +145,7 @@ def test_an_edit_under_max_gpu_memory_stays_within_it(tokenizer, tmp_path):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     result = ALGORITHMS["EMMET"].apply(lm, requests, hp, ctx)
-    peak = torch.cuda.max_memory_allocated()
+    peak = torch.cuda.max_memory_allocated() - before
     assert result.chunk_sizes["values"] == 1
     assert peak <= ctx.config.max_gpu_memory * GIB, (peak / GIB, ctx.config.max_gpu_memory)
 
@@ -119,6 +153,8 @@ def test_an_edit_under_max_gpu_memory_stays_within_it(tokenizer, tmp_path):
 def test_value_steps_between_reads_do_not_wait_for_the_gpu(tokenizer, caches):
     # The host reads the stopping state only every sync_every steps: with one read at the end, 8
     # and 16 steps make the same number of synchronising calls (counted by CUDA's sync debug mode).
+    # A first, uncounted call takes any one-time synchronisation (on an H200, counting from the
+    # first call, 8 steps made one more than 16 did).
     import warnings
 
     from rome.compute_v import ValueSettings, compute_values
@@ -126,7 +162,7 @@ def test_value_steps_between_reads_do_not_wait_for_the_gpu(tokenizer, caches):
     lm = tiny_on("llama", tokenizer, "cuda")
     requests = [make_request(r) for r in REQUESTS]
     counts = []
-    for steps in (8, 16):
+    for steps in (8, 8, 16):
         hp = tiny_hparams(v_num_grad_steps=steps, v_loss_threshold=0.0)
         templates = EditContext(caches).templates(lm, hp)
         with warnings.catch_warnings(record=True) as caught:
@@ -137,7 +173,7 @@ def test_value_steps_between_reads_do_not_wait_for_the_gpu(tokenizer, caches):
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         counts.append(sum("synchroniz" in str(w.message) for w in caught))
-    assert counts[0] == counts[1], counts
+    assert counts[1] == counts[2], counts
 
 
 def kept_matrices(ctx: EditContext) -> list[torch.Tensor]:

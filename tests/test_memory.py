@@ -112,8 +112,8 @@ def test_statistics_batch_from_the_free_bytes(tiny_llama, tmp_path):
     fixed = 2 * shape.mlp ** 2 * (4 + 8)
     for free in (10 ** 6, 10 ** 7, 10 ** 8):
         tokens = batch_tokens_for(tiny_llama, 2, "float32", window=64, free_bytes=free)
-        assert tokens == min(1 << 17, (free // 2 - fixed) // per_token)
-        assert tokens * per_token + fixed <= free // 2
+        assert tokens == min(1 << 17, (free - fixed) // 2 // per_token)
+        assert 2 * tokens * per_token + fixed <= free
     assert batch_tokens_for(tiny_llama, 2, "float32", 64, 10 ** 6) < batch_tokens_for(tiny_llama, 2, "float32", 64, 10 ** 7)
     assert stats_batch_tokens(shape, 2, 4, 64, fixed) == 0  # nothing left after the Gram matrices
     # under a budget the context hands the statistics pass a batch that fits in its room

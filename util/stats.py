@@ -128,8 +128,9 @@ MAX_BATCH_TOKENS = 1 << 17
 
 def batch_tokens_for(lm: LoadedModel, n_layers: int, dtype: str = "float32", window: int = 512,
                      free_bytes: int | None = None) -> int:
-    """Tokens per statistics batch: what fits in half of `free_bytes` (util.memory.stats_batch_tokens:
-    the truncated forward's live activations, the retained keys and the Gram matrices), at most
+    """Tokens per statistics batch: what fits in `free_bytes` (util.memory.stats_batch_tokens: the
+    Gram matrices, then the truncated forward's live activations and the retained keys in half of
+    the rest), at most
     MAX_BATCH_TOKENS. free_bytes None: a GPU's free memory (torch.cuda.mem_get_info), or on the
     CPU a fixed CPU_BATCH_TOKENS."""
     if free_bytes is None:

@@ -350,9 +350,9 @@ def device_main(args) -> int:
     ctx_args = {"caches": caches, "corpus_path": str(Path(args.data_dir) / "wiki"), "value_dtype": args.value_dtype, "value_compile": args.value_compile,
                 "key_chunk_size": args.key_chunk_size, "value_chunk_size": args.value_chunk_size, "max_gpu_memory": args.max_gpu_memory,
                 "replay": ReplayRuntime()}
-    device_report(lm, records, args.algs.split(","), batches, args.hparams, args.overrides, ctx_args["corpus_path"],
-                  args.stats_windows, args.dtype, ctx_args)
-    return 0
+    failed = device_report(lm, records, args.algs.split(","), batches, args.hparams, args.overrides, ctx_args["corpus_path"],
+                           args.stats_windows, args.dtype, ctx_args)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

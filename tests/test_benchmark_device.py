@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from editors import load_algorithm_hparams
 from experiments import benchmark
 
 TINY = ["--set", "layers=[1]", "--set", "v_loss_layer=3", "--set", "v_num_grad_steps=2", "--set", "mom2_n_samples=2",
@@ -40,6 +41,24 @@ def test_device_report_times_the_editors_without_a_solver(shared_data, monkeypat
         for batch in (1, 2):
             assert re.search(rf"\| {alg} batch {batch} \| [\d.e+-]+ s/edit \| peak memory n/a \(CPU\); GPU utilisation n/a \|", out), out
     assert "key statistics" not in out
+
+
+def test_an_editor_refused_gets_its_error_row_and_the_others_still_run(shared_data, monkeypatch, capsys):
+    """As on an H200 at the Llama-3-8B shape: random weights' C0 had no eigenvalue below AlphaEdit's
+    threshold. Here a threshold of 1e-30 empties the null space; R-ROME after it is still timed."""
+    from experiments.benchmarking import device
+
+    monkeypatch.setattr(device, "matmul_peak_on", lambda _device: 1.0)
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--model_name", "random:tiny", "--device", "cpu", "--algs", "AlphaEdit,R-ROME",
+                                      "--batches", "1,2", "--stats_windows", "0", "--data_dir", str(shared_data), *TINY])
+    monkeypatch.setattr(device, "load_algorithm_hparams", lambda alg, file, overrides: load_algorithm_hparams(
+        alg, file, [*overrides, *(["nullspace_threshold=1e-30"] if alg == "AlphaEdit" else [])]))
+    assert benchmark.main() == 1
+    out = capsys.readouterr().out
+    assert re.search(r"\| AlphaEdit batch 1 \| error: layer .*: the null space is empty .* \| \|", out), out
+    assert "AlphaEdit batch 2" not in out  # its larger batches would stop the same way
+    for batch in (1, 2):
+        assert re.search(rf"\| R-ROME batch {batch} \| [\d.e+-]+ s/edit \|", out), out
 
 
 def test_the_plan_of_a_shape_on_meta_is_the_plan_of_the_model_itself(shared_data, caches):

@@ -3,7 +3,8 @@
 Every editor edits the same tiny float64 GPT-2 and Llama models once on the CPU and once on the
 GPU with the same seed, and one editor of each solve (equality, least squares, null space) every
 other family of util/arch.py's table (tests/test_arch.py's tiny models); the updates must agree
-to 1e-8 relative. `-k arch` selects those and the templates and statistics across devices. Both runs share one statistics
+to 1e-8 relative where the devices' float64 forwards agree to float64 rounding, to 1e-5 where
+transformers computes in float32 inside the model (`tolerance`). `-k arch` selects those and the templates and statistics across devices. Both runs share one statistics
 object (C0 is computed once, on the CPU, as a cached run would reuse it), so what is compared is
 the edit itself: templates, keys, values, solves and null spaces on the GPU. Templates are sampled
 with a CPU generator, so one seed gives the same texts on both devices (tested separately here).
@@ -40,6 +41,12 @@ TOLERANCE = 1e-8  # where the two devices' float64 forwards agree to float64 rou
 # forwards already differ by ~1e-7 (measured on an H200), and solves amplify it (up to 2.4e-6 there)
 FLOAT32_INSIDE_TOLERANCE = 1e-5
 _FORWARD_GAPS: dict[str, float] = {}
+# The requests compared across devices end within 5 tokens of their subject: the tiny Mistral's
+# sliding window is 6, and REQUESTS' "Eiffel Tower is located in the city of" (6 tokens after the
+# subject) gets no gradient from its target through it, so Adam's normalised steps on a gradient of
+# rounding noise make any value of it (on an H200, CPU and CUDA updates 0.5-2.0 apart in one run and
+# 1e-7 in another; on the CPU a 1e-8 perturbation of the weights moves them as far)
+WINDOWED = [dict(r, prompt="{} is in the city of") if r["subject"] == "Eiffel Tower" else r for r in REQUESTS]
 BUILD = {"gpt2": tiny_gpt2_model, "llama": tiny_llama_model}
 # every editor on GPT-2 and Llama; on the other families one editor per kind of solve
 ARCH_ALGS = [(alg, arch) for arch in LISTED for alg in (SOLVING if arch in BUILD else ("AlphaEdit", "MEMIT", "R-ROME"))]
@@ -71,7 +78,7 @@ def tolerance(arch: str, tok) -> float:
 @pytest.mark.parametrize("alg, arch", ARCH_ALGS)
 def test_arch_cuda_update_equals_cpu_update(alg, arch, tokenizer, tmp_path):
     hp = tiny_hparams(ALGORITHMS[alg].hparams_class, **EXTRA[alg])
-    requests = [make_request(r) for r in REQUESTS]
+    requests = [make_request(r) for r in WINDOWED]
     one_request = alg in ("ROME", "R-ROME")  # sequential anyway; keeps the test short
     stats = StatsCache(tmp_path / "stats")
     if alg == "AlphaEdit" and arch not in BUILD:  # each family's key scale: a quarter or more of C0's directions below the cut

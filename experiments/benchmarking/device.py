@@ -25,6 +25,7 @@ from editors import ALGORITHMS, load_algorithm_hparams
 from rome.editor import EditContext, EditPlan
 from util.corpus import local_corpus
 from util.deltas import restore
+from util.errors import KeditError
 from util.models import LoadedModel, input_device
 from util.paths import Caches
 from util.stats import StatsCache
@@ -145,17 +146,25 @@ def _usage_note(usage: Usage, peak: float, flops: float | None = None) -> str:
 
 
 def device_report(lm: LoadedModel, records, algs: list[str], batches: list[int], hparams_file: str, overrides: list[str],
-                  corpus_path: str, stats_windows: int, stats_dtype: str, ctx_args: dict) -> None:
-    """Print the table: per editor and batch size s/edit, then statistics tokens/s."""
+                  corpus_path: str, stats_windows: int, stats_dtype: str, ctx_args: dict) -> int:
+    """Print the table: per editor and batch size s/edit, then statistics tokens/s. An editor that
+    stops with a KeditError gets its one-line error as its row and the others still run; returns
+    how many did."""
     device = input_device(lm.model)
     peak = matmul_peak_on(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{lm.name} ({sum(p.numel() for p in lm.model.parameters()) / 1e9:.2f} B parameters, "
           f"{next(lm.model.parameters()).dtype}) on {name}; measured bf16 matmul peak {peak:.0f} GFLOP/s\n")
     print("| what | figure | device use |\n|---|---|---|")
+    failed = 0
     for alg in algs:
         for batch in batches:
-            usage = bench_editor(lm, [r.request for r in records[:batch]], alg, hparams_file, overrides, ctx_args)
+            try:
+                usage = bench_editor(lm, [r.request for r in records[:batch]], alg, hparams_file, overrides, ctx_args)
+            except KeditError as err:
+                print(f"| {alg} batch {batch} | error: {err} | |", flush=True)
+                failed += 1
+                break  # its larger batches would stop the same way
             print(f"| {alg} batch {batch} | {usage.seconds / batch:.3g} s/edit | {_usage_note(usage, peak)} |", flush=True)
     solving = [alg for alg in algs if ALGORITHMS[alg].solver is not None]  # the editors that read key statistics
     if stats_windows and solving:
@@ -170,3 +179,4 @@ def device_report(lm: LoadedModel, records, algs: list[str], batches: list[int],
         tokens = stats_windows * 512
         print(f"| key statistics, layers {layers}, {tokens} tokens, {stats_dtype} | {rate:.0f} tokens/s | "
               f"{_usage_note(usage, peak, flops_per_token * tokens)} |", flush=True)
+    return failed

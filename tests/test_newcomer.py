@@ -223,6 +223,32 @@ def test_the_comparison_plot_draws_es_above_s(run_folder, monkeypatch, tmp_path)
     assert scores["R-ROME ES"].get_marker() != scores["R-ROME S"].get_marker()
 
 
+def test_a_comparison_of_many_runs_has_one_legend_beside_the_panels(run_folder, monkeypatch, tmp_path):
+    """Study b compares 18 runs: a legend per panel would cover the panels, and ten colours repeat."""
+    from matplotlib.figure import Figure
+
+    from experiments.reporting.plots import write_comparison
+
+    write_lines(run_folder / "probes.jsonl", [{"kind": "retention", "n_edits": n, "ES": 1.0, "PS": 1.0, "NS": 1.0, "S": 1.0,
+                                               "seconds": 1.0} for n in (1, 2)])
+    figures, legends = Figures(monkeypatch), {}
+    real = Figure.savefig
+
+    def savefig(fig, fname, *args, **kwargs):
+        legends[Path(fname).name] = ([len(ax.get_legend().get_texts()) for ax in fig.axes if ax.get_legend()],
+                                     [len(legend.get_texts()) for legend in fig.legends])
+        return real(fig, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    write_comparison({"one": run_folder}, tmp_path / "few.png", "t")
+    labels = [f"run {i}" for i in range(12)]
+    write_comparison(dict.fromkeys(labels, run_folder), tmp_path / "many.png", "t")
+    assert legends["few.partial.png"][1] == [] and legends["few.partial.png"][0]  # per panel
+    assert legends["many.partial.png"] == ([], [12 + 2])  # one beside them: the runs, then ES and S
+    colors = {str(figures.saved["many.png"][0]["lines"][f"{label} ES"].get_color()) for label in labels}
+    assert len(colors) == 12
+
+
 @pytest.mark.parametrize("perplexities, scale", [((30.15, 34.1, 38.1), "linear"), ((30.15, 61.5, 423.0, 1.0e5), "log")])
 def test_perplexity_goes_on_a_log_axis_once_it_spans_ten_times(run_folder, monkeypatch, tmp_path, perplexities, scale):
     """A collapse (30 -> 10^5) must not flatten the gradual rise before it onto the axis."""

@@ -42,7 +42,9 @@ def _perplexity_axis(ax) -> None:
         ax.set_yscale("log")
 
 
-def _finish(fig, ax_list, path: Path, title: str) -> None:
+def _finish(fig, ax_list, path: Path, title: str, shared_legend: list | None = None) -> None:
+    """Label, lay out and write the figure; `shared_legend`: handles of one legend beside the
+    panels instead of one per panel."""
     from matplotlib.ticker import MaxNLocator
 
     for ax in ax_list:
@@ -50,10 +52,14 @@ def _finish(fig, ax_list, path: Path, title: str) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         _readable_range(ax)
-        if ax.get_legend_handles_labels()[0]:
+        if shared_legend is None and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
+    if shared_legend is None:
+        fig.tight_layout()
+    else:
+        fig.tight_layout(rect=(0, 0, 0.86, 1))
+        fig.legend(handles=shared_legend, loc="center left", bbox_to_anchor=(0.86, 0.5), fontsize=8)
     tmp = path.with_name(path.stem + ".partial.png")
     with writing(path, "plots are drawn again from the streams whenever a run ends"):
         fig.savefig(tmp, dpi=110)
@@ -176,11 +182,15 @@ def write_comparison(runs: dict[str, Path], out: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, grid = plt.subplots(2, 3, figsize=(15, 8))
+    # Past 6 runs, a legend per panel covers the panels (study b compares 18): one legend beside
+    # them, and past 10, colours from a 20-colour map so that no two runs share one.
+    many = len(runs) > 6
+    fig, grid = plt.subplots(2, 3, figsize=(19 if many else 15, 8))
     axes = grid[:, [0, 1]]  # ES/S, perplexity / probes, drift; the third column: NS and known facts
+    colors = [plt.get_cmap("tab20")(i % 20) if len(runs) > 10 else f"C{i}" for i in range(len(runs))]
     try:
         for i, (label, path) in enumerate(runs.items()):
-            color = f"C{i}"
+            color = colors[i]
             edits, rows = read_jsonl(path / "edits.jsonl"), run_rows(path)
             retention = [(r["n_edits"], r["S"], r["ES"]) for r in rows if r["kind"] == "retention" and r.get("ES") is not None]
             if retention:
@@ -216,7 +226,13 @@ def write_comparison(runs: dict[str, Path], out: Path, title: str) -> Path:
         grid[1, 2].set_ylabel("known facts still completed")
         for ax in grid[:, 2]:
             ax.set_ylim(-0.02, 1.02)
-        _finish(fig, grid.flat, out, title)
+        legend = None
+        if many:
+            from matplotlib.lines import Line2D
+
+            legend = [Line2D([], [], color=color, marker="o", label=label) for color, label in zip(colors, runs)]
+            legend += [Line2D([], [], color="black", label=f"{key} (retention panel)", **SCORE_STYLE[key]) for key in ("ES", "S")]
+        _finish(fig, grid.flat, out, title, shared_legend=legend)
     finally:
         plt.close("all")
     return out

@@ -154,17 +154,21 @@ def test_summarize_shows_runs_in_progress_and_unfinished_ones(run_folder, capsys
 
 
 class Figures:
-    """What each saved figure shows: per panel, its lines, texts, limits and tick labels."""
+    """What each saved figure shows: per panel, its lines, texts, limits, tick labels and legend
+    entries; per figure, the entries of its figure-level legends."""
 
     def __init__(self, monkeypatch):
         from matplotlib.figure import Figure
 
         self.saved: dict[str, list[dict]] = {}
+        self.figure_legends: dict[str, list[int]] = {}
         real = Figure.savefig
 
         def savefig(fig, fname, *args, **kwargs):
             fig.canvas.draw()
-            self.saved[Path(fname).name.replace(".partial", "")] = [self.panel(ax) for ax in fig.axes if ax.axison]
+            name = Path(fname).name.replace(".partial", "")
+            self.saved[name] = [self.panel(ax) for ax in fig.axes if ax.axison]
+            self.figure_legends[name] = [len(legend.get_texts()) for legend in fig.legends]
             return real(fig, fname, *args, **kwargs)
 
         monkeypatch.setattr(Figure, "savefig", savefig)
@@ -173,7 +177,8 @@ class Figures:
     def panel(ax) -> dict:
         return {"lines": {line.get_label(): line for line in ax.get_lines()}, "texts": [t.get_text() for t in ax.texts],
                 "xlim": ax.get_xlim(), "yticks": [t.get_text() for t in ax.get_yticklabels() if t.get_text()],
-                "offset": ax.yaxis.get_offset_text().get_text(), "yscale": ax.get_yscale(), "ylabel": ax.get_ylabel()}
+                "offset": ax.yaxis.get_offset_text().get_text(), "yscale": ax.get_yscale(), "ylabel": ax.get_ylabel(),
+                "legend": len(ax.get_legend().get_texts()) if ax.get_legend() else 0}
 
 
 def plots_after_one_edit(run_folder: Path, monkeypatch, probes: bool) -> dict[str, list[dict]]:
@@ -225,26 +230,18 @@ def test_the_comparison_plot_draws_es_above_s(run_folder, monkeypatch, tmp_path)
 
 def test_a_comparison_of_many_runs_has_one_legend_beside_the_panels(run_folder, monkeypatch, tmp_path):
     """Study b compares 18 runs: a legend per panel would cover the panels, and ten colours repeat."""
-    from matplotlib.figure import Figure
-
     from experiments.reporting.plots import write_comparison
 
     write_lines(run_folder / "probes.jsonl", [{"kind": "retention", "n_edits": n, "ES": 1.0, "PS": 1.0, "NS": 1.0, "S": 1.0,
                                                "seconds": 1.0} for n in (1, 2)])
-    figures, legends = Figures(monkeypatch), {}
-    real = Figure.savefig
-
-    def savefig(fig, fname, *args, **kwargs):
-        legends[Path(fname).name] = ([len(ax.get_legend().get_texts()) for ax in fig.axes if ax.get_legend()],
-                                     [len(legend.get_texts()) for legend in fig.legends])
-        return real(fig, fname, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", savefig)
+    figures = Figures(monkeypatch)
     write_comparison({"one": run_folder}, tmp_path / "few.png", "t")
     labels = [f"run {i}" for i in range(12)]
     write_comparison(dict.fromkeys(labels, run_folder), tmp_path / "many.png", "t")
-    assert legends["few.partial.png"][1] == [] and legends["few.partial.png"][0]  # per panel
-    assert legends["many.partial.png"] == ([], [12 + 2])  # one beside them: the runs, then ES and S
+    # per panel
+    assert figures.figure_legends["few.png"] == [] and any(panel["legend"] for panel in figures.saved["few.png"])
+    # one beside them: the runs, then ES and S
+    assert figures.figure_legends["many.png"] == [12 + 2] and not any(panel["legend"] for panel in figures.saved["many.png"])
     colors = {str(figures.saved["many.png"][0]["lines"][f"{label} ES"].get_color()) for label in labels}
     assert len(colors) == 12
 

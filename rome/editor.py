@@ -175,12 +175,14 @@ def _solve_layer(edit: _Edit, i: int, layer: int) -> tuple[torch.Tensor, dict, t
     lm, hparams, ctx, layers = edit.lm, edit.hparams, edit.ctx, edit.hparams.layers
     constraint = edit.solver.constraint
     keys = edit_keys(lm, edit.requests, [layer], hparams, ctx, site=edit.site_module, chunk_size=edit.key_chunk)
-    weight = edited_weight(lm.model, lm.arch, layer).double()
+    weight = edited_weight(lm.model, lm.arch, layer)
     device = weight.device  # solve where the matrix lives (a GPU under a device map), in float64
     k_star = keys.k_star[layer].to(device, torch.float64).T  # m x n
     current = keys.site_output if edit.residual_from == "bare_prompt" else keys.site_mean
     residual = (edit.targets.to(device, torch.float64) - current.to(device, torch.float64)).T / (len(layers) - i)  # d x n
     k_constraint = keys.k_bare[layer].to(device, torch.float64).T if edit.bare_key_residual else k_star
+    # what the record needs of W, read now: no float64 copy of W lives through the solve
+    weight_norm, weight_keys = _weight_figures(weight, k_constraint)
     cov = None if constraint == "nullspace" else ctx.covariance(lm, layer, hparams)  # AlphaEdit needs only U
     # kept matrices in host memory are moved in by the solve and freed with its locals
     delta, info = solve_update(
@@ -189,7 +191,7 @@ def _solve_layer(edit: _Edit, i: int, layer: int) -> tuple[torch.Tensor, dict, t
         prior=ctx.edited_keys(lm, layer) if edit.solver.remember_keys else None,
         basis=ctx.nullspace(lm, layer, hparams, edit.nullspace_threshold) if constraint == "nullspace" else None,
     )
-    record = {**_layer_record(layer, delta, weight, k_constraint, residual, info.seconds), **info.extras}
+    record = {**_layer_record(layer, delta, weight_norm, weight_keys, k_constraint, residual, info.seconds), **info.extras}
     name = lm.arch.weight_name(layer)
     stored = to_stored(lm.arch, delta).to(lm.model.get_parameter(name).dtype)
     apply_deltas(lm.model, {name: stored})  # on the weight's device: no round trip through the host
@@ -208,14 +210,21 @@ def check_editable(lm: LoadedModel, layers: list[int]) -> None:
             )
 
 
-def _layer_record(layer: int, delta: torch.Tensor, weight: torch.Tensor, keys: torch.Tensor, residual: torch.Tensor, seconds: float) -> dict:
+def _weight_figures(weight: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """||W||_F and W K in float64, the figures of W that `_layer_record` needs (W's float64 copy dies here)."""
+    weight = weight.double()
+    return weight.norm(), weight @ keys
+
+
+def _layer_record(layer: int, delta: torch.Tensor, weight_norm: torch.Tensor, weight_keys: torch.Tensor, keys: torch.Tensor,
+                  residual: torch.Tensor, seconds: float) -> dict:
     """||Delta||_F, ||Delta|| / ||W||, and the least-squares residual ||(W+Delta)K - V|| / ||V||
-    with V = W K + R, the values this layer was asked to produce."""
-    wanted = weight @ keys + residual
+    with V = W K + R, the values this layer was asked to produce: (W+Delta)K - V = Delta K - R."""
+    wanted = weight_keys + residual
     return {
         "layer": layer,
         "delta_norm": delta.norm().item(),
-        "delta_rel": (delta.norm() / weight.norm()).item(),
-        "lsq_residual": ((weight + delta) @ keys - wanted).norm().item() / wanted.norm().item(),
+        "delta_rel": (delta.norm() / weight_norm).item(),
+        "lsq_residual": (delta @ keys - residual).norm().item() / wanted.norm().item(),
         "solve_seconds": seconds,
     }

@@ -33,9 +33,9 @@ def tiny_gpt2_model(vocab_size: int, seed: int = 0) -> torch.nn.Module:
     return GPT2LMHeadModel(config).eval().requires_grad_(False)
 
 
-def tiny_llama_model(vocab_size: int, seed: int = 0) -> torch.nn.Module:
+def tiny_llama_model(vocab_size: int, seed: int = 0, intermediate_size: int = 96) -> torch.nn.Module:
     torch.manual_seed(seed)
-    config = LlamaConfig(num_hidden_layers=4, hidden_size=48, intermediate_size=96, num_attention_heads=4,
+    config = LlamaConfig(num_hidden_layers=4, hidden_size=48, intermediate_size=intermediate_size, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=256, vocab_size=vocab_size,
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     return LlamaForCausalLM(config).eval().requires_grad_(False)

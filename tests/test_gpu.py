@@ -157,6 +157,42 @@ def test_an_edit_under_max_gpu_memory_stays_within_it(tokenizer, tmp_path):
     assert peak <= ctx.config.max_gpu_memory * GIB, (peak / GIB, ctx.config.max_gpu_memory)
 
 
+def test_the_plan_bounds_an_edit_whose_solve_dominates(tokenizer, tmp_path):
+    """util/memory.py's estimated peak bounds what one MEMIT edit allocates on the GPU where the
+    m x m float64 solves dominate (an MLP of 2,048 on a hidden size of 48). Seen on an H200 at the
+    Llama-3-8B shape: MEMIT's batch-1 peak 27.9 GiB against a plan of 26, while the solve kept its
+    system alive beside the factor and the copy torch.cholesky_solve makes, a float64 copy of W
+    lived through it, and the plan counted neither the solve's d x m matrices nor the edit's copies
+    of the edited weights."""
+    import gc
+
+    from tests.helpers import layout
+    from util.memory import ModelShape, plan, solver_matrices
+
+    m = 2048
+    hp = tiny_hparams(ALGORITHMS["MEMIT"].hparams_class, **EXTRA["MEMIT"])
+    requests = [make_request(REQUESTS[0])]
+    gc.collect()
+    before = torch.cuda.memory_allocated()
+    model = tiny_llama_model(len(tokenizer), intermediate_size=m).double().to("cuda")
+    lm = LoadedModel(model, tokenizer, arch_for(model), "tiny-llama-wide")
+    ctx = context(tmp_path)
+    # a well-conditioned C0 (the small corpus has fewer tokens than keys): the test is of memory
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(m, m, dtype=torch.float64, generator=generator)
+    ctx.second_moments = lambda lm, hparams: {layer: a @ a.T / m + torch.eye(m, dtype=torch.float64) for layer in hparams.layers}
+    for layer in hp.layers:
+        ctx.covariance(lm, layer, hp)  # C on the device, kept across edits, outside the measured edit
+    shape = layout(lm, ctx, hp, requests).shape(hp.v_loss_layer, hp.layers[-1])
+    estimate = plan(lm.model, ModelShape.of(lm), shape, 1000.0, None, [], len(hp.layers), solver_matrices("least_squares", True, False))
+    assert not estimate.host and estimate.solve > estimate.value_request  # the solve is the largest phase
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    ALGORITHMS["MEMIT"].apply(lm, requests, hp, ctx)
+    peak = torch.cuda.max_memory_allocated() - before
+    assert peak <= estimate.peak(len(requests)), (peak / 2**20, estimate.peak(len(requests)) / 2**20)
+
+
 def test_value_steps_between_reads_do_not_wait_for_the_gpu(tokenizer, caches):
     # The host reads the stopping state only every sync_every steps: with one read at the end, 8
     # and 16 steps make the same number of synchronising calls (counted by CUDA's sync debug mode).

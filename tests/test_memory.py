@@ -151,20 +151,23 @@ def test_replay_copies_count_only_when_the_model_is_not_in_the_value_dtype(tiny)
 def test_kept_matrices_go_to_host_memory_when_the_device_cannot_hold_them(tiny, tmp_path):
     hp, ctx = emmet_hparams(), context(tmp_path)
     matrices = solver_matrices("equality", True, True)  # C, its factor, K_p K_p^T kept; 2 transient
-    m, weights = ModelShape.of(tiny).mlp, resident_bytes(tiny.model)
+    shape, weights = ModelShape.of(tiny), resident_bytes(tiny.model)
+    m, d = shape.mlp, shape.hidden
+    originals = 2 * d * m * shape.width  # the edit's copies of its two edited weights
     roomy = budget_plan(tiny, ctx, hp, 1.0, matrices)
-    # enough budget: kept on the device, the numbers of before
-    assert not roomy.host and roomy.resident == weights + 2 * 3 * m * m * 8 and roomy.solve == 2 * m * m * 8
+    # enough budget: kept on the device; a solve adds its right-hand side and solution (d x m each)
+    assert not roomy.host and roomy.resident == weights + originals + 2 * 3 * m * m * 8
+    assert roomy.solve == 2 * m * m * 8 + 2 * d * m * 8
     gib = host_budget(tiny, ctx, hp, REQS, Solver("equality", remember_keys=True))
     tight = budget_plan(tiny, ctx, hp, gib, matrices)
     # room for the weights and one layer's solve with its kept matrices moved in, not for every kept one
-    assert tight.host and tight.resident == weights and tight.solve == (2 + 3) * m * m * 8
+    assert tight.host and tight.resident == weights + originals and tight.solve == (2 + 3) * m * m * 8 + 2 * d * m * 8
     assert tight.key_chunk() >= 1 and tight.value_chunk() >= 1
-    with pytest.raises(MemoryBudgetError, match="weights and solver matrices take"):
+    with pytest.raises(MemoryBudgetError, match="weights, the copies of the edited ones and solver matrices take"):
         replace(tight, host=False).check()  # what the plan said before host memory was an option
     # room for every request's values in one batch in host placement: the kept matrices would fit on
     # the device, but only with one batch more there, so they go to host memory as well
-    snug = budget_plan(tiny, ctx, hp, (weights + len(REQS) * roomy.value_request + 64) / HEADROOM / GIB, matrices)
+    snug = budget_plan(tiny, ctx, hp, (weights + originals + len(REQS) * roomy.value_request + 64) / HEADROOM / GIB, matrices)
     assert replace(snug, host=False).fits() and replace(snug, host=False).value_chunk() < len(REQS)
     assert snug.host and snug.used_chunks(len(REQS)) == (len(REQS), len(REQS))
     ctx.configure(max_gpu_memory=gib)
@@ -172,7 +175,7 @@ def test_kept_matrices_go_to_host_memory_when_the_device_cannot_hold_them(tiny, 
     ctx.configure(max_gpu_memory=1.0)
     assert ctx.plan(tiny, REQS, hp, matrices) == EditPlan(roomy.key_chunk(), roomy.value_chunk(), False)
     # a budget that cannot hold the host plan either still stops with one line, naming the weights alone
-    with pytest.raises(MemoryBudgetError, match=r"weights take [\d.]+ GiB") as err:
+    with pytest.raises(MemoryBudgetError, match=r"the copies of the edited ones take [\d.]+ GiB") as err:
         budget_plan(tiny, ctx, hp, weights / GIB, matrices).check()
     assert "\n" not in str(err.value)
 

@@ -11,8 +11,9 @@ estimate in bytes, written out so that it can be checked against the code it des
   token    w (4 d + 3 m) + 4 h T: one token's live activations in a no-grad forward, with one
            layer's attention scores in float32
 
-  resident  the parameters and buffers on the device, plus per edited layer the solver's m x m
-            float64 matrices kept across edits (`solver_matrices`) when they are kept on the device
+  resident  the parameters and buffers on the device, the edit's copy of each edited weight (d m w:
+            its exact undo, `EditResult.originals`), plus per edited layer the solver's m x m float64
+            matrices kept across edits (`solver_matrices`) when they are kept on the device
   keys      per request: templates x T x (token + w (m + d)), the retained down-projection input
             and site output included
   values    per request: rows x T x (token + 2 kv w (L_loss + L_up))   the unedited forward and its
@@ -28,9 +29,13 @@ estimate in bytes, written out so that it can be checked against the code it des
             dtype, only when some of their matrices are not in it already (`matrices_to_copy`:
             nothing for a bfloat16 model with bfloat16 values, whose own modules are replayed)
   solve     while one layer's C or system is built and solved, 3 m^2 x 8 (a float64 system, its
-            factor, a product; AlphaEdit's eigendecomposition), 2 m^2 x 8 for equality solves
-            (C0's copy and C before C is factorised); plus, when the kept matrices live in host
-            memory, that layer's kept matrices, moved in for its solve and freed after it
+            factor, a product; the copy of the factor torch.cholesky_solve makes; AlphaEdit's
+            eigendecomposition), 2 m^2 x 8 for equality solves (C0's copy and C before C is
+            factorised), plus 2 d m x 8 (the solve's right-hand side K R^T and its solution Delta);
+            plus, when the kept matrices live in host memory, that layer's kept matrices, moved in
+            for its solve and freed after it. (Traced on an H200 at the Llama-3-8B shape, MEMIT batch 1:
+            the five C, then the system, its factor, the factor's copy, K R^T and Delta, and the
+            edited weights' copies.)
 
 Placement of the kept matrices (`MemoryPlan.host`, decided by `plan` alone): on the edited weight's
 device (always without a budget) when the edit fits with them resident in chunks as large as
@@ -152,6 +157,7 @@ class SolverPlacement:
 class MemoryPlan:
     budget: int  # bytes
     weights: int  # the parameters and buffers on the device
+    originals: int  # the edit's copies of the weights it edits (its exact undo)
     key_request: int
     value_request: int
     value_fixed: int
@@ -163,7 +169,7 @@ class MemoryPlan:
 
     @property
     def resident(self) -> int:
-        return self.weights + (0 if self.host else self.kept)
+        return self.weights + self.originals + (0 if self.host else self.kept)
 
     @property
     def solve(self) -> int:
@@ -187,7 +193,7 @@ class MemoryPlan:
             phases = self.phases()
             need = (self.resident + max(phases)) / HEADROOM
             raise MemoryBudgetError(
-                f"max_gpu_memory {self.budget / GIB:.3g} GiB cannot hold an edit of {self.model}: weights"
+                f"max_gpu_memory {self.budget / GIB:.3g} GiB cannot hold an edit of {self.model}: weights, the copies of the edited ones"
                 f"{'' if self.host else ' and solver matrices'} take {self.resident / GIB:.3g} GiB, then one request's key "
                 f"forward {phases[0] / GIB:.3g} GiB, its value optimisation {phases[1] / GIB:.3g} GiB, a layer's solve "
                 f"{phases[2] / GIB:.3g} GiB; give at least {need / GIB:.3g} GiB")
@@ -203,6 +209,12 @@ class MemoryPlan:
     def used_chunks(self, requests: int) -> tuple[int, int]:
         """The chunks an edit of `requests` runs in: (keys, values), each at most `requests`."""
         return min(self.key_chunk(), requests), min(self.value_chunk(), requests)
+
+    def peak(self, requests: int) -> int:
+        """The estimated peak bytes of an edit of `requests`: what stays resident, then its largest
+        phase (a key forward of its key chunk, a value batch of its value chunk, one layer's solve)."""
+        keys, values = self.used_chunks(requests)
+        return self.resident + max(keys * self.key_request, self.value_fixed + values * self.value_request, self.solve)
 
 
 def matrices_to_copy(modules: list[torch.nn.Module], autocast: torch.dtype | None) -> list[torch.nn.Parameter]:
@@ -240,8 +252,10 @@ def plan(model: torch.nn.Module, shape: ModelShape, edit: EditShape, budget_gib:
                      + edit.reads * shape.vocab * (w_values + 12) + edit.kl_reads * shape.vocab * 4)
     on_device = MemoryPlan(
         budget=int(budget_gib * GIB), weights=resident_bytes(model) if weights is None else weights,
+        originals=n_layers_solved * shape.hidden * shape.mlp * w,
         key_request=key_request, value_request=value_request, value_fixed=replay_copy_bytes(replayed, autocast),
-        kept=n_layers_solved * matrices[0] * solver, kept_layer=matrices[0] * solver, transient=matrices[1] * solver, model=name,
+        kept=n_layers_solved * matrices[0] * solver, kept_layer=matrices[0] * solver,
+        transient=matrices[1] * solver + 2 * FLOAT64 * shape.hidden * shape.mlp, model=name,
     )
     in_host = replace(on_device, host=True)
     # the one placement decision: the device while the matrices cost the edit no chunk there

@@ -125,6 +125,9 @@ def solve_least_squares(R: torch.Tensor, K: torch.Tensor, cov: Covariance, layer
         system = system + prior.to(K.device, torch.float64)
     system = system + K @ K.T
     factor = cholesky(system, layer, "least-squares system C + K K^T")
+    # freed before the solve, which copies the factor (torch.cholesky_solve clones both operands):
+    # one m x m float64 matrix less at the edit's peak (1.5 GiB at m = 14336, seen on an H200)
+    del system
     # Delta^T = system^-1 K R^T, the system being symmetric.
     return torch.cholesky_solve(K @ R.T, factor).T
 

@@ -74,8 +74,7 @@ def plan_rows(lm: LoadedModel, requests: list[EditRequest], algs: list[str], bat
             except MemoryBudgetError as err:
                 rows.append(PlanRow(alg, batch, placement, 0, 0, None, f"does not fit: {err}"))
                 continue
-            peak = plan.resident + max(keys * plan.key_request, plan.value_fixed + values * plan.value_request, plan.solve)
-            rows.append(PlanRow(alg, batch, placement, keys, values, peak / GIB))
+            rows.append(PlanRow(alg, batch, placement, keys, values, plan.peak(batch) / GIB))
     return rows
 
 

@@ -11,7 +11,7 @@ from util.arch import edited_weight
 from util.deltas import restore
 from util.errors import SolverError
 from util.requests import make_request
-from util.solve import Covariance, solve_least_squares, solve_update
+from util.solve import Covariance, all_finite, solve_least_squares, solve_update
 
 
 def test_memit_delta_solves_normal_equations_and_matches_lstsq(tiny64, tmp_path):
@@ -105,3 +105,16 @@ def test_singular_systems_name_the_layer_and_condition():
         solve_update(R, K, Covariance(m), "equality", mu=0.0, layer="model.layers.3.mlp.down_proj")
     with pytest.raises(SolverError, match="condition number"):
         solve_least_squares(R, K, Covariance(m, torch.zeros(m, m, dtype=torch.float64)), layer="L")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_update_is_refused_wherever_it_sits(bad):
+    # all_finite checks a few rows at a time (no whole-size temporaries): every block is read
+    R, K = torch.randn(600, 1, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
+    assert all_finite(R) and all_finite(R, rows=7)
+    for row in (0, 255, 256, 599):
+        broken = R.clone()
+        broken[row, 0] = bad
+        assert not all_finite(broken) and not all_finite(broken, rows=7)
+        with pytest.raises(SolverError, match="update is not finite"):
+            solve_update(broken, K, Covariance(4), "least_squares")

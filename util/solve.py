@@ -172,6 +172,13 @@ def solve_nullspace(R: torch.Tensor, K: torch.Tensor, basis: torch.Tensor, alpha
     return solve_least_squares(R, U.T @ K.double(), ridge, layer, prior=reduced_prior) @ U.T
 
 
+def all_finite(matrix: torch.Tensor, rows: int = 256) -> bool:
+    """Whether every entry is finite, checked `rows` rows at a time: torch.isfinite of a whole d x m
+    float64 Delta makes a float64 |Delta| and three boolean masks beside it (0.6 GiB at the Llama-3-8B
+    shape, an r-ROME edit's peak on an H200)."""
+    return all(bool(torch.isfinite(part).all()) for part in matrix.split(rows))
+
+
 def solve_update(R: torch.Tensor, K: torch.Tensor, cov: Covariance | None, constraint: str, mu: float = 0.0,
                  K_dir: torch.Tensor | None = None, layer: str = "?", prior: torch.Tensor | None = None,
                  basis: torch.Tensor | None = None) -> tuple[torch.Tensor, SolveInfo]:
@@ -191,6 +198,6 @@ def solve_update(R: torch.Tensor, K: torch.Tensor, cov: Covariance | None, const
         extras["nullspace_dim"] = basis.shape[1]
     else:
         raise ValueError(f"unknown constraint {constraint!r}")
-    if not torch.isfinite(delta).all():
+    if not all_finite(delta):
         raise SolverError(f"layer {layer}: the {constraint} update is not finite")
     return delta, SolveInfo(layer, constraint, time.perf_counter() - start, extras)

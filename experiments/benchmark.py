@@ -260,6 +260,8 @@ def main() -> int:
     parser.add_argument("--key_chunk_size", type=int, default=None, help="requests per key forward (device report; bounds memory; default from --max_gpu_memory, else 256)")
     parser.add_argument("--value_chunk_size", type=int, default=None, help="requests per value optimisation batch (device report; bounds memory; default from --max_gpu_memory, else 64)")
     parser.add_argument("--max_gpu_memory", type=float, default=None, metavar="GiB", help="device memory an edit may hold (device report; sets the chunk sizes)")
+    parser.add_argument("--trace_memory", action="store_true", help="device report on CUDA: after the table, the blocks live "
+                        "at each timed edit's peak, by the lines of this repository that made them (an allocator trace, replayed)")
     parser.add_argument("--plan", action="store_true", help="print util/memory.py's plan per editor and batch within "
                         "--max_gpu_memory for --model_name's shape (no weights, no device, nothing timed)")
     args = parser.parse_args()
@@ -267,6 +269,8 @@ def main() -> int:
         if args.max_gpu_memory is None:
             parser.error("--plan needs --max_gpu_memory GiB")
         return plan_main(args)
+    if args.trace_memory and args.device != "cuda":
+        parser.error("--trace_memory needs --device cuda (it replays the CUDA allocator's trace)")
     if args.device != "cpu" or args.model_name != "smollm2-135m":
         return device_main(args)
     phases = set(args.phases.split(","))
@@ -351,7 +355,7 @@ def device_main(args) -> int:
                 "key_chunk_size": args.key_chunk_size, "value_chunk_size": args.value_chunk_size, "max_gpu_memory": args.max_gpu_memory,
                 "replay": ReplayRuntime()}
     failed = device_report(lm, records, args.algs.split(","), batches, args.hparams, args.overrides, ctx_args["corpus_path"],
-                           args.stats_windows, args.dtype, ctx_args)
+                           args.stats_windows, args.dtype, ctx_args, args.trace_memory)
     return 1 if failed else 0
 
 

@@ -92,3 +92,37 @@ def test_plan_command_prints_a_row_per_editor_and_batch(shared_data, monkeypatch
     assert re.search(r"\| R-ROME \| 1 \| device \| 1 / 1 \| [\d.e-]+ GiB \|", out), out
     for batch in (1, 4):
         assert re.search(rf"\| EMMET \| {batch} \| (device|host) \| {batch} / {batch} \| [\d.e-]+ GiB \|", out), out
+
+
+def test_the_blocks_live_at_a_traces_peak_are_grouped_by_the_lines_that_made_them():
+    # an allocator trace as torch.cuda.memory._snapshot() gives it: blocks made by this repository's
+    # lines (innermost frame first) or by none of them, freed, and a block from before the trace freed
+    from experiments.benchmarking.device import REPO, blocks_at_peak, blocks_markdown, where_made
+
+    solve = [{"filename": f"{REPO}/util/solve.py", "line": 132, "name": "solve_least_squares"},
+             {"filename": f"{REPO}/.venv/lib/torch/x.py", "line": 1, "name": "inner"},
+             {"filename": f"{REPO}/rome/editor.py", "line": 188, "name": "_solve_layer"}]
+    torch_only = [{"filename": "/usr/lib/python3/torch/y.py", "line": 2, "name": "f"}]
+    trace = [{"action": "alloc", "addr": 1, "size": 100, "frames": solve},
+             {"action": "free_completed", "addr": 99, "size": 40},  # allocated before the trace
+             {"action": "alloc", "addr": 2, "size": 30, "frames": solve},
+             {"action": "alloc", "addr": 3, "size": 50, "frames": torch_only},
+             {"action": "free_requested", "addr": 3, "size": 50},
+             {"action": "free_completed", "addr": 3, "size": 50},
+             {"action": "alloc", "addr": 4, "size": 10, "frames": torch_only}]
+    blocks = blocks_at_peak(trace, base=1000)
+    # 1000 + 100 - 40 + 30 + 50 = 1140 at the peak; the block of 10 came after it
+    assert blocks.peak == 1140
+    here = "util/solve.py:132 solve_least_squares <- rome/editor.py:188 _solve_layer"
+    assert where_made(solve) == here and where_made(torch_only) == "(no frame of this repository)"
+    assert blocks.groups == [(here, 130, 2), ("(no frame of this repository)", 50, 1)]
+    text = blocks_markdown({"MEMIT batch 1": blocks}, gib=1)
+    assert text.splitlines()[0] == "MEMIT batch 1: peak 1140.00 GiB; live then, beyond what was allocated before the edit:"
+    assert "130.000 GiB in    2 blocks  " + here in text
+
+
+def test_tracing_memory_needs_a_gpu(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--model_name", "random:tiny", "--device", "cpu", "--trace_memory"])
+    with pytest.raises(SystemExit):
+        benchmark.main()
+    assert "--trace_memory needs --device cuda" in capsys.readouterr().err

@@ -7,10 +7,14 @@ experiments/benchmark.py with --device or a `random:<shape>` model, e.g.
         --hparams Llama-3-8B.yaml --algs R-ROME,EMMET,MEMIT,AlphaEdit,ENCORE --batches 1,64,1024
 
 Statistics and templates are prepared before the timer (they are computed once per model); the
-utilisation is the mean of nvidia-smi's (or pynvml's) samples over the timed span.
+utilisation is the mean of nvidia-smi's (or pynvml's) samples over the timed span. With
+--trace_memory (CUDA) each timed edit's allocator trace is replayed, and the blocks live at its peak
+are listed by the lines of this repository that made them: how a peak above util/memory.py's plan
+was explained (MEMIT at the Llama-3-8B shape, on an H200).
 """
 from __future__ import annotations
 
+import collections
 import shutil
 import subprocess
 import tempfile
@@ -29,6 +33,9 @@ from util.errors import KeditError
 from util.models import LoadedModel, input_device
 from util.paths import Caches
 from util.stats import StatsCache
+
+REPO = str(Path(__file__).resolve().parents[2])
+TRACE_ENTRIES = 3_000_000  # allocator events kept; one edit at the Llama-3-8B shape makes far fewer
 
 
 def synchronize(device: torch.device) -> None:
@@ -62,10 +69,67 @@ def _utilisation_sample(device: torch.device) -> float | None:
 
 
 @dataclass
+class PeakBlocks:
+    """What was allocated at the peak of a replayed allocator trace, and the blocks then live that the
+    trace saw allocated, grouped by where they were made: (where, bytes, blocks), largest first."""
+    peak: int
+    groups: list[tuple[str, int, int]]
+
+
+@dataclass
 class Usage:
     seconds: float
     peak_gib: float | None  # peak device memory allocated by torch (None on the CPU)
     utilisation: float | None  # mean GPU utilisation in percent (None where unknown)
+    blocks: PeakBlocks | None = None  # with --trace_memory
+
+
+def where_made(frames: list[dict], root: str = REPO, depth: int = 3) -> str:
+    """The innermost `depth` frames of a block's stack that lie in this repository (not its venv),
+    innermost first, as 'path:line function' joined by ' <- '."""
+    ours = [f"{f['filename'][len(root) + 1:]}:{f.get('line')} {f.get('name')}" for f in frames
+            if f.get("filename", "").startswith(root + "/") and "/.venv/" not in f["filename"]]
+    return " <- ".join(ours[:depth]) or "(no frame of this repository)"
+
+
+def blocks_at_peak(trace: list[dict], base: int, root: str = REPO) -> PeakBlocks:
+    """Replay one device's allocator trace (torch.cuda.memory._snapshot()["device_traces"][i], with
+    frames): the bytes allocated at its peak (`base`: allocated when the trace began) and the blocks
+    the trace allocated that were live then, grouped by `where_made`."""
+    live: dict[int, tuple[int, str]] = {}
+    current = peak = base
+    at_peak: list[tuple[int, str]] = []
+    for event in trace:
+        if event["action"] == "alloc":
+            live[event["addr"]] = (event["size"], where_made(event.get("frames", []), root))
+            current += event["size"]
+            if current > peak:
+                peak, at_peak = current, list(live.values())
+        elif event["action"] == "free_completed":  # a block from before the trace too (its size is in the event)
+            block = live.pop(event["addr"], None)
+            current -= block[0] if block is not None else event.get("size", 0)
+    groups: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for size, where in at_peak:
+        groups[where][0] += size
+        groups[where][1] += 1
+    return PeakBlocks(peak, sorted(((w, b, n) for w, (b, n) in groups.items()), key=lambda g: -g[1]))
+
+
+class Traced:
+    """Records the CUDA allocator's events (with Python frames) while open; `blocks` replays them."""
+
+    def __enter__(self) -> "Traced":
+        torch.cuda.synchronize()
+        self.base = torch.cuda.memory_allocated()
+        torch.cuda.memory._record_memory_history(max_entries=TRACE_ENTRIES, stacks="python")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.cuda.synchronize()
+        snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        device = torch.cuda.current_device()
+        self.blocks = blocks_at_peak(snapshot["device_traces"][device], self.base)
 
 
 class Measured:
@@ -105,8 +169,10 @@ class Measured:
         self.usage = Usage(seconds, peak, sum(self.samples) / len(self.samples) if self.samples else None)
 
 
-def bench_editor(lm: LoadedModel, requests, alg: str, hparams_file: str, overrides: list[str], ctx_args: dict) -> Usage:
-    """One edit of `requests` (one batch; ROME and r-ROME edit them one after another)."""
+def bench_editor(lm: LoadedModel, requests, alg: str, hparams_file: str, overrides: list[str], ctx_args: dict,
+                 trace: bool = False) -> Usage:
+    """One edit of `requests` (one batch; ROME and r-ROME edit them one after another); with `trace`
+    (CUDA), the blocks live at its peak."""
     hparams = load_algorithm_hparams(alg, hparams_file, overrides)
     ctx = EditContext(**ctx_args)
     # statistics, C and null spaces: once per run, not timed; under a budget made in host memory, from
@@ -120,8 +186,13 @@ def bench_editor(lm: LoadedModel, requests, alg: str, hparams_file: str, overrid
             else:
                 ctx.covariance(lm, layer, hparams)
         ctx.templates(lm, hparams)
-    with Measured(input_device(lm.model)) as measured:
-        result = ALGORITHMS[alg].apply(lm, requests, hparams, ctx)
+    if trace:
+        with Traced() as traced, Measured(input_device(lm.model)) as measured:
+            result = ALGORITHMS[alg].apply(lm, requests, hparams, ctx)
+        measured.usage.blocks = traced.blocks
+    else:
+        with Measured(input_device(lm.model)) as measured:
+            result = ALGORITHMS[alg].apply(lm, requests, hparams, ctx)
     restore(lm.model, result.originals)
     return measured.usage
 
@@ -145,11 +216,20 @@ def _usage_note(usage: Usage, peak: float, flops: float | None = None) -> str:
     return "; ".join(parts)
 
 
+def blocks_markdown(traced: dict[str, PeakBlocks], largest: int = 8, gib: int = 1 << 30) -> str:
+    """Per traced edit, its peak and the `largest` groups of blocks then live (what the trace allocated)."""
+    parts = []
+    for name, blocks in traced.items():
+        parts.append(f"{name}: peak {blocks.peak / gib:.2f} GiB; live then, beyond what was allocated before the edit:")
+        parts += [f"  {size / gib:8.3f} GiB in {n:4d} blocks  {where}" for where, size, n in blocks.groups[:largest]]
+    return "\n".join(parts)
+
+
 def device_report(lm: LoadedModel, records, algs: list[str], batches: list[int], hparams_file: str, overrides: list[str],
-                  corpus_path: str, stats_windows: int, stats_dtype: str, ctx_args: dict) -> int:
-    """Print the table: per editor and batch size s/edit, then statistics tokens/s. An editor that
-    stops with a KeditError gets its one-line error as its row and the others still run; returns
-    how many did."""
+                  corpus_path: str, stats_windows: int, stats_dtype: str, ctx_args: dict, trace: bool = False) -> int:
+    """Print the table: per editor and batch size s/edit, then statistics tokens/s; with `trace`
+    (CUDA), then the blocks live at each edit's peak. An editor that stops with a KeditError gets
+    its one-line error as its row and the others still run; returns how many did."""
     device = input_device(lm.model)
     peak = matmul_peak_on(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -157,15 +237,18 @@ def device_report(lm: LoadedModel, records, algs: list[str], batches: list[int],
           f"{next(lm.model.parameters()).dtype}) on {name}; measured bf16 matmul peak {peak:.0f} GFLOP/s\n")
     print("| what | figure | device use |\n|---|---|---|")
     failed = 0
+    traced: dict[str, PeakBlocks] = {}
     for alg in algs:
         for batch in batches:
             try:
-                usage = bench_editor(lm, [r.request for r in records[:batch]], alg, hparams_file, overrides, ctx_args)
+                usage = bench_editor(lm, [r.request for r in records[:batch]], alg, hparams_file, overrides, ctx_args, trace)
             except KeditError as err:
                 print(f"| {alg} batch {batch} | error: {err} | |", flush=True)
                 failed += 1
                 break  # its larger batches would stop the same way
             print(f"| {alg} batch {batch} | {usage.seconds / batch:.3g} s/edit | {_usage_note(usage, peak)} |", flush=True)
+            if usage.blocks is not None:
+                traced[f"{alg} batch {batch}"] = usage.blocks
     solving = [alg for alg in algs if ALGORITHMS[alg].solver is not None]  # the editors that read key statistics
     if stats_windows and solving:
         layers = load_algorithm_hparams(solving[0], hparams_file, overrides).layers
@@ -179,4 +262,6 @@ def device_report(lm: LoadedModel, records, algs: list[str], batches: list[int],
         tokens = stats_windows * 512
         print(f"| key statistics, layers {layers}, {tokens} tokens, {stats_dtype} | {rate:.0f} tokens/s | "
               f"{_usage_note(usage, peak, flops_per_token * tokens)} |", flush=True)
+    if traced:
+        print(f"\n{blocks_markdown(traced)}", flush=True)
     return failed

@@ -15,6 +15,7 @@ was explained (MEMIT at the Llama-3-8B shape, on an H200).
 from __future__ import annotations
 
 import collections
+import contextlib
 import shutil
 import subprocess
 import tempfile
@@ -96,21 +97,28 @@ def blocks_at_peak(trace: list[dict], base: int, root: str = REPO) -> PeakBlocks
     """Replay one device's allocator trace (torch.cuda.memory._snapshot()["device_traces"][i], with
     frames): the bytes allocated at its peak (`base`: allocated when the trace began) and the blocks
     the trace allocated that were live then, grouped by `where_made`."""
-    live: dict[int, tuple[int, str]] = {}
-    current = peak = base
-    at_peak: list[tuple[int, str]] = []
-    for event in trace:
-        if event["action"] == "alloc":
-            live[event["addr"]] = (event["size"], where_made(event.get("frames", []), root))
-            current += event["size"]
-            if current > peak:
-                peak, at_peak = current, list(live.values())
-        elif event["action"] == "free_completed":  # a block from before the trace too (its size is in the event)
-            block = live.pop(event["addr"], None)
-            current -= block[0] if block is not None else event.get("size", 0)
+    def replay(events: list[dict]) -> tuple[dict[int, dict], int, int]:
+        """The blocks live after `events` (by address), the peak bytes and the index of the event that reached it."""
+        live: dict[int, dict] = {}
+        current = peak = base
+        peak_at = -1
+        for index, event in enumerate(events):
+            if event["action"] == "alloc":
+                live[event["addr"]] = event
+                current += event["size"]
+                if current > peak:
+                    peak, peak_at = current, index
+            elif event["action"] == "free_completed":  # a block from before the trace too (its size is in the event)
+                current -= live.pop(event["addr"], event)["size"]
+        return live, peak, peak_at
+
+    # once to find the peak, once more up to it for what was live then (no copy of the live set per new peak)
+    _, peak, peak_at = replay(trace)
+    at_peak = replay(trace[:peak_at + 1])[0].values()
     groups: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
-    for size, where in at_peak:
-        groups[where][0] += size
+    for event in at_peak:
+        where = where_made(event.get("frames", []), root)
+        groups[where][0] += event["size"]
         groups[where][1] += 1
     return PeakBlocks(peak, sorted(((w, b, n) for w, (b, n) in groups.items()), key=lambda g: -g[1]))
 
@@ -186,13 +194,10 @@ def bench_editor(lm: LoadedModel, requests, alg: str, hparams_file: str, overrid
             else:
                 ctx.covariance(lm, layer, hparams)
         ctx.templates(lm, hparams)
+    with Traced() if trace else contextlib.nullcontext() as traced, Measured(input_device(lm.model)) as measured:
+        result = ALGORITHMS[alg].apply(lm, requests, hparams, ctx)
     if trace:
-        with Traced() as traced, Measured(input_device(lm.model)) as measured:
-            result = ALGORITHMS[alg].apply(lm, requests, hparams, ctx)
         measured.usage.blocks = traced.blocks
-    else:
-        with Measured(input_device(lm.model)) as measured:
-            result = ALGORITHMS[alg].apply(lm, requests, hparams, ctx)
     restore(lm.model, result.originals)
     return measured.usage
 
